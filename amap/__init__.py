@@ -1,0 +1,34 @@
+"""AMAP: automatic multi-head attention pruning for vision transformers.
+
+Public API (imported lazily so that ``import amap`` stays cheap):
+
+* models: importing ``amap`` registers the FLatten zoo in timm (``timm.create_model('flatten_swin_tiny')``);
+  :func:`amap.models.from_official` builds a model from an official FLatten constructor name and arguments;
+* :func:`load_checkpoint` -- official FLatten / timm checkpoints, safely;
+* :func:`count_macs` -- the MAC counter;
+* :func:`train`, :func:`evaluate` -- the training and evaluation loops.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import models  # noqa: F401  (registers the zoo in timm)
+from .errors import AmapError, CheckpointError, ConfigError, DataError, ModelError
+
+__version__ = '0.1.0'
+
+_LAZY = {
+    'load_checkpoint': 'amap.checkpoint',
+    'count_macs': 'amap.macs',
+    'train': 'amap.train',
+    'evaluate': 'amap.train',
+}
+
+__all__ = ['AmapError', 'CheckpointError', 'ConfigError', 'DataError', 'ModelError', 'models', *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'amap' has no attribute {name!r}")

@@ -1,1 +1,715 @@
-"""Placeholder: being written."""
+"""FLatten-Swin: Swin Transformer with focused linear attention (Han et al., "FLatten Transformer", ICCV 2023).
+
+Our own implementation of the official ``FLattenSwinTransformer`` (LeapLabTHU/FLatten-Transformer,
+``models/flatten_swin.py``), written in timm's style. The constructor takes the official keyword arguments with the
+official defaults, and the module tree and state-dict keys are the official ones (including the persistent
+``relative_position_index`` and ``attn_mask`` buffers), so official checkpoints load with ``strict=True`` and
+reproduce the official outputs.
+
+Attention per stage is chosen by ``attn_type``, one letter per stage: ``L`` focused linear attention (windows of
+``window_size`` clamped to the feature map, i.e. global attention in the released models), ``S`` softmax shifted-window
+attention with relative position bias (window 7, or 12 when ``window_size > 56``), ``M`` a mix whose first ``n``
+blocks are linear (``n`` given by the characters after the per-stage letters, e.g. ``'LLMS3'``).
+
+Per-head widths are decoupled (``qk_dim`` / ``v_dim``, see :mod:`amap.models.attention`), and every block accepts its
+own MLP hidden width, so a pruned model is this same class built with smaller widths (``block_widths``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import PatchMerging, get_relative_position_index, window_partition, window_reverse
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from .attention import HeadDWC, focusing_function, linear_attention
+
+__all__ = [
+    'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'BasicLayer', 'FLattenSwinTransformer',
+    'BLOCK_WIDTH_KEYS',
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Keys allowed in one entry of ``block_widths`` (all optional).
+BLOCK_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
+
+
+def _head_widths(dim: int, num_heads: int, qk_dim: int | None, v_dim: int | None) -> tuple[int, int, int]:
+    if dim % num_heads:
+        raise ModelError(f'dim={dim} is not divisible by num_heads={num_heads}; pick a num_heads that divides it')
+    head_dim = dim // num_heads
+    return head_dim, head_dim if qk_dim is None else int(qk_dim), head_dim if v_dim is None else int(v_dim)
+
+
+class FocusedLinearAttention(nn.Module):
+    """Focused linear attention inside (possibly global) windows, FLatten-Swin's ``L`` attention.
+
+    Keys follow the official layout: ``qkv``, ``proj``, ``scale`` ``(1, 1, H*qk_dim)``, ``positional_encoding``
+    ``(1, window tokens, H*qk_dim)`` and ``dwc`` (a :class:`~amap.models.attention.HeadDWC` on v).
+
+    Args:
+        dim: Input (and output) channels.
+        window_size: Window height and width; the attention runs over all ``Wh*Ww`` tokens of a window.
+        num_heads: Number of heads.
+        qkv_bias: Add a bias to the qkv projection.
+        qk_scale: Accepted for compatibility with the official signature; linear attention has no softmax scale.
+        attn_drop: Accepted for compatibility (the official module builds but never applies it).
+        proj_drop: Dropout after the output projection.
+        focusing_factor: The focusing power ``p``.
+        kernel_size: Kernel size of the depthwise convolution on v.
+        qk_dim: q/k channels per head (default ``dim // num_heads``).
+        v_dim: v channels per head (default ``dim // num_heads``).
+        dwc_shared: Share one depthwise kernel bank across heads (official layout) or use one kernel per channel.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            window_size: tuple[int, int],
+            num_heads: int,
+            qkv_bias: bool = True,
+            qk_scale: float | None = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            qk_dim: int | None = None,
+            v_dim: int | None = None,
+            dwc_shared: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window_size = to_2tuple(window_size)
+        self.num_heads = num_heads
+        self.head_dim, self.qk_dim, self.v_dim = _head_widths(dim, num_heads, qk_dim, v_dim)
+        self.focusing_factor = focusing_factor
+        qk_channels = num_heads * self.qk_dim
+
+        self.qkv = nn.Linear(dim, num_heads * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * self.v_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = HeadDWC(self.v_dim, num_heads, kernel_size=kernel_size, shared=dwc_shared)
+        self.scale = nn.Parameter(torch.zeros(1, 1, qk_channels))
+        self.positional_encoding = nn.Parameter(
+            torch.zeros(1, self.window_size[0] * self.window_size[1], qk_channels))
+        self.qk_gate = nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attend within each window.
+
+        Args:
+            x: Window tokens, ``(num_windows * B, Wh * Ww, dim)``.
+            mask: Ignored (linear attention does not mask shifted windows, as in the official code).
+
+        Returns:
+            ``(num_windows * B, Wh * Ww, dim)``.
+        """
+        qk_channels = self.num_heads * self.qk_dim
+        q, k, v = self.qkv(x).split([qk_channels, qk_channels, self.num_heads * self.v_dim], dim=-1)
+        k = k + self.positional_encoding
+        q = focusing_function(q, self.scale, self.focusing_factor, gate=self.qk_gate)
+        k = focusing_function(k, self.scale, self.focusing_factor, gate=self.qk_gate)
+        out = linear_attention(q, k, v, self.num_heads)  # B, H, N, v_dim
+        B, H, N, d = out.shape
+        out = out.transpose(1, 2).reshape(B, N, H * d)
+        v = v.reshape(B, N, H, d).transpose(1, 2)
+        out = out + self.dwc(v, self.window_size[0], self.window_size[1])
+        out = self.proj(out)
+        return self.proj_drop(out)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
+                f'qk_dim={self.qk_dim}, v_dim={self.v_dim}, focusing_factor={self.focusing_factor}')
+
+
+class WindowAttention(nn.Module):
+    """Softmax window attention with relative position bias (Swin W-MSA / SW-MSA), FLatten-Swin's ``S`` attention.
+
+    When ``qk_dim`` is smaller than the original head width, the softmax scale stays ``(dim // num_heads) ** -0.5``
+    (or ``qk_scale``), so a model with q/k channels removed computes the same logits as the masked original.
+
+    Args:
+        dim: Input (and output) channels.
+        window_size: Window height and width.
+        num_heads: Number of heads.
+        qkv_bias: Add a bias to the qkv projection.
+        qk_scale: Override the softmax scale ``head_dim ** -0.5`` of the original head width.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+        qk_dim: q/k channels per head (default ``dim // num_heads``).
+        v_dim: v channels per head (default ``dim // num_heads``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            window_size: tuple[int, int],
+            num_heads: int,
+            qkv_bias: bool = True,
+            qk_scale: float | None = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            qk_dim: int | None = None,
+            v_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window_size = to_2tuple(window_size)
+        self.num_heads = num_heads
+        self.head_dim, self.qk_dim, self.v_dim = _head_widths(dim, num_heads, qk_dim, v_dim)
+        self.scale = qk_scale or self.head_dim ** -0.5
+        win_h, win_w = self.window_size
+
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * win_h - 1) * (2 * win_w - 1), num_heads))
+        self.register_buffer('relative_position_index', get_relative_position_index(win_h, win_w))
+        self.qkv = nn.Linear(dim, num_heads * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * self.v_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def _relative_position_bias(self) -> Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)  # 1, H, n, n
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attend within each window.
+
+        Args:
+            x: Window tokens, ``(num_windows * B, Wh * Ww, dim)``.
+            mask: Additive (0 / -100) shifted-window mask ``(num_windows, Wh * Ww, Wh * Ww)`` or None.
+
+        Returns:
+            ``(num_windows * B, Wh * Ww, dim)``.
+        """
+        B_, N, _ = x.shape
+        H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        q, k, v = self.qkv(x).split([H * dq, H * dq, H * dv], dim=-1)
+        q = q.reshape(B_, N, H, dq).transpose(1, 2) * self.scale
+        k = k.reshape(B_, N, H, dq).transpose(1, 2)
+        v = v.reshape(B_, N, H, dv).transpose(1, 2)
+        attn = q @ k.transpose(-2, -1) + self._relative_position_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(B_ // num_win, num_win, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(B_, H, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(B_, N, H * dv)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
+                f'qk_dim={self.qk_dim}, v_dim={self.v_dim}')
+
+
+def _shifted_window_mask(resolution: tuple[int, int], window_size: int, shift_size: int) -> Tensor:
+    """The additive mask (0 / -100) keeping attention inside the regions of a cyclically shifted window grid."""
+    H, W = resolution
+    region = torch.zeros(1, H, W, 1)
+    bounds = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    label = 0
+    for hs in bounds:
+        for ws in bounds:
+            region[:, hs, ws, :] = label
+            label += 1
+    windows = window_partition(region, (window_size, window_size)).view(-1, window_size * window_size)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+class SwinTransformerBlock(nn.Module):
+    """One FLatten-Swin block: (shifted-)window attention and an MLP, each in a pre-norm residual branch.
+
+    If the feature map is not larger than ``window_size``, the window is clamped to the map and not shifted (as in the
+    official code); the clamped window fixes the size of ``positional_encoding`` and the relative-position tables.
+
+    Args:
+        dim: Channels.
+        input_resolution: Token grid ``(H, W)`` of this stage.
+        num_heads: Number of heads.
+        window_size: Window size before clamping.
+        shift_size: Cyclic shift (0 for W-MSA blocks, ``window_size // 2`` for SW-MSA blocks).
+        mlp_ratio: MLP hidden width over ``dim`` (used when ``mlp_hidden_dim`` is None).
+        qkv_bias: Add a bias to the qkv projection.
+        qk_scale: Softmax scale override (``S`` attention only).
+        drop: Dropout after projections.
+        attn_drop: Dropout on attention weights.
+        drop_path: Stochastic depth rate.
+        act_layer: MLP activation.
+        norm_layer: Normalization layer.
+        focusing_factor: Focusing power (``L`` attention).
+        kernel_size: DWC kernel size (``L`` attention).
+        attn_type: ``'L'`` (focused linear) or ``'S'`` (softmax with relative position bias).
+        qk_dim: q/k channels per head (default ``dim // num_heads``).
+        v_dim: v channels per head (default ``dim // num_heads``).
+        mlp_hidden_dim: MLP hidden width (default ``int(dim * mlp_ratio)``).
+        dwc_shared: Share the DWC kernels across heads (``L`` attention).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            input_resolution: tuple[int, int],
+            num_heads: int,
+            window_size: int = 7,
+            shift_size: int = 0,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: float | None = None,
+            drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            attn_type: str = 'L',
+            qk_dim: int | None = None,
+            v_dim: int | None = None,
+            mlp_hidden_dim: int | None = None,
+            dwc_shared: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        self.attn_type = attn_type
+        if min(self.input_resolution) <= self.window_size:
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        if not 0 <= self.shift_size < self.window_size:
+            raise ModelError(f'shift_size={shift_size} must be in [0, window_size={self.window_size})')
+
+        self.norm1 = norm_layer(dim)
+        window = to_2tuple(self.window_size)
+        if attn_type == 'L':
+            self.attn = FocusedLinearAttention(
+                dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                attn_drop=attn_drop, proj_drop=drop, focusing_factor=focusing_factor, kernel_size=kernel_size,
+                qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
+        elif attn_type == 'S':
+            self.attn = WindowAttention(
+                dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                attn_drop=attn_drop, proj_drop=drop, qk_dim=qk_dim, v_dim=v_dim)
+        else:
+            raise ModelError(f"attn_type={attn_type!r} per block must be 'L' (linear) or 'S' (softmax)")
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        hidden = int(dim * mlp_ratio) if mlp_hidden_dim is None else int(mlp_hidden_dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop)
+
+        mask = None
+        if self.shift_size > 0:
+            mask = _shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
+        self.register_buffer('attn_mask', mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the block on tokens ``(B, H*W, C)``."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        if L != H * W:
+            raise ValueError(f'expected {H}x{W}={H * W} tokens, got {L}')
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        window = (self.window_size, self.window_size)
+        windows = window_partition(x, window).view(-1, self.window_size * self.window_size, C)
+        windows = self.attn(windows, mask=self.attn_mask)
+        x = window_reverse(windows.view(-1, self.window_size, self.window_size, C), window, H, W)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        x = shortcut + self.drop_path(x.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, attn_type={self.attn_type}')
+
+
+class BasicLayer(nn.Module):
+    """One FLatten-Swin stage: ``depth`` blocks, then an optional patch merging (``downsample``).
+
+    Args:
+        dim: Channels of the stage.
+        input_resolution: Token grid ``(H, W)`` of the stage.
+        depth: Number of blocks.
+        num_heads: Number of heads.
+        window_size: Window size of linear-attention blocks (softmax blocks use 7, or 12 if this is above 56).
+        mlp_ratio: MLP hidden width over ``dim``.
+        qkv_bias: Add a bias to qkv projections.
+        qk_scale: Softmax scale override.
+        drop: Dropout after projections.
+        attn_drop: Dropout on attention weights.
+        drop_path: Stochastic depth rate, one for all blocks or a list with one per block.
+        norm_layer: Normalization layer.
+        downsample: Whether to end the stage with a :class:`timm.models.swin_transformer.PatchMerging` (bool, or any
+            truthy value such as a class, for compatibility with the official signature).
+        use_checkpoint: Recompute the blocks in the backward pass (activation checkpointing) while training.
+        focusing_factor: Focusing power.
+        kernel_size: DWC kernel size.
+        attn_type: ``'L'``, ``'S'`` or ``'M<n>'`` (first ``n`` blocks linear, the rest softmax).
+        block_widths: Optional per-block widths, one dict per block (keys of :data:`BLOCK_WIDTH_KEYS`).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            input_resolution: tuple[int, int],
+            depth: int,
+            num_heads: int,
+            window_size: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: float | None = None,
+            drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float | Sequence[float] = 0.,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            downsample: Any = None,
+            use_checkpoint: bool = False,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            attn_type: str = 'L',
+            block_widths: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        if attn_type.startswith('M'):
+            num_linear = int(attn_type[1:])
+            attn_types = ['L' if i < num_linear else 'S' for i in range(depth)]
+        else:
+            attn_types = [attn_type] * depth
+        windows = [window_size if t == 'L' else (7 if window_size <= 56 else 12) for t in attn_types]
+        widths = list(block_widths) if block_widths is not None else [{}] * depth
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(
+                dim=dim, input_resolution=self.input_resolution, num_heads=num_heads, window_size=windows[i],
+                shift_size=0 if i % 2 == 0 else windows[i] // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
+                drop_path=drop_path[i] if isinstance(drop_path, Sequence) else drop_path,
+                norm_layer=norm_layer, focusing_factor=focusing_factor, kernel_size=kernel_size,
+                attn_type=attn_types[i], qk_dim=widths[i].get('qk_dim'), v_dim=widths[i].get('v_dim'),
+                mlp_hidden_dim=widths[i].get('mlp_hidden'), dwc_shared=widths[i].get('dwc_shared', True))
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim, 2 * dim, norm_layer=norm_layer) if downsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the stage on tokens ``(B, H*W, C)``; returns ``(B, H*W/4, 2C)`` when it downsamples."""
+        for blk in self.blocks:
+            if self.use_checkpoint and self.training and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if self.downsample is not None:
+            H, W = self.input_resolution
+            x = self.downsample(x.view(x.shape[0], H, W, -1)).flatten(1, 2)
+        return x
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
+
+
+def _stage_attn_types(attn_type: str, num_layers: int) -> list[str]:
+    """Per-stage attention strings of the official ``attn_type`` (``'LLSS'``, ``'LLMS3'``, ...)."""
+    if len(attn_type) < num_layers:
+        raise ModelError(f'attn_type={attn_type!r} needs one letter (L, S or M) per stage ({num_layers} stages)')
+    stages = []
+    for i in range(num_layers):
+        letter = attn_type[i]
+        if letter == 'M':
+            suffix = attn_type[num_layers:]
+            if not suffix.isdigit():
+                raise ModelError(f"attn_type={attn_type!r}: 'M' needs the number of linear blocks after the letters")
+            stages.append('M' + suffix)
+        elif letter in 'LS':
+            stages.append(letter)
+        else:
+            raise ModelError(f'attn_type={attn_type!r}: letter {letter!r} is not L, S or M')
+    return stages
+
+
+class FLattenSwinTransformer(nn.Module):
+    """FLatten-Swin Transformer (official constructor, keys and numerics).
+
+    Args:
+        img_size: Input image size.
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classes of the head (0: no head).
+        embed_dim: Channels of the first stage (doubled by each patch merging).
+        depths: Blocks per stage.
+        num_heads: Heads per stage.
+        window_size: Window of linear-attention stages (clamped to the feature map); the official default is 7, the
+            released models use 56 (224 input) or 96 (384 input), i.e. global linear attention.
+        mlp_ratio: MLP hidden width over the stage width.
+        qkv_bias: Add a bias to qkv projections.
+        qk_scale: Softmax scale override.
+        drop_rate: Dropout rate.
+        attn_drop_rate: Attention dropout rate.
+        drop_path_rate: Stochastic depth rate (linearly increasing over blocks). The official default is 0.1; the
+            registered factories set 0 (the cfgs' training values are a training choice, pass them explicitly).
+        norm_layer: Normalization layer.
+        ape: Add a learned absolute position embedding.
+        patch_norm: Normalize the patch embedding.
+        use_checkpoint: Activation checkpointing while training.
+        focusing_factor: Focusing power of linear attention.
+        kernel_size: DWC kernel size of linear attention.
+        attn_type: Attention per stage (``L``/``S``/``M``; see the module docstring).
+        block_widths: Optional widths per block, flattened over stages in order: one dict per block with any of
+            ``qk_dim`` / ``v_dim`` (per head), ``mlp_hidden`` and ``dwc_shared``; missing keys keep the defaults.
+            This is how a pruned model is built.
+        **kwargs: Accepted and ignored, as the official constructor does (a warning names them).
+    """
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            patch_size: int | tuple[int, int] = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            window_size: int = 7,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: float | None = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            ape: bool = False,
+            patch_norm: bool = True,
+            use_checkpoint: bool = False,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            attn_type: str = 'LLLL',
+            block_widths: Sequence[dict[str, Any]] | None = None,
+            **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            _logger.warning('FLattenSwinTransformer ignores unknown arguments: %s', ', '.join(sorted(kwargs)))
+        depths, num_heads = list(depths), list(num_heads)
+        if len(num_heads) != len(depths):
+            raise ModelError(f'num_heads={num_heads} needs one entry per stage of depths={depths}')
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        self.attn_type = attn_type
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            norm_layer=norm_layer if patch_norm else None)
+        grid = self.patch_embed.grid_size
+        self.patches_resolution = list(grid)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        total = sum(depths)
+        if block_widths is not None:
+            block_widths = list(block_widths)
+            if len(block_widths) != total:
+                raise ModelError(f'block_widths has {len(block_widths)} entries; the model has {total} blocks')
+            for i, w in enumerate(block_widths):
+                unknown = set(w) - BLOCK_WIDTH_KEYS
+                if unknown:
+                    raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; '
+                                     f'allowed: {sorted(BLOCK_WIDTH_KEYS)}')
+        self.block_widths = block_widths
+        dpr = torch.linspace(0, drop_path_rate, total, device='cpu').tolist()
+        stage_types = _stage_attn_types(attn_type, self.num_layers)
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            start, end = sum(depths[:i]), sum(depths[:i + 1])
+            self.layers.append(BasicLayer(
+                dim=int(embed_dim * 2 ** i),
+                input_resolution=(grid[0] // 2 ** i, grid[1] // 2 ** i),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[start:end], norm_layer=norm_layer, downsample=i < self.num_layers - 1,
+                use_checkpoint=use_checkpoint, focusing_factor=focusing_factor, kernel_size=kernel_size,
+                attn_type=stage_types[i],
+                block_widths=block_widths[start:end] if block_widths is not None else None))
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay."""
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter name fragments excluded from weight decay."""
+        return {'relative_position_bias_table'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm convention)."""
+        return dict(
+            stem=r'^absolute_pos_embed|patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+).downsample', (0,)),
+                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing on or off in every stage."""
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classification head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` classes (0: no head)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` to normalized final-stage tokens ``(B, L, num_features)``."""
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Average-pool the tokens and apply the head (or return the pooled features if ``pre_logits``)."""
+        x = self.avgpool(x.transpose(1, 2)).flatten(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': .9,
+        'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'mit', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'flatten_swin_tiny': _cfg(),
+    'flatten_swin_small': _cfg(),
+    'flatten_swin_base': _cfg(),
+    'flatten_swin_base_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    'flatten_swin_micro': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, license='apache-2.0'),
+    'flatten_swin_nano': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, license='apache-2.0'),
+})
+
+
+@register_model
+def flatten_swin_tiny(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """FLatten-Swin-T (cfgs/flatten_swin_t.yaml): 224, embed 96, depths 2-2-6-2, heads 3-6-12-24, LLSS.
+
+    29.19M parameters, 4.5 GMACs (paper: 82.1% ImageNet top-1).
+    """
+    args = dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                window_size=56, attn_type='LLSS', drop_path_rate=0.)
+    return _create_flatten_swin('flatten_swin_tiny', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_swin_small(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """FLatten-Swin-S (cfgs/flatten_swin_s.yaml): 224, embed 96, depths 2-2-18-2, heads 3-6-12-24, LLSS.
+
+    50.51M parameters, 8.7 GMACs (paper: 83.5% ImageNet top-1).
+    """
+    args = dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                window_size=56, attn_type='LLSS', drop_path_rate=0.)
+    return _create_flatten_swin('flatten_swin_small', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_swin_base(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """FLatten-Swin-B (cfgs/flatten_swin_b.yaml): 224, embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS.
+
+    88.97M parameters, 15.4 GMACs (paper: 83.8% ImageNet top-1).
+    """
+    args = dict(img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                window_size=56, attn_type='LLSS', drop_path_rate=0.)
+    return _create_flatten_swin('flatten_swin_base', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_swin_base_384(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """FLatten-Swin-B at 384 (cfgs/flatten_swin_b_384.yaml): window 96 (linear stages global at 96/48), softmax
+    windows of 12 in stages 3-4; embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS. 91.43M parameters.
+    """
+    args = dict(img_size=384, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                window_size=96, attn_type='LLSS', drop_path_rate=0.)
+    return _create_flatten_swin('flatten_swin_base_384', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_swin_micro(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """Small FLatten-Swin for 32x32 inputs (ours): patch 2, embed 32, depths 2-2-4-2, heads 2-4-8-16, LLSS.
+
+    Token grids 16/8/4/2: global focused linear attention in stages 1-2, softmax attention with relative position
+    bias in stages 3-4 (its window 7 clamps to the 4x4 and 2x2 maps). 2.7M parameters at 10 classes.
+    """
+    args = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16),
+                window_size=16, attn_type='LLSS', drop_path_rate=0.)
+    return _create_flatten_swin('flatten_swin_micro', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_swin_nano(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """Tiny FLatten-Swin for fast tests on 32x32 inputs (ours): patch 2, embed 24, depths 1-1-2, heads 2-4-8, LLS.
+
+    Token grids 16/8/4: global linear attention in stages 1-2, softmax in stage 3. 0.29M parameters at 10 classes.
+    """
+    args = dict(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 2), num_heads=(2, 4, 8),
+                window_size=16, attn_type='LLS', drop_path_rate=0.)
+    return _create_flatten_swin('flatten_swin_nano', pretrained=pretrained, **dict(args, **kwargs))

@@ -1,1 +1,366 @@
-"""Placeholder: being written."""
+"""FLatten-PVTv2: the Pyramid Vision Transformer v2 with focused linear attention.
+
+Our own implementation of ``PyramidVisionTransformerV2`` of the official FLatten Transformer code (LeapLabTHU,
+``models/flatten_pvt_v2.py``): same constructor arguments and defaults, same module tree and state-dict keys, same
+arithmetic. Compared with v1 (:mod:`amap.models.flatten_pvt`, whose attention modules are reused): overlapping patch
+embeddings (timm's ``OverlapPatchEmbed``), no absolute position embeddings, a depthwise 3x3 conv inside the MLP
+(keys ``mlp.dwconv.dwconv.*``), a norm after every stage, and the ``linear`` option (PVTv2-Li: keys/values pooled to
+7x7, ReLU in the MLP).
+
+The registered factories build the released models (``attn_type='LLLL'``, ``la_sr_ratios='1111'``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.pvt_v2 import OverlapPatchEmbed
+from torch import Tensor, nn
+
+from .flatten_pvt import _cfg, _make_attention, _widths_of, expand_block_widths, stage_attention
+
+__all__ = ['PyramidVisionTransformerV2', 'PvtV2Block', 'DWConvMlp', 'DWConv']
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv on tokens (the official wrapper, kept for its state-dict key ``dwconv.dwconv``).
+
+    Args:
+        dim: Channels.
+    """
+
+    def __init__(self, dim: int = 768) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        """Convolve tokens ``(B, H * W, C)`` on their ``H x W`` grid."""
+        B, N, C = x.shape
+        x = self.dwconv(x.transpose(1, 2).view(B, C, H, W))
+        return x.flatten(2).transpose(1, 2)
+
+
+class DWConvMlp(nn.Module):
+    """PVTv2 MLP: ``fc1`` -> (ReLU if ``linear``) -> depthwise 3x3 conv -> activation -> ``fc2``.
+
+    Args:
+        in_features: Input width.
+        hidden_features: Hidden width (default ``in_features``).
+        out_features: Output width (default ``in_features``).
+        act_layer: Activation.
+        drop: Dropout after the activation and after ``fc2``.
+        linear: PVTv2-Li: ReLU after ``fc1``.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: int | None = None,
+            out_features: int | None = None,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            drop: float = 0.,
+            linear: bool = False,
+    ) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+        self.linear = linear
+        if linear:
+            self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        """Run the MLP on tokens ``(B, H * W, C)``."""
+        x = self.fc1(x)
+        if self.linear:
+            x = self.relu(x)
+        x = self.act(self.dwconv(x, H, W))
+        x = self.drop(x)
+        x = self.fc2(x)
+        return self.drop(x)
+
+
+class PvtV2Block(nn.Module):
+    """PVTv2 transformer block: pre-norm attention and DWConv MLP, one shared stochastic-depth module.
+
+    Args:
+        dim: Token width.
+        num_patches: Tokens of the stage at the model's ``img_size``.
+        num_heads: Number of heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim`` (when ``mlp_hidden`` is not given).
+        qkv_bias: Bias on ``q`` and ``kv``.
+        qk_scale: Explicit softmax scale (softmax attention only).
+        drop: Dropout after ``proj`` and in the MLP.
+        attn_drop: Dropout on the attention map.
+        drop_path: Stochastic-depth rate.
+        act_layer: MLP activation.
+        norm_layer: Norm layer of ``norm1``/``norm2``.
+        sr_ratio: Spatial-reduction ratio of keys/values.
+        linear: PVTv2-Li (pooled keys/values, ReLU in the MLP).
+        focusing_factor: Focusing power of linear attention.
+        kernel_size: DWC kernel of linear attention.
+        attn_type: ``'L'`` focused linear or ``'S'`` softmax attention.
+        qk_dim: q/k channels per head (default ``dim // num_heads``).
+        v_dim: v channels per head (default ``dim // num_heads``).
+        mlp_hidden: MLP hidden width (default ``int(dim * mlp_ratio)``).
+        dwc_shared: Share the attention DWC kernel bank across heads (linear attention).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_patches: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            qk_scale: float | None = None,
+            drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            sr_ratio: int = 1,
+            linear: bool = False,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            attn_type: str = 'L',
+            qk_dim: int | None = None,
+            v_dim: int | None = None,
+            mlp_hidden: int | None = None,
+            dwc_shared: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = _make_attention(
+            attn_type, dim, num_patches, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, linear,
+            focusing_factor, kernel_size, qk_dim, v_dim, dwc_shared)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = DWConvMlp(in_features=dim, hidden_features=mlp_hidden or int(dim * mlp_ratio), act_layer=act_layer,
+                             drop=drop, linear=linear)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        """Run the block on tokens ``(B, H * W, dim)``."""
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class PyramidVisionTransformerV2(nn.Module):
+    """FLatten-PVTv2: four stages of overlapping patch embedding + PVTv2 blocks + norm; mean-pooled tokens go to the
+    ``head``.
+
+    The constructor takes exactly the official arguments (same names and defaults) plus ``block_widths``.
+    ``patch_size`` is accepted but unused, as in the official model (stage 1 is a 7x7/4 conv, later stages 3x3/2).
+
+    Args:
+        img_size: Input size (sets the linear-attention ``positional_encoding`` lengths).
+        patch_size: Unused (official signature).
+        in_chans: Input channels.
+        num_classes: Classes of the head (0: no head).
+        embed_dims: Width per stage.
+        num_heads: Heads per stage.
+        mlp_ratios: MLP ratio per stage.
+        qkv_bias: Bias on ``q``/``kv``.
+        qk_scale: Explicit softmax scale for softmax stages.
+        drop_rate: Dropout rate (``proj``, MLP).
+        attn_drop_rate: Attention-map dropout (softmax stages).
+        drop_path_rate: Stochastic-depth rate, linearly increasing over blocks.
+        norm_layer: Norm of the blocks and of the stage norms.
+        depths: Blocks per stage.
+        sr_ratios: Spatial-reduction ratios of softmax ('S') stages.
+        la_sr_ratios: Spatial-reduction ratios of focused-linear ('L') stages, one digit per stage.
+        num_stages: Number of stages (the official head assumes 4).
+        linear: PVTv2-Li everywhere (keys/values pooled to 7x7, ReLU in the MLP).
+        focusing_factor: Focusing power of linear attention.
+        kernel_size: DWC kernel of linear attention.
+        attn_type: One letter per stage, 'L' (focused linear) or 'S' (softmax); ``None`` means 'LLLL'.
+        block_widths: Optional per-block widths, one dict per block in model order with any of ``qk_dim``,
+            ``v_dim``, ``mlp_hidden``, ``dwc_shared`` (how a pruned model is described); ``None``: default widths.
+    """
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            num_heads: Sequence[int] = (1, 2, 4, 8),
+            mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+            qkv_bias: bool = False,
+            qk_scale: float | None = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            depths: Sequence[int] = (3, 4, 6, 3),
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            la_sr_ratios: str = '8421',
+            num_stages: int = 4,
+            linear: bool = False,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            attn_type: str | None = 'LLLL',
+            block_widths: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.depths = list(depths)
+        self.num_stages = num_stages
+        self.num_features = self.head_hidden_size = embed_dims[3]
+        self.stage_attention = stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages)
+        widths = expand_block_widths(block_widths, sum(depths[:num_stages]))
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        size = to_2tuple(img_size)
+        cur = 0
+        for i in range(num_stages):
+            stride = 4 if i == 0 else 2
+            stage_size = size if i == 0 else (size[0] // 2 ** (i + 1), size[1] // 2 ** (i + 1))
+            num_patches = (stage_size[0] // stride) * (stage_size[1] // stride)
+            patch_embed = OverlapPatchEmbed(
+                patch_size=7 if i == 0 else 3, stride=stride, in_chans=in_chans if i == 0 else embed_dims[i - 1],
+                embed_dim=embed_dims[i])
+            letter, sr_ratio = self.stage_attention[i]
+            block = nn.ModuleList([PvtV2Block(
+                dim=embed_dims[i], num_patches=num_patches, num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[cur + j], norm_layer=norm_layer, sr_ratio=sr_ratio, linear=linear,
+                focusing_factor=focusing_factor, kernel_size=kernel_size, attn_type=letter, **widths[cur + j])
+                for j in range(depths[i])])
+            cur += depths[i]
+            setattr(self, f'patch_embed{i + 1}', patch_embed)
+            setattr(self, f'block{i + 1}', block)
+            setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i]))
+
+        self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.zeros_(m.bias)
+            nn.init.ones_(m.weight)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (as in the official model)."""
+        return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classification head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: identity)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def block_widths(self) -> list[dict[str, Any]]:
+        """The widths of every block in model order, in the form the ``block_widths`` argument takes."""
+        return [_widths_of(blk) for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Run the stages; returns the last stage's normalised tokens ``(B, N, num_features)``."""
+        B = x.shape[0]
+        for i in range(self.num_stages):
+            x = getattr(self, f'patch_embed{i + 1}')(x)  # (B, H, W, C), normalised
+            height, width = x.shape[1:3]
+            x = x.flatten(1, 2)
+            for blk in getattr(self, f'block{i + 1}'):
+                x = blk(x, height, width)
+            x = getattr(self, f'norm{i + 1}')(x)
+            if i != self.num_stages - 1:
+                x = x.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Mean-pool the tokens and apply the head (unless ``pre_logits``)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for images ``(B, in_chans, H, W)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+default_cfgs = generate_default_cfgs({f'flatten_pvt_v2_b{i}': _cfg() for i in range(6)})
+
+
+def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    return build_model_with_cfg(PyramidVisionTransformerV2, variant, pretrained, **kwargs)
+
+
+def _released(embed_dims: tuple[int, ...], mlp_ratios: tuple[int, ...], depths: tuple[int, ...],
+              **kwargs: Any) -> dict[str, Any]:
+    """The settings shared by all released FLatten-PVTv2 models (official factories + ``cfgs/*.yaml``)."""
+    args: dict[str, Any] = dict(
+        patch_size=4, embed_dims=embed_dims, num_heads=(1, 2, 5, 8), mlp_ratios=mlp_ratios, qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=depths, sr_ratios=(8, 4, 2, 1),
+        attn_type='LLLL', la_sr_ratios='1111')
+    args.update(kwargs)
+    return args
+
+
+_DIMS = (64, 128, 320, 512)
+
+
+@register_model
+def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B0."""
+    args = _released((32, 64, 160, 256), (8, 8, 4, 4), (2, 2, 2, 2), **kwargs)
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b0', pretrained, **args)
+
+
+@register_model
+def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B1 (12.9M params, 2.2 GMACs at 224)."""
+    args = _released(_DIMS, (8, 8, 4, 4), (2, 2, 2, 2), **kwargs)
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b1', pretrained, **args)
+
+
+@register_model
+def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B2 (4.3 GMACs at 224)."""
+    args = _released(_DIMS, (8, 8, 4, 4), (3, 4, 6, 3), **kwargs)
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b2', pretrained, **args)
+
+
+@register_model
+def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B3."""
+    args = _released(_DIMS, (8, 8, 4, 4), (3, 4, 18, 3), **kwargs)
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b3', pretrained, **args)
+
+
+@register_model
+def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B4."""
+    args = _released(_DIMS, (8, 8, 4, 4), (3, 8, 27, 3), **kwargs)
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b4', pretrained, **args)
+
+
+@register_model
+def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B5."""
+    args = _released(_DIMS, (4, 4, 4, 4), (3, 6, 40, 3), **kwargs)
+    return _create_flatten_pvt_v2('flatten_pvt_v2_b5', pretrained, **args)

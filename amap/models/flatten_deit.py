@@ -1,1 +1,399 @@
-"""Placeholder: being written."""
+"""FLatten-DeiT: a DeiT/ViT whose every block uses focused linear attention (ours).
+
+The FLatten Transformer paper reports a FLatten-DeiT-T (6.1M parameters, 1.1G MACs, 74.1% ImageNet top-1) but no code
+was released; this is our construction. It follows timm's :class:`~timm.models.vision_transformer.VisionTransformer`
+key names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.norm1/attn/norm2/mlp.fc1/fc2``, ``norm``,
+``head``) and puts FLatten's focused linear attention in every block:
+
+* ``attn.qkv`` / ``attn.proj`` as in ViT; ``attn.scale`` ``(1, 1, H*qk_dim)`` and ``attn.positional_encoding``
+  ``(1, tokens, H*qk_dim)`` added to k over all tokens, the class token included;
+* ``attn.dwc`` (a :class:`~amap.models.attention.HeadDWC`) runs on the values of the *patch* tokens only, laid out on
+  their grid; the class token is kept out of it (its DWC contribution is zero).
+
+Per-head widths (``qk_dim`` / ``v_dim``) and the MLP hidden width are per-block arguments, so a pruned model is this
+same class built with smaller widths (``block_widths``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from .attention import HeadDWC, focusing_function, linear_attention
+
+__all__ = ['DeiTFocusedLinearAttention', 'FLattenDeiTBlock', 'FLattenDeiT', 'BLOCK_WIDTH_KEYS']
+
+#: Keys allowed in one entry of ``block_widths`` (all optional).
+BLOCK_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
+
+
+class DeiTFocusedLinearAttention(nn.Module):
+    """Focused linear attention over prefix (class) tokens and a grid of patch tokens.
+
+    All tokens attend to all tokens through the focused kernel; the depthwise convolution on v sees the patch tokens
+    only (on their ``grid_size`` grid), and the prefix tokens receive no DWC term.
+
+    Args:
+        dim: Input (and output) channels.
+        num_heads: Number of heads.
+        grid_size: Patch-token grid ``(H, W)``.
+        num_prefix_tokens: Tokens before the patch tokens (1 for the class token, 0 without it).
+        qkv_bias: Add a bias to the qkv projection.
+        attn_drop: Accepted for symmetry with timm's attention (linear attention has no attention weights to drop).
+        proj_drop: Dropout after the output projection.
+        focusing_factor: The focusing power ``p``.
+        kernel_size: Kernel size of the depthwise convolution on v.
+        qk_dim: q/k channels per head (default ``dim // num_heads``).
+        v_dim: v channels per head (default ``dim // num_heads``).
+        dwc_shared: Share one depthwise kernel bank across heads (default) or use one kernel per channel.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: tuple[int, int],
+            num_prefix_tokens: int = 1,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            qk_dim: int | None = None,
+            v_dim: int | None = None,
+            dwc_shared: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ModelError(f'dim={dim} is not divisible by num_heads={num_heads}; pick a num_heads that divides it')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qk_dim = self.head_dim if qk_dim is None else int(qk_dim)
+        self.v_dim = self.head_dim if v_dim is None else int(v_dim)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.num_prefix_tokens = num_prefix_tokens
+        self.focusing_factor = focusing_factor
+        qk_channels = num_heads * self.qk_dim
+        num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+        self.qkv = nn.Linear(dim, num_heads * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * self.v_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = HeadDWC(self.v_dim, num_heads, kernel_size=kernel_size, shared=dwc_shared)
+        self.scale = nn.Parameter(torch.zeros(1, 1, qk_channels))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, num_tokens, qk_channels))
+        self.qk_gate = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend over all tokens.
+
+        Args:
+            x: Tokens ``(B, num_prefix_tokens + H*W, dim)``.
+
+        Returns:
+            ``(B, num_prefix_tokens + H*W, dim)``.
+        """
+        qk_channels = self.num_heads * self.qk_dim
+        q, k, v = self.qkv(x).split([qk_channels, qk_channels, self.num_heads * self.v_dim], dim=-1)
+        k = k + self.positional_encoding
+        q = focusing_function(q, self.scale, self.focusing_factor, gate=self.qk_gate)
+        k = focusing_function(k, self.scale, self.focusing_factor, gate=self.qk_gate)
+        out = linear_attention(q, k, v, self.num_heads)  # B, H, N, v_dim
+        B, H, N, d = out.shape
+        out = out.transpose(1, 2).reshape(B, N, H * d)
+        p = self.num_prefix_tokens
+        v_patches = v[:, p:].reshape(B, N - p, H, d).transpose(1, 2)
+        local = self.dwc(v_patches, self.grid_size[0], self.grid_size[1])  # B, N - p, H*d
+        out = out + F.pad(local, (0, 0, p, 0))  # prefix tokens get no DWC term
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, '
+                f'qk_dim={self.qk_dim}, v_dim={self.v_dim}, focusing_factor={self.focusing_factor}')
+
+
+class FLattenDeiTBlock(nn.Module):
+    """Pre-norm transformer block with focused linear attention (timm ``Block`` key names).
+
+    Args:
+        dim: Channels.
+        num_heads: Number of heads.
+        grid_size: Patch-token grid ``(H, W)``.
+        num_prefix_tokens: Tokens before the patch tokens.
+        mlp_ratio: MLP hidden width over ``dim`` (used when ``mlp_hidden_dim`` is None).
+        qkv_bias: Add a bias to the qkv projection.
+        proj_drop: Dropout after projections and in the MLP.
+        attn_drop: Attention dropout (unused by linear attention).
+        drop_path: Stochastic depth rate.
+        act_layer: MLP activation.
+        norm_layer: Normalization layer.
+        focusing_factor: Focusing power.
+        kernel_size: DWC kernel size.
+        qk_dim: q/k channels per head (default ``dim // num_heads``).
+        v_dim: v channels per head (default ``dim // num_heads``).
+        mlp_hidden_dim: MLP hidden width (default ``int(dim * mlp_ratio)``).
+        dwc_shared: Share the DWC kernels across heads.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: tuple[int, int],
+            num_prefix_tokens: int = 1,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            qk_dim: int | None = None,
+            v_dim: int | None = None,
+            mlp_hidden_dim: int | None = None,
+            dwc_shared: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = DeiTFocusedLinearAttention(
+            dim, num_heads=num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias,
+            attn_drop=attn_drop, proj_drop=proj_drop, focusing_factor=focusing_factor, kernel_size=kernel_size,
+            qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        hidden = int(dim * mlp_ratio) if mlp_hidden_dim is None else int(mlp_hidden_dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the block on tokens ``(B, N, C)``."""
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class FLattenDeiT(nn.Module):
+    """FLatten-DeiT: a ViT with focused linear attention in every block (ours; no official code exists).
+
+    Args:
+        img_size: Input image size.
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classes of the head (0: no head).
+        global_pool: ``'token'`` (class token) or ``'avg'`` (mean of the patch tokens).
+        embed_dim: Width.
+        depth: Number of blocks.
+        num_heads: Number of heads.
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        qkv_bias: Add a bias to qkv projections.
+        class_token: Prepend a learned class token (required by ``global_pool='token'``).
+        drop_rate: Dropout before the head.
+        pos_drop_rate: Dropout after adding the position embedding.
+        proj_drop_rate: Dropout after projections and in the MLP.
+        attn_drop_rate: Attention dropout (unused by linear attention; kept for timm-style arguments).
+        drop_path_rate: Stochastic depth rate (linearly increasing over blocks).
+        norm_layer: Normalization layer (default ``LayerNorm(eps=1e-6)`` as in timm's ViT).
+        act_layer: MLP activation.
+        focusing_factor: Focusing power of linear attention.
+        kernel_size: DWC kernel size of linear attention.
+        block_widths: Optional widths per block: one dict per block with any of ``qk_dim`` / ``v_dim`` (per head),
+            ``mlp_hidden`` and ``dwc_shared``; missing keys keep the defaults. This is how a pruned model is built.
+    """
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            patch_size: int | tuple[int, int] = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            class_token: bool = True,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Callable[..., nn.Module] | None = None,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            focusing_factor: float = 3,
+            kernel_size: int = 5,
+            block_widths: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ('token', 'avg'):
+            raise ModelError(f"global_pool={global_pool!r} must be 'token' or 'avg'")
+        if global_pool == 'token' and not class_token:
+            raise ModelError("global_pool='token' needs class_token=True; use global_pool='avg' without it")
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+
+        if block_widths is not None:
+            block_widths = list(block_widths)
+            if len(block_widths) != depth:
+                raise ModelError(f'block_widths has {len(block_widths)} entries; the model has depth={depth} blocks')
+            for i, w in enumerate(block_widths):
+                unknown = set(w) - BLOCK_WIDTH_KEYS
+                if unknown:
+                    raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; '
+                                     f'allowed: {sorted(BLOCK_WIDTH_KEYS)}')
+        self.block_widths = block_widths
+        widths = block_widths if block_widths is not None else [{}] * depth
+        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        self.blocks = nn.Sequential(*[
+            FLattenDeiTBlock(
+                embed_dim, num_heads=num_heads, grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, focusing_factor=focusing_factor,
+                kernel_size=kernel_size, qk_dim=widths[i].get('qk_dim'), v_dim=widths[i].get('v_dim'),
+                mlp_hidden_dim=widths[i].get('mlp_hidden'), dwc_shared=widths[i].get('dwc_shared', True))
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay."""
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm convention)."""
+        return dict(stem=r'^cls_token|pos_embed|patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classification head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` classes (0: no head)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('token', 'avg') or (global_pool == 'token' and self.cls_token is None):
+                raise ModelError(f'global_pool={global_pool!r} is not available for this model')
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` to normalized tokens ``(B, prefix + patches, embed_dim)``."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool (class token or patch-token mean) and apply the head (or return the pooled features)."""
+        x = x[:, 0] if self.global_pool == 'token' else x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_flatten_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
+    return build_model_with_cfg(FLattenDeiT, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': .875,
+        'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'flatten_deit_tiny': _cfg(),
+    'flatten_deit_small': _cfg(),
+    'flatten_deit_base': _cfg(),
+    'flatten_deit_micro': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0),
+    'flatten_deit_nano': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0),
+})
+
+
+@register_model
+def flatten_deit_tiny(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
+    """FLatten-DeiT-T: 224, patch 16, dim 192, depth 12, 3 heads.
+
+    6.19M parameters, 1.14 GMACs with attention matmuls and DWC (paper: 6.1M, 1.1G, 74.1% ImageNet top-1).
+    """
+    args = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_flatten_deit('flatten_deit_tiny', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_deit_small(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
+    """FLatten-DeiT-S: 224, patch 16, dim 384, depth 12, 6 heads. 22.98M parameters."""
+    args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_flatten_deit('flatten_deit_small', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_deit_base(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
+    """FLatten-DeiT-B: 224, patch 16, dim 768, depth 12, 12 heads. 88.41M parameters."""
+    args = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_flatten_deit('flatten_deit_base', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_deit_micro(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
+    """Small FLatten-DeiT for 32x32 inputs (ours): patch 4 (8x8 grid + class token), dim 192, depth 6, 3 heads,
+    MLP ratio 2. 1.89M parameters and 0.13 GMACs at 10 classes.
+    """
+    args = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.)
+    return _create_flatten_deit('flatten_deit_micro', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def flatten_deit_nano(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
+    """Tiny FLatten-DeiT for fast tests on 32x32 inputs (ours): patch 4, dim 64, depth 4, 2 heads, MLP ratio 2.
+    0.16M parameters at 10 classes.
+    """
+    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.)
+    return _create_flatten_deit('flatten_deit_nano', pretrained=pretrained, **dict(args, **kwargs))

@@ -697,7 +697,7 @@ def flatten_swin_micro(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTr
     """Small FLatten-Swin for 32x32 inputs (ours): patch 2, embed 32, depths 2-2-4-2, heads 2-4-8-16, LLSS.
 
     Token grids 16/8/4/2: global focused linear attention in stages 1-2, softmax attention with relative position
-    bias in stages 3-4 (its window 7 clamps to the 4x4 and 2x2 maps). 2.7M parameters at 10 classes.
+    bias in stages 3-4 (its window 7 clamps to the 4x4 and 2x2 maps). 2.70M parameters, 0.035 GMACs at 10 classes.
     """
     args = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16),
                 window_size=16, attn_type='LLSS', drop_path_rate=0.)

@@ -74,8 +74,12 @@ class LoadResult:
 
 def _unpickler_detail(err: Exception) -> str:
     """The useful sentence of a weights-only unpickler error (torch wraps it in boilerplate paragraphs)."""
+    msg = re.sub(r'\x1b\[[0-9;]*m', '', str(err))
+    found = re.search(r'WeightsUnpickler error:\s*(.+)', msg)
+    if found:
+        return found.group(1).strip()[:200]
     boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
-    paragraphs = [' '.join(p.split()) for p in re.split(r'\n\s*\n', str(err))]
+    paragraphs = [' '.join(p.split()) for p in re.split(r'\n\s*\n', msg)]
     useful = [p for p in paragraphs if p and not p.startswith(boilerplate)]
     return (useful[0] if useful else paragraphs[0] if paragraphs else type(err).__name__)[:200]
 
@@ -121,6 +125,10 @@ def _load_file(path: Path, map_location: Any) -> Any:
             return load_file(path, device=device)
         except SafetensorError as e:
             raise _corrupt(path, e) from None
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if not (head.startswith(b'PK') or head.startswith(b'\x80')):  # torch zip archive / pickle protocol >= 2
+        raise _corrupt(path, f'neither a PyTorch file nor safetensors, it starts with {head!r}')
     try:
         with torch.serialization.safe_globals(_SAFE_CONTAINERS), warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='Detected pickle protocol')

@@ -32,10 +32,11 @@ Determinism (what exact resume relies on):
 * The training sampler is always an :class:`EpochSampler` (a ``DistributedSampler``, also with one process), so the
   order of epoch ``e`` is a function of ``(seed, e, rank, world_size)`` only.
 * The sampler yields ``(epoch, index)`` keys and the training dataset is wrapped in :class:`EpochSeededDataset`, which
-  seeds ``random``, ``numpy`` and torch's CPU generator from ``(seed, epoch, index)`` around each sample and restores
-  the previous RNG states afterwards. Augmentations are therefore a function of ``(seed, epoch, sample)`` only:
-  independent of ``num_workers``, of worker scheduling, of persistent workers, and of the caller's global RNG (with
-  ``num_workers=0`` the trainer's RNG streams are left untouched).
+  seeds ``random``, ``numpy`` and torch's CPU generator from ``(seed, epoch, index)`` before each sample.
+  Augmentations are therefore a function of ``(seed, epoch, sample)`` only: independent of ``num_workers``, of worker
+  scheduling, of persistent workers, and of the caller's global RNG. With ``num_workers=0`` (loading in the trainer's
+  process) the previous RNG states are restored after each sample, so the trainer's own streams are left untouched and
+  the trainer needs no extra seeding for the data.
 * To reproduce epoch ``e``: call ``bundle.train_sampler.set_epoch(e)`` and iterate ``bundle.train_loader``. To resume
   in the middle of epoch ``e`` after ``k`` finished batches: ``bundle.train_sampler.set_epoch(e, skip=k *
   bundle.train_loader.batch_size)``; the loader then yields exactly batches ``k, k+1, ...`` of the uninterrupted epoch
@@ -176,10 +177,22 @@ class DataBundle:
 
 
 # ----------------------------------------------------------------------------------------------------------- seeding
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def sample_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed derived from integer keys (e.g. ``(seed, epoch, index)``)."""
-    entropy = [int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
+    """A well-mixed 63-bit seed derived from integer keys (e.g. ``(seed, epoch, index)``); fast (pure integer ops)."""
+    h = 0x243F6A8885A308D3
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h >> 1
 
 
 def seed_rng(*keys: int) -> None:
@@ -194,15 +207,24 @@ def seed_rng(*keys: int) -> None:
     torch.manual_seed(s)
 
 
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.random.default_generator.manual_seed(seed)  # CPU generator only: no CUDA call in worker processes
+
+
 @contextmanager
 def _rng_scope(seed: int) -> Iterator[None]:
-    """Seed the three CPU RNGs for the duration of the block, then restore their previous states."""
+    """Seed the three CPU RNGs for the block. In the main process (``num_workers=0``) restore their states afterwards
+    so the caller's streams are untouched; worker processes own their RNGs, so they skip the (slow) save/restore."""
+    if torch.utils.data.get_worker_info() is not None:
+        _seed_all(seed)
+        yield
+        return
     py_state, np_state = random.getstate(), np.random.get_state()
     gen = torch.random.default_generator
     t_state = gen.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    gen.manual_seed(seed)
+    _seed_all(seed)
     try:
         yield
     finally:
@@ -213,10 +235,7 @@ def _rng_scope(seed: int) -> Iterator[None]:
 
 def _worker_init(worker_id: int, *, seed: int) -> None:
     # Per-sample seeding makes augmentations independent of this; it only fixes any other worker-side randomness.
-    s = sample_seed(seed, 0x5EED, worker_id)
-    random.seed(s)
-    np.random.seed(s % 2 ** 32)
-    torch.manual_seed(s)
+    _seed_all(sample_seed(seed, 0x5EED, worker_id))
 
 
 # ----------------------------------------------------------------------------------------------------------- datasets
@@ -394,8 +413,8 @@ class DigitsDataset(Dataset):
 class EpochSeededDataset(Dataset):
     """Wraps a dataset so that the randomness of its transform is a function of ``(seed, epoch, index)``.
 
-    Keys are ``(epoch, index)`` tuples (as yielded by :class:`EpochSampler`) or plain indices (epoch 0). The global
-    ``random``/``numpy``/torch CPU RNG states are restored after each sample.
+    Keys are ``(epoch, index)`` tuples (as yielded by :class:`EpochSampler`) or plain indices (epoch 0). In the main
+    process the global ``random``/``numpy``/torch CPU RNG states are restored after each sample.
 
     Args:
         dataset: The dataset whose ``__getitem__`` applies the random transform.
@@ -570,7 +589,25 @@ def build_transform(
             transforms.RandomCrop(img_size, padding=img_size // 8),
             transforms.RandomHorizontalFlip(p=0.5),
         ])
+    _patch_augment_ops(secondary.transforms)
     return transforms.Compose([*primary.transforms, *secondary.transforms, *final.transforms])
+
+
+def _posterize_safe(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, keeping its meaning for 0 bits (a black image) which Pillow >= 11 rejects."""
+    from timm.data import auto_augment
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _patch_augment_ops(tfs: Sequence[Any]) -> None:
+    """Make timm's AutoAugment/RandAugment posterize ops safe at magnitude 10 (0 bits crashes a run otherwise)."""
+    from timm.data import auto_augment
+    for t in tfs:
+        for op in getattr(t, 'ops', ()):
+            if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+                op.aug_fn = _posterize_safe
 
 
 def _torch_interp(name: str) -> Any:

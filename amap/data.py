@@ -249,7 +249,7 @@ def _corrupt_guard(dataset: Any, index: int, load: Callable[[int], Any], describ
             return load(i)
         except DataError:
             raise
-        except Exception as e:  # noqa: BLE001  only the decoding of one file is guarded
+        except Exception as e:  # only the decoding of one file is guarded, never the transform
             dataset.num_corrupt += 1
             msg = (f'unreadable image {describe(i)} ({type(e).__name__}: {e}); replaced by the next sample. '
                    f'Fix or delete the file')
@@ -317,17 +317,16 @@ class ImageFolderDataset(ImageFolder):
             if not os.path.isdir(cdir):
                 continue  # a class of the training split that this split lacks (logged by find_classes)
             count = 0
-            for dirpath, dirnames, fnames in sorted(os.walk(cdir, followlinks=True)):
-                dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-                for fname in sorted(fnames):
-                    if fname.startswith('.'):
-                        continue
-                    path = os.path.join(dirpath, fname)
-                    if fname.lower().endswith(IMG_EXTENSIONS):
-                        samples.append((path, idx))
-                        count += 1
-                    else:
-                        skipped.append(path)
+            files: list[str] = []
+            for dirpath, dirnames, fnames in os.walk(cdir, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith('.')]  # prune hidden folders
+                files += [os.path.join(dirpath, f) for f in fnames if not f.startswith('.')]
+            for path in sorted(files):
+                if path.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((path, idx))
+                    count += 1
+                else:
+                    skipped.append(path)
             if count == 0:
                 raise DataError(f'class folder {cdir} has no images ({", ".join(IMG_EXTENSIONS)}); '
                                 f'add images to it or remove the folder')
@@ -571,14 +570,11 @@ def build_transform(
     """
     mean, std = tuple(mean), tuple(std)
     small = img_size <= SMALL_IMAGE
-    if not is_training or augment == 'none':
+    if not is_training or augment == 'none':  # 'none' trains on exactly what evaluation sees
         if small:  # plain resize: no centre-crop shrinkage of tiny images
             return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
                                     crop_pct=1.0, crop_mode='squash')
-        if not is_training:
-            return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std)
-        return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
-                                crop_pct=1.0, crop_mode='squash')
+        return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std)
     spec = randaugment or (DEFAULT_RANDAUGMENT if augment == 'strong' else None)
     primary, secondary, final = create_transform(
         img_size, is_training=True, hflip=0.5, color_jitter=None, auto_augment=spec, interpolation=interpolation,

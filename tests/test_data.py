@@ -271,12 +271,17 @@ def test_non_image_files_are_skipped_with_one_counted_warning(tmp_path):
     (root / 'train' / 'a' / 'readme.txt').write_text('x')
     (root / 'train' / 'b' / 'labels.csv').write_text('x')
     (root / 'train' / 'b' / '.DS_Store').write_bytes(b'\0')  # hidden: ignored silently
+    (root / 'train' / 'b' / '.thumbs').mkdir()
+    Image.new('RGB', (4, 4)).save(root / 'train' / 'b' / '.thumbs' / 't.png')  # hidden folder: not read
+    (root / 'train' / 'a' / 'sub').mkdir()
+    Image.new('RGB', (4, 4)).save(root / 'train' / 'a' / 'sub' / 'nested.PNG')  # nested, upper-case extension: read
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter('always')
         ds = ImageFolderDataset(root / 'train')
     msgs = [str(w.message) for w in rec if issubclass(w.category, DataWarning)]
     assert len(msgs) == 1 and 'skipped 2 non-image file(s)' in msgs[0] and str(root / 'train') in msgs[0]
-    assert len(ds) == 6 and ds.num_skipped == 2
+    assert len(ds) == 7 and ds.num_skipped == 2
+    assert [Path(p).name for p, _ in ds.samples][:4] == ['0.png', '1.png', '2.png', 'nested.PNG']
 
 
 def test_corrupt_image_is_replaced_with_a_named_warning(tmp_path):

@@ -229,7 +229,9 @@ def _fvcore_sdpa_handle(inputs, outputs) -> Counter:
 _FVCORE_MAC_OPS = {'linear', 'matmul', 'conv', 'addmm', 'bmm', 'einsum', 'mm', 'sdpa'}
 
 
-@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'flatten_deit_tiny'])
+# timm DeiT-T (fused softmax attention); FLatten-Swin (global focused linear attention with DWC, shifted-window softmax
+# attention, patch merging) and FLatten-DeiT (class token kept out of the DWC), small variants to keep tracing fast.
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'flatten_swin_nano', 'flatten_deit_micro'])
 def test_agrees_with_fvcore(name: str) -> None:
     from fvcore.nn import FlopCountAnalysis
     torch.manual_seed(0)

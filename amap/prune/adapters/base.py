@@ -1,0 +1,199 @@
+"""The adapter contract: how the pruner reaches one kind of attention or MLP module.
+
+An adapter wraps one module of a known type and exposes
+
+* its prunable :class:`~amap.prune.groups.ChannelGroup` s;
+* gates: hooks that multiply each group's channels by the indicator's mask (and reweight) during the search, at a
+  place where removing the channel is *exact* (the masked model and the sliced model compute the same function);
+* recording: the same hooks hand the activations at the gate to a recorder (similarity weights, initialisation);
+* its MACs as an analytic, differentiable function of the channels kept per head;
+* surgery: a physically smaller replacement module with the reweights folded in, and the same structure without
+  weights (to rebuild a saved pruned model).
+
+The pruner has no per-model code; supporting a new attention type means writing one adapter and registering it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..groups import ChannelGroup
+from ..indicator import ChannelIndicator
+
+__all__ = ['Adapter', 'Recorder', 'Keep', 'slice_linear']
+
+# recorder(group_key, activation (..., H * d) head-major, role) ; role is 'q' / 'k' for qk groups, else the kind
+Recorder = Callable[[str, Tensor, str], None]
+# kept channel indices per head, per group kind: {'qk': LongTensor (H, k), ...}
+Keep = dict[str, Tensor]
+
+
+def slice_linear(
+        linear: nn.Linear,
+        rows: Tensor | None = None,
+        cols: Tensor | None = None,
+        row_scale: Tensor | None = None,
+        col_scale: Tensor | None = None,
+) -> nn.Linear:
+    """A new Linear holding the selected rows (outputs) and columns (inputs), optionally rescaled.
+
+    Args:
+        linear: Source layer.
+        rows: Output indices to keep (all when None).
+        cols: Input indices to keep (all when None).
+        row_scale: Per kept output factor folded into weight rows and bias.
+        col_scale: Per kept input factor folded into weight columns.
+    """
+    w = linear.weight.detach()
+    b = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    if row_scale is not None:
+        w = w * row_scale.unsqueeze(1)
+        b = b * row_scale if b is not None else None
+    if col_scale is not None:
+        w = w * col_scale.unsqueeze(0)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+    return out
+
+
+class Adapter(ABC):
+    """Base class of all adapters.
+
+    Args:
+        name: Qualified name of the module in the model.
+        module: The module.
+    """
+
+    #: Module classes this adapter handles (exact type or subclass).
+    module_types: tuple[type, ...] = ()
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.indicators: dict[str, ChannelIndicator] = {}
+        self.recorder: Recorder | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._restore: list[Callable[[], None]] = []
+        self.tokens: int | None = None  # tokens per image seen by the module (set by the probe)
+
+    # ----------------------------------------------------------------------------------------------------- matching
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this adapter handles ``module``."""
+        return isinstance(module, cls.module_types)
+
+    # ------------------------------------------------------------------------------------------------------- groups
+    @abstractmethod
+    def groups(self) -> list[ChannelGroup]:
+        """The module's prunable groups (may be empty when nothing can be removed exactly)."""
+
+    # -------------------------------------------------------------------------------------------------------- gates
+    def attach(self, indicators: dict[str, ChannelIndicator]) -> None:
+        """Install the gates of the given groups (keyed by kind) and the shape probe."""
+        self.detach()
+        self.indicators = indicators
+        self._handles.append(self.module.register_forward_pre_hook(self._probe, with_kwargs=True))
+        self._install()
+
+    def detach(self) -> None:
+        """Remove every hook and restore replaced slots."""
+        for h in self._handles:
+            h.remove()
+        for undo in self._restore:
+            undo()
+        self._handles, self._restore = [], []
+
+    @abstractmethod
+    def _install(self) -> None:
+        """Register the gate hooks for ``self.indicators``."""
+
+    def _probe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._record_shape(args[0] if args else next(iter(kwargs.values())))
+
+    def _record_shape(self, x: Tensor) -> None:
+        """Remember the tokens per image from the module's first input (probe forward with batch size 1)."""
+        if self.tokens is None and isinstance(x, Tensor):
+            self.tokens = x.shape[-2] if x.dim() >= 3 else 1
+            self.batch_rows = x.shape[0]
+
+    def scale(self, kind: str) -> Tensor | None:
+        """The flattened channel factor (mask x reweight) of a group, or None when the group is not gated."""
+        ind = self.indicators.get(kind)
+        return None if ind is None else ind.channel_scale().flatten()
+
+    def mask(self, kind: str) -> Tensor | None:
+        """The flattened mask of a group (without reweight)."""
+        ind = self.indicators.get(kind)
+        return None if ind is None else ind.mask().flatten()
+
+    def reweight(self, kind: str) -> Tensor | None:
+        """The flattened reweight scales of a group (None when disabled or not gated)."""
+        ind = self.indicators.get(kind)
+        return None if ind is None or ind.reweight is None else ind.reweight.flatten()
+
+    def record(self, kind: str, x: Tensor, role: str | None = None) -> None:
+        if self.recorder is not None and kind in self.indicators:
+            self.recorder(f'{self.name}.{kind}', x.detach(), role or kind)
+
+    # --------------------------------------------------------------------------------------------------------- MACs
+    @abstractmethod
+    def macs(self, kept: dict[str, Tensor]) -> Tensor:
+        """MACs per image as a differentiable function of the kept channels per head.
+
+        Args:
+            kept: ``{kind: (H,) kept counts}`` for the gated groups; missing kinds are at full width.
+        """
+
+    # ------------------------------------------------------------------------------------------------------ surgery
+    @abstractmethod
+    def shrink(self, keep: Keep) -> nn.Module:
+        """A physically smaller module computing what the gated module computes, reweights folded in.
+
+        Args:
+            keep: ``{kind: LongTensor (H, k)}`` kept channel indices per head (ascending); missing kinds keep all.
+        """
+
+    @abstractmethod
+    def build(self, widths: dict[str, int]) -> nn.Module:
+        """The pruned module's structure (uninitialised weights) for per-head ``widths`` ({kind: channels})."""
+
+    def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
+        """``(H, d)`` L_p norm of each channel's weights (its input-projection rows and output-projection columns);
+        the magnitude criterion's scores."""
+        raise NotImplementedError(f'{type(self).__name__} does not provide weight norms for {kind!r}')
+
+    def _full_keep(self, kind: str, keep: Keep) -> Tensor:
+        if kind in keep:
+            return keep[kind]
+        g = next(g for g in self.groups() if g.kind == kind)
+        return torch.arange(g.dim).expand(g.num_heads, g.dim)
+
+    def _fold(self, kind: str, keep: Keep) -> Tensor | None:
+        """Reweight scales of the kept channels, flattened head-major (None when there is no reweight)."""
+        ind = self.indicators.get(kind)
+        if ind is None or ind.reweight is None or kind not in keep:
+            return None
+        return torch.gather(ind.reweight.detach(), 1, keep[kind].to(ind.reweight.device)).flatten()
+
+
+def head_rows(keep: Tensor, head_dim: int, offset: int = 0) -> Tensor:
+    """Flat row indices of kept channels ``keep`` (H, k) in a head-major layout of ``head_dim`` per head."""
+    H = keep.shape[0]
+    base = torch.arange(H, device=keep.device).unsqueeze(1) * head_dim
+    return (base + keep).flatten() + offset
+
+
+def row_norms(weight: Tensor, rows: Tensor | slice, p: float) -> Tensor:
+    """``L_p`` norm of each selected row of a weight matrix."""
+    return weight.detach()[rows].flatten(1).norm(p=p, dim=1)

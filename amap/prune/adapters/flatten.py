@@ -1,0 +1,1 @@
+"""FLatten adapters: being written."""

@@ -1,0 +1,108 @@
+"""Adapter for MLPs: timm ``Mlp`` (``fc1 -> act -> drop -> norm -> fc2``) and MLPs with a depthwise conv between
+``fc1`` and the activation (PVTv2's ``fc1 -> dwconv -> act -> fc2``).
+
+The hidden units form one group with a single "head". The gate and the reweight act on the input of ``fc2`` (after
+the activation), so removing a unit is exact; the reweight folds into ``fc2``'s columns.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from ..groups import ChannelGroup
+from .base import Adapter, Keep, row_norms, slice_linear
+
+__all__ = ['MlpAdapter']
+
+
+def _find_dwconv(module: nn.Module) -> nn.Conv2d | None:
+    """The depthwise conv of a conv-MLP (any Conv2d with groups == channels among the children), or None."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d) and sub.groups == sub.in_channels == sub.out_channels:
+            return sub
+    return None
+
+
+class MlpAdapter(Adapter):
+    """Any module with Linear ``fc1`` and ``fc2`` (and optionally one depthwise conv on the hidden units)."""
+
+    module_types = (Mlp,)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        fc1, fc2 = getattr(module, 'fc1', None), getattr(module, 'fc2', None)
+        if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
+            return False
+        # a norm over the hidden units mixes them: removal would not be exact
+        return isinstance(getattr(module, 'norm', nn.Identity()), nn.Identity)
+
+    @property
+    def hidden(self) -> int:
+        return self.module.fc1.out_features
+
+    def groups(self) -> list[ChannelGroup]:
+        return [ChannelGroup(self.name, 'mlp', 1, self.hidden)]
+
+    def _install(self) -> None:
+        if 'mlp' in self.indicators:
+            self._handles.append(self.module.fc2.register_forward_pre_hook(self._gate))
+
+    def _gate(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        self.record('mlp', x)
+        return (x * self.scale('mlp'),) + args[1:]
+
+    def macs(self, kept: dict[str, Tensor]) -> Tensor:
+        d = kept.get('mlp', torch.tensor([float(self.hidden)])).sum()
+        m = self.module
+        rows = self.batch_rows * self.tokens
+        total = rows * d * (m.fc1.in_features + m.fc2.out_features)
+        dw = _find_dwconv(m)
+        if dw is not None:
+            total = total + rows * d * dw.kernel_size[0] * dw.kernel_size[1]
+        return total
+
+    def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
+        m = self.module
+        return (row_norms(m.fc1.weight, slice(None), p) + row_norms(m.fc2.weight.t(), slice(None), p)).unsqueeze(0)
+
+    def build(self, widths: dict[str, int]) -> nn.Module:
+        d = widths.get('mlp', self.hidden)
+        new = copy.deepcopy(self.module)
+        m = self.module
+        new.fc1 = nn.Linear(m.fc1.in_features, d, bias=m.fc1.bias is not None)
+        new.fc2 = nn.Linear(d, m.fc2.out_features, bias=m.fc2.bias is not None)
+        dw = _find_dwconv(new)
+        if dw is not None:
+            _replace_child(new, dw, nn.Conv2d(d, d, dw.kernel_size, dw.stride, dw.padding, groups=d,
+                                              bias=dw.bias is not None))
+        return new
+
+    def shrink(self, keep: Keep) -> nn.Module:
+        idx = self._full_keep('mlp', keep).flatten().to(self.module.fc1.weight.device)
+        new = copy.deepcopy(self.module)
+        m = self.module
+        new.fc1 = slice_linear(m.fc1, rows=idx)
+        new.fc2 = slice_linear(m.fc2, cols=idx, col_scale=self._fold('mlp', keep))
+        dw = _find_dwconv(new)
+        if dw is not None:
+            conv = nn.Conv2d(idx.numel(), idx.numel(), dw.kernel_size, dw.stride, dw.padding, groups=idx.numel(),
+                             bias=dw.bias is not None).to(idx.device)
+            with torch.no_grad():
+                conv.weight.copy_(dw.weight[idx])
+                if dw.bias is not None:
+                    conv.bias.copy_(dw.bias[idx])
+            _replace_child(new, dw, conv)
+        return new
+
+
+def _replace_child(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for name, sub in root.named_modules():
+        for child_name, child in sub.named_children():
+            if child is old:
+                setattr(sub, child_name, new)
+                return
+    raise ValueError('module not found')

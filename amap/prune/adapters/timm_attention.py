@@ -1,0 +1,189 @@
+"""Adapters for timm's softmax attention: ViT/DeiT ``Attention`` and Swin ``WindowAttention``.
+
+Where the gates act (all exact):
+
+* ``qk``: on the q and k rows of the qkv projection output (a zero q/k channel adds nothing to ``q . k``); the
+  reweight scales the q rows only and folds into them;
+* ``v``: on the input of ``proj`` (each output channel of a head depends on its own v channel only); the reweight
+  folds into ``proj``'s columns.
+
+The pruned modules keep the original softmax scale ``head_dim ** -0.5``.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
+from torch import Tensor, nn
+
+from ..groups import ChannelGroup
+from ..modules import PrunedAttention, PrunedWindowAttention
+from .base import Adapter, Keep, head_rows, row_norms, slice_linear
+
+__all__ = ['SoftmaxAttentionAdapter', 'WindowAttentionAdapter']
+
+
+class SoftmaxAttentionAdapter(Adapter):
+    """timm ``Attention`` (ViT, DeiT) and our :class:`~amap.prune.modules.PrunedAttention`."""
+
+    module_types = (Attention, PrunedAttention)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        if type(module) is PrunedWindowAttention:
+            return False
+        if isinstance(module, Attention):
+            # q/k norms, a norm before proj or an output gate mix channels: removal would not be exact.
+            return getattr(module, 'gate', None) is None
+        return isinstance(module, PrunedAttention)
+
+    # ------------------------------------------------------------------------------------------------- structure
+    @property
+    def num_heads(self) -> int:
+        return self.module.num_heads
+
+    @property
+    def qk_dim(self) -> int:
+        return getattr(self.module, 'qk_dim', None) or self.module.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        return getattr(self.module, 'v_dim', None) or self.module.head_dim
+
+    @property
+    def in_dim(self) -> int:
+        return self.module.qkv.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.proj.out_features
+
+    def groups(self) -> list[ChannelGroup]:
+        m = self.module
+        out = []
+        if isinstance(getattr(m, 'q_norm', nn.Identity()), nn.Identity) and \
+                isinstance(getattr(m, 'k_norm', nn.Identity()), nn.Identity):
+            out.append(ChannelGroup(self.name, 'qk', self.num_heads, self.qk_dim))
+        if isinstance(getattr(m, 'norm', nn.Identity()), nn.Identity):
+            out.append(ChannelGroup(self.name, 'v', self.num_heads, self.v_dim))
+        return out
+
+    # ------------------------------------------------------------------------------------------------------ gates
+    def _install(self) -> None:
+        if 'qk' in self.indicators:
+            self._handles.append(self.module.qkv.register_forward_hook(self._gate_qk))
+        if 'v' in self.indicators:
+            self._handles.append(self.module.proj.register_forward_pre_hook(self._gate_v))
+
+    def _gate_qk(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        n = self.num_heads * self.qk_dim
+        q, k, v = out[..., :n], out[..., n:2 * n], out[..., 2 * n:]
+        self.record('qk', q, 'q')
+        self.record('qk', k, 'k')
+        mask = self.mask('qk')
+        rw = self.reweight('qk')
+        return torch.cat([q * (mask if rw is None else mask * rw), k * mask, v], dim=-1)
+
+    def _gate_v(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        self.record('v', x)
+        return (x * self.scale('v'),) + args[1:]
+
+    # ------------------------------------------------------------------------------------------------------- MACs
+    def _attention_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
+        """Attention matmuls per image: ``H * n^2 * (dq + dv)`` summed over heads and windows."""
+        n = self.tokens
+        windows = self.batch_rows  # probe batch size is 1: rows of the module input = windows per image
+        return windows * n * n * (dq.sum() + dv.sum())
+
+    def macs(self, kept: dict[str, Tensor]) -> Tensor:
+        full = self.full_kept_dims()
+        dq = kept.get('qk', full['qk'])
+        dv = kept.get('v', full['v'])
+        rows = self.batch_rows * self.tokens  # tokens per image
+        proj = rows * dv.sum() * self.out_dim
+        qkv = rows * self.in_dim * (2 * dq.sum() + dv.sum())
+        return qkv + proj + self._attention_macs(dq, dv)
+
+    def full_kept_dims(self) -> dict[str, Tensor]:
+        return {'qk': torch.full((self.num_heads,), float(self.qk_dim)),
+                'v': torch.full((self.num_heads,), float(self.v_dim))}
+
+    def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
+        m = self.module
+        H, nq = self.num_heads, self.num_heads * self.qk_dim
+        if kind == 'qk':
+            norms = row_norms(m.qkv.weight, slice(0, nq), p) + row_norms(m.qkv.weight, slice(nq, 2 * nq), p)
+            return norms.reshape(H, -1)
+        v = row_norms(m.qkv.weight, slice(2 * nq, None), p) + row_norms(m.proj.weight.t(), slice(None), p)
+        return v.reshape(H, -1)
+
+    # ---------------------------------------------------------------------------------------------------- surgery
+    def _sliced(self, target: PrunedAttention, keep: Keep) -> PrunedAttention:
+        m = self.module
+        kq = self._full_keep('qk', keep)
+        kv = self._full_keep('v', keep)
+        nq = self.num_heads * self.qk_dim
+        rows = torch.cat([head_rows(kq, self.qk_dim), head_rows(kq, self.qk_dim, nq),
+                          head_rows(kv, self.v_dim, 2 * nq)])
+        rw_q = self._fold('qk', keep)
+        row_scale = None
+        if rw_q is not None:
+            row_scale = torch.ones(rows.numel(), device=rw_q.device)
+            row_scale[:rw_q.numel()] = rw_q
+        target.qkv = slice_linear(m.qkv, rows=rows, row_scale=row_scale)
+        target.proj = slice_linear(m.proj, cols=head_rows(kv, self.v_dim), col_scale=self._fold('v', keep))
+        return target
+
+    def _widths(self, keep: Keep) -> tuple[int, int]:
+        return self._full_keep('qk', keep).shape[1], self._full_keep('v', keep).shape[1]
+
+    def build(self, widths: dict[str, int]) -> nn.Module:
+        m = self.module
+        return PrunedAttention(
+            self.in_dim, self.num_heads, widths.get('qk', self.qk_dim), widths.get('v', self.v_dim),
+            scale=float(m.scale), qkv_bias=m.qkv.bias is not None, proj_bias=m.proj.bias is not None,
+            dim_out=self.out_dim, attn_drop=m.attn_drop.p, proj_drop=m.proj_drop.p,
+            fused_attn=bool(getattr(m, 'fused_attn', True)))
+
+    def shrink(self, keep: Keep) -> nn.Module:
+        dq, dv = self._widths(keep)
+        target = self.build({'qk': dq, 'v': dv}).to(self.module.qkv.weight.device)
+        return self._sliced(target, keep)
+
+
+class WindowAttentionAdapter(SoftmaxAttentionAdapter):
+    """timm Swin ``WindowAttention`` (relative position bias stays per head) and its pruned form."""
+
+    module_types = (WindowAttention, PrunedWindowAttention)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(module, cls.module_types)
+
+    @property
+    def qk_dim(self) -> int:
+        m = self.module
+        return getattr(m, 'qk_dim', None) or m.qkv.out_features // (3 * m.num_heads)
+
+    @property
+    def v_dim(self) -> int:
+        m = self.module
+        return getattr(m, 'v_dim', None) or m.qkv.out_features // (3 * m.num_heads)
+
+    def groups(self) -> list[ChannelGroup]:
+        return [ChannelGroup(self.name, 'qk', self.num_heads, self.qk_dim),
+                ChannelGroup(self.name, 'v', self.num_heads, self.v_dim)]
+
+    def build(self, widths: dict[str, int]) -> nn.Module:
+        m = self.module
+        return PrunedWindowAttention(
+            self.in_dim, self.num_heads, widths.get('qk', self.qk_dim), widths.get('v', self.v_dim),
+            scale=float(m.scale), window_size=tuple(m.window_size), qkv_bias=m.qkv.bias is not None,
+            attn_drop=m.attn_drop.p, proj_drop=m.proj_drop.p, fused_attn=bool(getattr(m, 'fused_attn', True)))
+
+    def shrink(self, keep: Keep) -> nn.Module:
+        target = super().shrink(keep)
+        with torch.no_grad():
+            target.relative_position_bias_table.copy_(self.module.relative_position_bias_table)
+        return target

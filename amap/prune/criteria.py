@@ -1,0 +1,96 @@
+"""Baseline importance criteria on the same groups and structure constraints as AMAP, for fair comparisons.
+
+Each criterion gives ``{indicator key: (H, d) scores}``; the structure then comes from the same head-balanced target
+guarantee (:func:`~amap.prune.target.fit_to_target`), except ``uniform``, which keeps the same ratio in every group.
+Scores are normalised by their group mean, so that groups of different scale compete fairly for the MAC budget.
+
+* ``magnitude``: L1 (or L2) norm of each channel's weights (projection rows in, projection columns out);
+* ``taylor``: first-order Taylor importance ``|dL/db|`` of the channel's gate, summed over calibration batches;
+* ``random``: uniform random scores (seeded);
+* ``uniform``: magnitude scores within each group, the same kept ratio in every group.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from .pruner import Pruner
+
+__all__ = ['CRITERIA', 'criterion_scores']
+
+CRITERIA = ('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform')
+
+
+def _normalise(scores: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: s / s.mean().clamp(min=1e-12) for k, s in scores.items()}
+
+
+def magnitude_scores(pruner: Pruner, p: float = 1.0) -> dict[str, Tensor]:
+    return _normalise({k: pruner.adapter_of(k).weight_norms(g.kind, p).float().cpu() for k, g in
+                       pruner.groups().items()})
+
+
+def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """``sum over batches of |dL/db|`` with the gates fully open (``m = 1``, straight-through gradient)."""
+    model = pruner.model[0]
+    inds = pruner.indicators
+    saved = {k: (ind.m.detach().clone(), ind.weight.clone()) for k, ind in inds.items()}
+    acc = {k: torch.zeros_like(ind.m) for k, ind in inds.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for ind in inds.values():
+            ind.m.data.fill_(1.0)
+            ind.weight.fill_(1.0)
+        for x, y in batches:
+            for ind in inds.values():
+                ind.m.grad = None
+            F.cross_entropy(model(x), y).backward()
+            for k, ind in inds.items():
+                if ind.m.grad is not None:
+                    acc[k] += ind.m.grad.abs()
+    finally:
+        for k, ind in inds.items():
+            ind.m.data.copy_(saved[k][0])
+            ind.weight.copy_(saved[k][1])
+            ind.m.grad = None
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return _normalise({k: a.cpu() for k, a in acc.items()})
+
+
+def random_scores(pruner: Pruner, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(ind.m.shape, generator=g) for k, ind in pruner.indicators.items()}
+
+
+def criterion_scores(
+        name: str,
+        pruner: Pruner,
+        *,
+        batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+        seed: int = 0,
+) -> dict[str, Tensor]:
+    """Scores of a baseline criterion.
+
+    Args:
+        name: One of ``magnitude``, ``magnitude_l2``, ``taylor``, ``random``, ``uniform``.
+        pruner: The pruner.
+        batches: Labelled batches on the model's device (``taylor`` only).
+        seed: Seed (``random`` only).
+    """
+    if name in ('magnitude', 'uniform'):
+        return magnitude_scores(pruner, 1.0)
+    if name == 'magnitude_l2':
+        return magnitude_scores(pruner, 2.0)
+    if name == 'taylor':
+        if batches is None:
+            raise ConfigError('the taylor criterion needs calibration batches with labels')
+        return taylor_scores(pruner, batches)
+    if name == 'random':
+        return random_scores(pruner, seed)
+    raise ConfigError(f'unknown criterion {name!r}; choose from {list(CRITERIA)}')

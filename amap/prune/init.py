@@ -1,0 +1,157 @@
+"""Indicator initialisation for linear attention from the attention difference (docs/amap-method.md, section 5).
+
+For a focused-linear-attention layer, with ``q`` and ``k`` taken at the layer's qk gate (after ``ReLU + 1e-6`` and
+the division by ``softplus(scale)``, before the norm-preserving power ``p``):
+
+* ``A`` is the row-normalised attention map ``phi(Q) phi(K)^T`` of a head (query tokens subsampled);
+* ``A_-c`` is the same with qk channel ``c`` removed, the focusing function recomputed without it (the norms are over
+  all channels, so a removal also rescales the other channels);
+* ``D_c = ||A - A_-c||_F / ||A||_F`` on the head that holds ``c``.
+
+For the v channels, ``D_c = ||O_c|| / ||O||``: the share of the attention output (with DWC) that channel ``c`` carries,
+which is exactly what removing it changes. ``D`` is mapped linearly per layer onto ``[low, high]`` (default
+``[0.55, 1.0]``; largest difference = most important = ``high``) and becomes the initial indicator. Softmax attention
+and MLP groups keep ``m = 1``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .pruner import Pruner
+
+__all__ = ['focus', 'qk_attention_difference', 'v_output_difference', 'attention_difference_init']
+
+
+def focus(x: Tensor, p: float) -> Tensor:
+    """The norm-preserving power of the focusing function: ``x**p / ||x**p|| * ||x||`` over the last dimension."""
+    n = x.norm(dim=-1, keepdim=True)
+    y = x ** p
+    return y / y.norm(dim=-1, keepdim=True).clamp(min=1e-30) * n
+
+
+def _row_normalised_maps(qf: Tensor, kf: Tensor, heads: int) -> Tensor:
+    """``(B, H, Nq, Nk)`` row-normalised ``phi(Q) phi(K)^T`` per head."""
+    B, Nq, C = qf.shape
+    q = qf.reshape(B, Nq, heads, C // heads).transpose(1, 2)
+    k = kf.reshape(B, kf.shape[1], heads, C // heads).transpose(1, 2)
+    a = q @ k.transpose(-2, -1)
+    return a / a.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+@torch.no_grad()
+def qk_attention_difference(q: Tensor, k: Tensor, heads: int, p: float) -> Tensor:
+    """``D`` of every qk channel, ``(H, d)``.
+
+    Args:
+        q: Queries at the gate, ``(B, Nq, H * d)`` (positive).
+        k: Keys at the gate, ``(B, Nk, H * d)`` (positive).
+        heads: Number of heads.
+        p: Focusing factor.
+    """
+    q, k = q.double(), k.double()
+    C = q.shape[-1]
+    d = C // heads
+    base = _row_normalised_maps(focus(q, p), focus(k, p), heads)
+    out = torch.zeros(heads, d, dtype=torch.float64)
+    keep = torch.ones(C, dtype=q.dtype, device=q.device)
+    for c in range(C):
+        h = c // d
+        keep[c] = 0
+        a = _row_normalised_maps(focus(q * keep, p), focus(k * keep, p), heads)[:, h]
+        keep[c] = 1
+        out[h, c % d] = ((base[:, h] - a).norm() / base[:, h].norm().clamp(min=1e-30)).cpu()
+    return out.float()
+
+
+@torch.no_grad()
+def v_output_difference(o: Tensor, heads: int) -> Tensor:
+    """``D`` of every v channel from the attention output at the v gate ``(..., H * d)``: ``||O_c|| / ||O||``."""
+    o = o.reshape(-1, o.shape[-1]).double()
+    share = o.norm(dim=0) / o.norm().clamp(min=1e-30)
+    return share.reshape(heads, -1).float().cpu()
+
+
+def _to_range(d: Tensor, low: float, high: float) -> Tensor:
+    lo, hi = d.min(), d.max()
+    if float(hi - lo) <= 0:
+        return torch.full_like(d, high)
+    return low + (high - low) * (d - lo) / (hi - lo)
+
+
+class _FirstBatch:
+    """Recorder keeping the first activation of each (group, role), with tokens subsampled."""
+
+    def __init__(self, keys: set[str], max_tokens: int, generator: torch.Generator) -> None:
+        self.keys, self.max_tokens, self.generator = keys, max_tokens, generator
+        self.store: dict[tuple[str, str], Tensor] = {}
+
+    def __call__(self, key: str, x: Tensor, role: str) -> None:
+        if key not in self.keys or (key, role) in self.store:
+            return
+        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        n = x.shape[1]
+        if n > self.max_tokens:
+            idx = torch.randperm(n, generator=self.generator)[: self.max_tokens].to(x.device)
+            x = x[:, idx]
+        self.store[(key, role)] = x[:8].detach()
+
+
+@torch.no_grad()
+def attention_difference_init(
+        pruner: Pruner,
+        batch: Tensor,
+        *,
+        low: float = 0.55,
+        high: float = 1.0,
+        max_tokens: int = 256,
+        seed: int = 0,
+) -> dict[str, Tensor]:
+    """Initialise the indicators of every linear-attention group from the attention difference.
+
+    Args:
+        pruner: The pruner (gates installed).
+        batch: A calibration image batch on the model's device.
+        low: Initial indicator of the least important channel of a layer.
+        high: Initial indicator of the most important channel of a layer.
+        max_tokens: Query/key tokens kept per window (random subsample) to bound the cost.
+        seed: Seed of the subsampling.
+
+    Returns:
+        ``{indicator key: (H, d) initial values}`` of the groups it initialised.
+    """
+    model = pruner.model[0]
+    groups = pruner.groups()
+    linear = {k: g for k, g in groups.items() if g.linear_attention}
+    if not linear:
+        return {}
+    recorder = _FirstBatch({g.key for g in linear.values()}, max_tokens, torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    for adapter in pruner.adapters:
+        adapter.recorder = recorder
+    try:
+        model(batch)
+    finally:
+        for adapter in pruner.adapters:
+            adapter.recorder = None
+        model.train(was_training)
+    out = {}
+    for key, group in linear.items():
+        if group.kind == 'qk':
+            q, k = recorder.store.get((group.key, 'q')), recorder.store.get((group.key, 'k'))
+            if q is None or k is None:
+                continue
+            p = float(getattr(pruner.adapter_of(key), 'focusing_factor', 3.0))
+            d = qk_attention_difference(q, k, group.num_heads, p)
+        else:
+            o = recorder.store.get((group.key, group.kind))
+            if o is None:
+                continue
+            d = v_output_difference(o, group.num_heads)
+        init = _to_range(d, low, high)
+        pruner.indicators[key].m.data.copy_(init.to(pruner.indicators[key].m.device))
+        out[key] = init
+    return out

@@ -1,0 +1,181 @@
+"""The :class:`Pruner`: a model, its adapters and one indicator per channel group, plus MAC accounting.
+
+It is the state the search, the baseline criteria, the target guarantee and the surgery work on:
+
+* ``Pruner(model, input_size)`` finds the adapters, creates the indicators, installs the gates and probes the model
+  once (batch 1) so every adapter knows its token counts;
+* :meth:`Pruner.macs` is the analytic, differentiable MAC count of the whole model as a function of the kept channels
+  (the fixed part, i.e. everything the groups do not touch, is taken from the executed MAC counter);
+* :meth:`Pruner.structure` describes the current (hard) structure per module.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..macs import count_macs
+from .adapters import Adapter, find_adapters
+from .groups import GROUP_KINDS, ChannelGroup
+from .indicator import ChannelIndicator
+
+__all__ = ['Pruner']
+
+
+def _key(group: ChannelGroup) -> str:
+    return group.key.replace('.', '__')
+
+
+class Pruner(nn.Module):
+    """Indicators and gates for every prunable group of a model.
+
+    Args:
+        model: The model to prune (modified in place: gates are hooks, removed by :meth:`detach`).
+        input_size: ``(C, H, W)`` of one input image.
+        kinds: Which group kinds to prune (``'qk'``, ``'v'``, ``'mlp'``).
+        head_balance: Every head of a group keeps the same number of channels (section 3).
+        reweight: Learn a reweight scale per channel (section 6).
+        threshold: Score threshold for a kept channel.
+        min_keep: Channels every head keeps at least.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            input_size: tuple[int, int, int],
+            *,
+            kinds: Iterable[str] = GROUP_KINDS,
+            head_balance: bool = True,
+            reweight: bool = True,
+            threshold: float = 0.5,
+            min_keep: int = 1,
+    ) -> None:
+        super().__init__()
+        kinds = tuple(kinds)
+        unknown = set(kinds) - set(GROUP_KINDS)
+        if unknown:
+            raise ConfigError(f'unknown group kind(s) {sorted(unknown)}; choose from {list(GROUP_KINDS)}')
+        self.model = [model]  # a list: not registered as a submodule (the pruner's state dict is the indicators)
+        self.input_size = tuple(input_size)
+        self.adapters: list[Adapter] = find_adapters(model)
+        if not self.adapters:
+            raise ConfigError(f'{type(model).__name__} has no module AMAP knows how to prune; '
+                              'write an adapter for its attention type (amap.prune.adapters.register_adapter)')
+        self.indicators = nn.ModuleDict()
+        self._groups: dict[str, tuple[Adapter, ChannelGroup]] = {}
+        for adapter in self.adapters:
+            for group in adapter.groups():
+                if group.kind in kinds:
+                    key = _key(group)
+                    self.indicators[key] = ChannelIndicator(
+                        group, head_balance=head_balance, reweight=reweight, threshold=threshold, min_keep=min_keep)
+                    self._groups[key] = (adapter, group)
+        device = next(model.parameters()).device
+        self.to(device)
+        self.attach()
+        self._probe(model, device)
+        full = count_macs(model, self.input_size, device=device).total
+        with torch.no_grad():
+            self.full_macs = float(full)
+            self.fixed_macs = self.full_macs - float(sum(a.macs({}) for a in self.adapters))
+
+    # -------------------------------------------------------------------------------------------------------- hooks
+    def attach(self) -> None:
+        """(Re)install the gates of every adapter."""
+        for adapter in self.adapters:
+            adapter.attach({g.kind: self.indicators[_key(g)] for g in adapter.groups() if _key(g) in self.indicators})
+
+    def detach(self) -> None:
+        """Remove every gate: the model is back to its unpruned function."""
+        for adapter in self.adapters:
+            adapter.detach()
+
+    @torch.no_grad()
+    def _probe(self, model: nn.Module, device: torch.device) -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            model(torch.zeros(1, *self.input_size, device=device))
+        except Exception as e:  # noqa: BLE001 - re-raised as a user error with the reason
+            raise ConfigError(f'{type(model).__name__} does not run on input {self.input_size}: {e}') from e
+        finally:
+            model.train(was_training)
+        missing = [a.name for a in self.adapters if a.tokens is None]
+        if missing:
+            raise ConfigError(f'modules {missing[:3]} did not run in a forward pass; they cannot be pruned')
+
+    # ---------------------------------------------------------------------------------------------------- accessors
+    def groups(self) -> dict[str, ChannelGroup]:
+        """``{indicator key: group}``."""
+        return {k: g for k, (_, g) in self._groups.items()}
+
+    def adapter_of(self, key: str) -> Adapter:
+        return self._groups[key][0]
+
+    def indicator_parameters(self) -> list[nn.Parameter]:
+        return [ind.m for ind in self.indicators.values()]
+
+    def reweight_parameters(self) -> list[nn.Parameter]:
+        return [ind.reweight for ind in self.indicators.values() if ind.reweight is not None]
+
+    # --------------------------------------------------------------------------------------------------------- MACs
+    def _kept_of(self, adapter: Adapter, counts: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        kept = {}
+        for g in adapter.groups():
+            key = _key(g)
+            if key in self.indicators:
+                kept[g.kind] = self.indicators[key].kept() if counts is None else counts[key].float()
+        return kept
+
+    def macs(self, counts: dict[str, Tensor] | None = None) -> Tensor:
+        """MACs per image of the gated model; differentiable in the indicators when ``counts`` is None.
+
+        Args:
+            counts: Optional ``{indicator key: (H,) kept counts}`` to evaluate a hypothetical structure.
+        """
+        device = next(iter(self.indicators.values())).m.device
+        if counts is not None:
+            counts = {k: c.to(device) for k, c in counts.items()}
+        total = torch.tensor(self.fixed_macs, device=device)
+        for adapter in self.adapters:
+            total = total + adapter.macs(self._kept_of(adapter, counts))
+        return total
+
+    def adapter_macs(self, adapter: Adapter, counts: dict[str, Tensor]) -> float:
+        return float(adapter.macs(self._kept_of(adapter, counts)))
+
+    @torch.no_grad()
+    def hard_counts(self) -> dict[str, Tensor]:
+        """``{key: (H,) kept counts}`` of the current hard masks."""
+        return {k: ind.hard_mask().sum(-1).long() for k, ind in self.indicators.items()}
+
+    @torch.no_grad()
+    def hard_macs(self) -> float:
+        """MACs per image of the current hard structure."""
+        return float(self.macs(self.hard_counts()))
+
+    # ---------------------------------------------------------------------------------------------------- structure
+    @torch.no_grad()
+    def keep(self) -> dict[str, dict[str, Tensor]]:
+        """``{module name: {kind: LongTensor (H, k)}}`` kept channel indices; requires head-balanced masks."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for key, (adapter, group) in self._groups.items():
+            rows = self.indicators[key].keep_indices()
+            widths = {r.numel() for r in rows}
+            if len(widths) != 1:
+                raise ConfigError(f'heads of {group.key} keep different channel counts {sorted(widths)}: '
+                                  'a physical model needs head balance (or pad_heads=True in surgery)')
+            out.setdefault(adapter.name, {})[group.kind] = torch.stack(rows)
+        return out
+
+    @torch.no_grad()
+    def structure(self) -> list[dict]:
+        """Per group: module, kind, heads, original and kept channels per head."""
+        rows = []
+        for key, (_, group) in self._groups.items():
+            counts = self.indicators[key].hard_mask().sum(-1).long().tolist()
+            rows.append({'module': group.module, 'kind': group.kind, 'heads': group.num_heads, 'dim': group.dim,
+                         'kept': counts})
+        return rows

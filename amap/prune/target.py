@@ -1,0 +1,142 @@
+"""The target guarantee: turn scores into a structure whose MACs are at most the target, and as close as possible.
+
+After the search (or from a baseline criterion's scores) the structure is adjusted greedily, head-balanced:
+
+* while the MACs exceed the target, remove from one group one channel per head -- the group whose next channels carry
+  the least score per MAC saved;
+* then, while some group can grow by one channel per head without exceeding the target, add the channels that bring
+  the most score per MAC (``fill``), so the result lands just below the target.
+
+Groups without head balance move one channel of one head at a time. :func:`uniform_counts` is the classic baseline:
+the same kept ratio in every group, found by bisection.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .indicator import topk_mask
+from .pruner import Pruner
+
+__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs']
+
+
+def min_macs(pruner: Pruner) -> float:
+    """MACs of the smallest structure the constraints allow (every head keeps ``min_keep`` channels)."""
+    counts = {k: torch.full((ind.group.num_heads,), ind.min_keep) for k, ind in pruner.indicators.items()}
+    return float(pruner.macs(counts))
+
+
+def _check_target(pruner: Pruner, target_macs: float) -> None:
+    low = min_macs(pruner)
+    if target_macs < low:
+        raise ConfigError(f'target of {target_macs / 1e6:.1f} MMACs is below the smallest structure the constraints '
+                          f'allow ({low / 1e6:.1f} MMACs = {low / pruner.full_macs:.3f} of the model); '
+                          'raise --target or prune more group kinds')
+
+
+@torch.no_grad()
+def fit_to_target(
+        pruner: Pruner,
+        target_macs: float,
+        *,
+        scores: dict[str, Tensor] | None = None,
+        counts: dict[str, Tensor] | None = None,
+        fill: bool = True,
+) -> dict[str, Tensor]:
+    """Adjust kept counts so that MACs <= target, greedily by score per MAC, and fix the indicators' structure.
+
+    Args:
+        pruner: The pruner (its indicators' current hard counts are the starting point unless ``counts`` is given).
+        target_macs: MACs per image not to exceed.
+        scores: ``{key: (H, d)}`` channel scores; default: the indicators' ``w * m``.
+        counts: Starting ``{key: (H,) counts}``; default: the current hard structure.
+        fill: Grow groups again while the target allows it.
+
+    Returns:
+        The final ``{key: (H,) kept counts}``; every indicator is fixed to its top channels by score.
+    """
+    _check_target(pruner, target_macs)
+    inds = pruner.indicators
+    scores = {k: (ind.scores() if scores is None else scores[k]).detach().float().cpu() for k, ind in inds.items()}
+    counts = {k: (c.clone().long().cpu()) for k, c in (counts or pruner.hard_counts()).items()}
+    ranked = {k: s.sort(dim=-1, descending=True).values for k, s in scores.items()}
+    cost = {a.name: pruner.adapter_macs(a, counts) for a in pruner.adapters}
+    total = pruner.fixed_macs + sum(cost.values())
+
+    def moves(sign: int):
+        """Candidate moves: (priority, key, new_counts, new_adapter_cost)."""
+        for key, ind in inds.items():
+            adapter = pruner.adapter_of(key)
+            c = counts[key]
+            H, d = ranked[key].shape
+            heads = [None] if ind.head_balance else range(H)
+            for h in heads:
+                new = c.clone()
+                if h is None:
+                    new += sign
+                else:
+                    new[h] += sign
+                if (new < ind.min_keep).any() or (new > d).any():
+                    continue
+                trial = dict(counts)
+                trial[key] = new
+                new_cost = pruner.adapter_macs(adapter, trial)
+                delta = abs(cost[adapter.name] - new_cost)
+                if delta <= 0:
+                    continue
+                idx = (torch.minimum(c, new)).clamp(max=d - 1)  # the channel index that leaves or enters
+                rows = range(H) if h is None else [h]
+                value = float(sum(ranked[key][r, idx[r]] for r in rows))
+                yield value / delta, key, new, new_cost
+
+    while total > target_macs:
+        best = min(moves(-1), key=lambda m: m[0], default=None)
+        if best is None:
+            break
+        _, key, new, new_cost = best
+        adapter = pruner.adapter_of(key)
+        total += new_cost - cost[adapter.name]
+        cost[adapter.name] = new_cost
+        counts[key] = new
+    while fill:
+        fitting = [m for m in moves(+1) if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= target_macs]
+        if not fitting:
+            break
+        _, key, new, new_cost = max(fitting, key=lambda m: m[0])
+        adapter = pruner.adapter_of(key)
+        total += new_cost - cost[adapter.name]
+        cost[adapter.name] = new_cost
+        counts[key] = new
+    apply_counts(pruner, counts, scores)
+    return counts
+
+
+@torch.no_grad()
+def apply_counts(pruner: Pruner, counts: dict[str, Tensor], scores: dict[str, Tensor] | None = None) -> None:
+    """Fix every indicator's structure: in each head keep the ``counts[key][h]`` channels of highest score."""
+    for key, ind in pruner.indicators.items():
+        s = (ind.scores() if scores is None else scores[key]).detach()
+        ind.fixed = topk_mask(s.float().cpu(), counts[key].cpu()).to(ind.m.device)
+
+
+@torch.no_grad()
+def uniform_counts(pruner: Pruner, target_macs: float) -> dict[str, Tensor]:
+    """The same kept ratio in every group (rounded up per head), the largest that meets the target."""
+    _check_target(pruner, target_macs)
+
+    def counts_at(ratio: float) -> dict[str, Tensor]:
+        return {k: torch.full((ind.group.num_heads,), max(ind.min_keep, math.ceil(ratio * ind.group.dim)))
+                for k, ind in pruner.indicators.items()}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if float(pruner.macs(counts_at(mid))) <= target_macs:
+            lo = mid
+        else:
+            hi = mid
+    return counts_at(lo)

@@ -8,8 +8,9 @@ reproduce the official outputs.
 
 Attention per stage is chosen by ``attn_type``, one letter per stage: ``L`` focused linear attention (windows of
 ``window_size`` clamped to the feature map, i.e. global attention in the released models), ``S`` softmax shifted-window
-attention with relative position bias (window 7, or 12 when ``window_size > 56``), ``M`` a mix whose first ``n``
-blocks are linear (``n`` given by the characters after the per-stage letters, e.g. ``'LLMS3'``).
+attention with relative position bias (window 7, or 12 when ``window_size > 56``; ``softmax_window_size`` overrides it),
+``M`` a mix whose first ``n`` blocks are linear (``n`` given by the characters after the per-stage letters, e.g.
+``'LLMS3'``).
 
 Per-head widths are decoupled (``qk_dim`` / ``v_dim``, see :mod:`amap.models.attention`), and every block accepts its
 own MLP hidden width, so a pruned model is this same class built with smaller widths (``block_widths``).
@@ -25,14 +26,15 @@ import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.swin_transformer import PatchMerging, get_relative_position_index, window_partition, window_reverse
+from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import Tensor, nn
 
 from ..errors import ModelError
 from .attention import HeadDWC, focusing_function, linear_attention
 
 __all__ = [
-    'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'BasicLayer', 'FLattenSwinTransformer',
+    'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'BasicLayer',
+    'FLattenSwinTransformer',
     'BLOCK_WIDTH_KEYS',
 ]
 
@@ -340,6 +342,35 @@ class SwinTransformerBlock(nn.Module):
                 f'window_size={self.window_size}, shift_size={self.shift_size}, attn_type={self.attn_type}')
 
 
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 neighbourhood of tokens (4C), normalize, and project to ``out_dim`` (2C) channels.
+
+    The concatenation order is (even row, even col), (odd, even), (even, odd), (odd, odd), as in Swin; ``reduction``
+    is registered before ``norm`` so that the state-dict order is the official one.
+
+    Args:
+        dim: Input channels.
+        out_dim: Output channels (default ``2 * dim``).
+        norm_layer: Normalization layer over the ``4 * dim`` concatenated channels.
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None,
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.dim = dim
+        self.out_dim = out_dim or 2 * dim
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+        self.norm = norm_layer(4 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Merge ``(B, H, W, C)`` (H and W even) into ``(B, H/2, W/2, out_dim)``."""
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            raise ValueError(f'patch merging needs an even token grid, got {H}x{W}')
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
 class BasicLayer(nn.Module):
     """One FLatten-Swin stage: ``depth`` blocks, then an optional patch merging (``downsample``).
 
@@ -356,13 +387,14 @@ class BasicLayer(nn.Module):
         attn_drop: Dropout on attention weights.
         drop_path: Stochastic depth rate, one for all blocks or a list with one per block.
         norm_layer: Normalization layer.
-        downsample: Whether to end the stage with a :class:`timm.models.swin_transformer.PatchMerging` (bool, or any
-            truthy value such as a class, for compatibility with the official signature).
+        downsample: Whether to end the stage with a :class:`PatchMerging` (bool, or any truthy value such as a
+            class, for compatibility with the official signature).
         use_checkpoint: Recompute the blocks in the backward pass (activation checkpointing) while training.
         focusing_factor: Focusing power.
         kernel_size: DWC kernel size.
         attn_type: ``'L'``, ``'S'`` or ``'M<n>'`` (first ``n`` blocks linear, the rest softmax).
         block_widths: Optional per-block widths, one dict per block (keys of :data:`BLOCK_WIDTH_KEYS`).
+        softmax_window_size: Window of softmax blocks; None applies the official rule above.
     """
 
     def __init__(
@@ -385,6 +417,7 @@ class BasicLayer(nn.Module):
             kernel_size: int = 5,
             attn_type: str = 'L',
             block_widths: Sequence[dict[str, Any]] | None = None,
+            softmax_window_size: int | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -396,7 +429,9 @@ class BasicLayer(nn.Module):
             attn_types = ['L' if i < num_linear else 'S' for i in range(depth)]
         else:
             attn_types = [attn_type] * depth
-        windows = [window_size if t == 'L' else (7 if window_size <= 56 else 12) for t in attn_types]
+        if softmax_window_size is None:
+            softmax_window_size = 7 if window_size <= 56 else 12
+        windows = [window_size if t == 'L' else softmax_window_size for t in attn_types]
         widths = list(block_widths) if block_widths is not None else [{}] * depth
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(
@@ -475,6 +510,8 @@ class FLattenSwinTransformer(nn.Module):
         block_widths: Optional widths per block, flattened over stages in order: one dict per block with any of
             ``qk_dim`` / ``v_dim`` (per head), ``mlp_hidden`` and ``dwc_shared``; missing keys keep the defaults.
             This is how a pruned model is built.
+        softmax_window_size: Window of softmax (``S``) blocks before clamping (ours). None keeps the official rule:
+            7, or 12 when ``window_size > 56``.
         **kwargs: Accepted and ignored, as the official constructor does (a warning names them).
     """
 
@@ -502,6 +539,7 @@ class FLattenSwinTransformer(nn.Module):
             kernel_size: int = 5,
             attn_type: str = 'LLLL',
             block_widths: Sequence[dict[str, Any]] | None = None,
+            softmax_window_size: int | None = None,
             **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -553,7 +591,8 @@ class FLattenSwinTransformer(nn.Module):
                 drop_path=dpr[start:end], norm_layer=norm_layer, downsample=i < self.num_layers - 1,
                 use_checkpoint=use_checkpoint, focusing_factor=focusing_factor, kernel_size=kernel_size,
                 attn_type=stage_types[i],
-                block_widths=block_widths[start:end] if block_widths is not None else None))
+                block_widths=block_widths[start:end] if block_widths is not None else None,
+                softmax_window_size=softmax_window_size))
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -696,11 +735,12 @@ def flatten_swin_base_384(pretrained: bool = False, **kwargs: Any) -> FLattenSwi
 def flatten_swin_micro(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
     """Small FLatten-Swin for 32x32 inputs (ours): patch 2, embed 32, depths 2-2-4-2, heads 2-4-8-16, LLSS.
 
-    Token grids 16/8/4/2: global focused linear attention in stages 1-2, softmax attention with relative position
-    bias in stages 3-4 (its window 7 clamps to the 4x4 and 2x2 maps). 2.70M parameters, 0.035 GMACs at 10 classes.
+    Token grids 16/8/4/2: global focused linear attention in stages 1-2 (windows of 16), softmax attention with
+    relative position bias in stages 3-4 (windows of 4, so larger ``img_size`` powers of two get shifted windows).
+    2.70M parameters, 0.035 GMACs at 10 classes.
     """
     args = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16),
-                window_size=16, attn_type='LLSS', drop_path_rate=0.)
+                window_size=16, softmax_window_size=4, attn_type='LLSS', drop_path_rate=0.)
     return _create_flatten_swin('flatten_swin_micro', pretrained=pretrained, **dict(args, **kwargs))
 
 
@@ -708,8 +748,9 @@ def flatten_swin_micro(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTr
 def flatten_swin_nano(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
     """Tiny FLatten-Swin for fast tests on 32x32 inputs (ours): patch 2, embed 24, depths 1-1-2, heads 2-4-8, LLS.
 
-    Token grids 16/8/4: global linear attention in stages 1-2, softmax in stage 3. 0.29M parameters at 10 classes.
+    Token grids 16/8/4: global linear attention in stages 1-2 (windows of 16), softmax in stage 3 (windows of 4).
+    0.29M parameters at 10 classes.
     """
     args = dict(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 2), num_heads=(2, 4, 8),
-                window_size=16, attn_type='LLS', drop_path_rate=0.)
+                window_size=16, softmax_window_size=4, attn_type='LLS', drop_path_rate=0.)
     return _create_flatten_swin('flatten_swin_nano', pretrained=pretrained, **dict(args, **kwargs))

@@ -512,6 +512,7 @@ class PyramidVisionTransformer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[3]
         self.stage_attention = stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages)
         widths = expand_block_widths(block_widths, sum(depths[:num_stages]))
+        self.block_widths = None if block_widths is None else [dict(w) for w in widths]  # as given
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         cur = 0
@@ -565,8 +566,8 @@ class PyramidVisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def block_widths(self) -> list[dict[str, Any]]:
-        """The widths of every block in model order, in the form the ``block_widths`` argument takes."""
+    def get_block_widths(self) -> list[dict[str, Any]]:
+        """The actual widths of every block in model order, in the form the ``block_widths`` argument takes."""
         return [_widths_of(blk) for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
 
     def _pos_embed(self, stage: int, height: int, width: int) -> Tensor:

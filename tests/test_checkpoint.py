@@ -29,6 +29,13 @@ def _swin(seed: int) -> torch.nn.Module:
                              embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), num_classes=10).eval()
 
 
+def _flatten(name: str):
+    def make(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return timm.create_model(name, num_classes=10).eval()
+    return make
+
+
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -75,7 +82,8 @@ ROUND_TRIPS = {
 
 
 @pytest.mark.parametrize('fmt', list(ROUND_TRIPS))
-@pytest.mark.parametrize('make', [_vit, _swin], ids=['vit', 'swin'])
+@pytest.mark.parametrize('make', [_vit, _swin, _flatten('flatten_swin_nano'), _flatten('flatten_deit_nano')],
+                         ids=['vit', 'swin', 'flatten_swin_nano', 'flatten_deit_nano'])
 def test_round_trip(tmp_path, fmt, make):
     src, dst = make(0), make(1)
     assert _differ(src, dst)

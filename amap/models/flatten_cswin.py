@@ -42,9 +42,12 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from .attention import HeadDWC, focusing_function, linear_attention
 
-__all__ = ['CSWinTransformer', 'CSWinBlock', 'LePEAttention', 'FocusedLinearAttention', 'MergeBlock']
+__all__ = [
+    'CSWinTransformer', 'CSWinBlock', 'LePEAttention', 'FocusedLinearAttention', 'MergeBlock', 'BLOCK_WIDTH_KEYS',
+]
 
-_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
+#: Keys allowed in one entry of ``block_widths`` (all optional; missing keys keep the original widths).
+BLOCK_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
 
 
 def _to_stripes(x: Tensor, resolution: int, h_sp: int, w_sp: int) -> Tensor:
@@ -466,9 +469,10 @@ class CSWinTransformer(nn.Module):
         if len(block_widths) != num_blocks:
             raise ModelError(f'block_widths has {len(block_widths)} entries; the model has {num_blocks} blocks')
         for i, widths in enumerate(block_widths):
-            unknown = set(widths) - _WIDTH_KEYS
+            unknown = set(widths) - BLOCK_WIDTH_KEYS
             if unknown:
-                raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; use {sorted(_WIDTH_KEYS)}')
+                raise ModelError(
+                    f'block_widths[{i}] has unknown keys {sorted(unknown)}; use {sorted(BLOCK_WIDTH_KEYS)}')
 
         # token-map sides: the official model assumes img_size // 4, // 8, ...; the convolutions must agree
         resolutions = [img_size // (4 * 2 ** s) for s in range(4)]

@@ -88,15 +88,15 @@ class _FirstBatch:
         self.keys, self.max_tokens, self.generator = keys, max_tokens, generator
         self.store: dict[tuple[str, str], Tensor] = {}
 
-    def __call__(self, key: str, x: Tensor, role: str) -> None:
-        if key not in self.keys or (key, role) in self.store:
+    def __call__(self, key: str, x: Tensor, role: str, first_head: int = 0) -> None:
+        if key not in self.keys or (key, role, first_head) in self.store:
             return
         x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
         n = x.shape[1]
         if n > self.max_tokens:
             idx = torch.randperm(n, generator=self.generator)[: self.max_tokens].to(x.device)
             x = x[:, idx]
-        self.store[(key, role)] = x[:8].detach()
+        self.store[(key, role, first_head)] = x[:8].detach()
 
 
 @torch.no_grad()
@@ -140,17 +140,23 @@ def attention_difference_init(
         model.train(was_training)
     out = {}
     for key, group in linear.items():
-        if group.kind == 'qk':
-            q, k = recorder.store.get((group.key, 'q')), recorder.store.get((group.key, 'k'))
-            if q is None or k is None:
+        d = torch.zeros(group.num_heads, group.dim)
+        found = False
+        for (gkey, role, first), x in recorder.store.items():
+            if gkey != group.key or role == 'k':
                 continue
-            p = float(getattr(pruner.adapter_of(key), 'focusing_factor', 3.0))
-            d = qk_attention_difference(q, k, group.num_heads, p)
-        else:
-            o = recorder.store.get((group.key, group.kind))
-            if o is None:
-                continue
-            d = v_output_difference(o, group.num_heads)
+            heads = x.shape[-1] // group.dim
+            if group.kind == 'qk':
+                k = recorder.store.get((gkey, 'k', first))
+                if k is None:
+                    continue
+                p = float(getattr(pruner.adapter_of(key), 'focusing_factor', 3.0))
+                d[first:first + heads] = qk_attention_difference(x, k, heads, p)
+            else:
+                d[first:first + heads] = v_output_difference(x, heads)
+            found = True
+        if not found:
+            continue
         init = _to_range(d, low, high)
         pruner.indicators[key].m.data.copy_(init.to(pruner.indicators[key].m.device))
         out[key] = init

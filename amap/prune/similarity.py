@@ -25,20 +25,20 @@ __all__ = ['GramRecorder', 'redundancy', 'similarity_weights', 'weights_from_red
 class GramRecorder:
     """A recorder for the adapters' gates that accumulates per-head Gram matrices of the recorded activations."""
 
-    def __init__(self, heads: dict[str, int]) -> None:
-        self.heads = heads  # group key (dotted) -> number of heads
+    def __init__(self, heads: dict[str, tuple[int, int]]) -> None:
+        self.heads = heads  # group key (dotted) -> (number of heads, channels per head)
         self.grams: dict[tuple[str, str], Tensor] = {}
-        self.count: dict[tuple[str, str], int] = defaultdict(int)
 
-    def __call__(self, key: str, x: Tensor, role: str) -> None:
-        H = self.heads.get(key)
-        if H is None:
+    def __call__(self, key: str, x: Tensor, role: str, first_head: int = 0) -> None:
+        if key not in self.heads:
             return
-        x = x.reshape(-1, H, x.shape[-1] // H).float()
+        H, d = self.heads[key]
+        x = x.reshape(-1, x.shape[-1] // d, d).float()
         gram = torch.einsum('nhd,nhe->hde', x, x)
         k = (key, role)
-        self.grams[k] = self.grams[k] + gram if k in self.grams else gram
-        self.count[k] += x.shape[0]
+        if k not in self.grams:
+            self.grams[k] = torch.zeros(H, d, d, device=x.device)
+        self.grams[k][first_head:first_head + gram.shape[0]] += gram
 
 
 def redundancy(gram: Tensor, eps: float = 1e-12) -> Tensor:
@@ -80,7 +80,7 @@ def calibrate_similarity(pruner: Pruner, batches: Iterable[Tensor], *, beta: flo
     """
     model = pruner.model[0]
     groups = pruner.groups()
-    recorder = GramRecorder({g.key: g.num_heads for g in groups.values()})
+    recorder = GramRecorder({g.key: (g.num_heads, g.dim) for g in groups.values()})
     was_training = model.training
     model.eval()
     for adapter in pruner.adapters:

@@ -36,7 +36,8 @@ def find_adapters(model: nn.Module) -> list[Adapter]:
                 adapter = cls(name, module)
                 if adapter.groups():
                     found.append(adapter)
-                    claimed.append(name)
+                    if cls.claims_subtree:
+                        claimed.append(name)
                 break
     return found
 

@@ -25,8 +25,9 @@ from ..indicator import ChannelIndicator
 
 __all__ = ['Adapter', 'Recorder', 'Keep', 'slice_linear']
 
-# recorder(group_key, activation (..., H * d) head-major, role) ; role is 'q' / 'k' for qk groups, else the kind
-Recorder = Callable[[str, Tensor, str], None]
+# recorder(group_key, activation (..., h * d) head-major, role, first_head): role is 'q' / 'k' for qk groups, else the
+# kind; the activation may cover only heads first_head .. first_head + h - 1 of the group (e.g. one CSwin branch)
+Recorder = Callable[[str, Tensor, str, int], None]
 # kept channel indices per head, per group kind: {'qk': LongTensor (H, k), ...}
 Keep = dict[str, Tensor]
 
@@ -77,6 +78,8 @@ class Adapter(ABC):
 
     #: Module classes this adapter handles (exact type or subclass).
     module_types: tuple[type, ...] = ()
+    #: Whether modules inside the matched module are left alone (False lets e.g. a block's MLP get its own adapter).
+    claims_subtree: bool = True
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -142,9 +145,10 @@ class Adapter(ABC):
         ind = self.indicators.get(kind)
         return None if ind is None or ind.reweight is None else ind.reweight.flatten()
 
-    def record(self, kind: str, x: Tensor, role: str | None = None) -> None:
+    def record(self, kind: str, x: Tensor, role: str | None = None, first_head: int = 0) -> None:
+        """Hand an activation at a gate to the recorder (if any)."""
         if self.recorder is not None and kind in self.indicators:
-            self.recorder(f'{self.name}.{kind}', x.detach(), role or kind)
+            self.recorder(f'{self.name}.{kind}', x.detach(), role or kind, first_head)
 
     # --------------------------------------------------------------------------------------------------------- MACs
     @abstractmethod

@@ -6,7 +6,9 @@ Public API (imported lazily so that ``import amap`` stays cheap):
   :func:`amap.models.from_official` builds a model from an official FLatten constructor name and arguments;
 * :func:`load_checkpoint` -- official FLatten / timm checkpoints, safely;
 * :func:`count_macs` -- the MAC counter;
-* :func:`train`, :func:`evaluate` -- the training and evaluation loops.
+* :func:`train`, :func:`evaluate` -- the training and evaluation loops;
+* :func:`prune` -> :class:`PruneResult`, :func:`save_pruned`, :func:`load_pruned`, :func:`plot_structure` -- the
+  pruning engine.
 """
 from __future__ import annotations
 
@@ -21,8 +23,15 @@ __version__ = '0.1.0'
 _LAZY = {
     'load_checkpoint': 'amap.checkpoint',
     'count_macs': 'amap.macs',
+    'count_params': 'amap.macs',
     'train': 'amap.train',
     'evaluate': 'amap.train',
+    'prune': 'amap.prune',
+    'PruneConfig': 'amap.prune',
+    'PruneResult': 'amap.prune',
+    'save_pruned': 'amap.prune',
+    'load_pruned': 'amap.prune',
+    'plot_structure': 'amap.prune',
 }
 
 __all__ = ['AmapError', 'CheckpointError', 'ConfigError', 'DataError', 'ModelError', 'models', *_LAZY]

@@ -112,6 +112,7 @@ class PruneResult:
         history: Search records (step, losses, MAC ratio, kept channels).
         config: The options used.
         seconds: Wall time per stage.
+        base: ``{'architecture': timm name, 'model_kwargs': {...}}`` of the unpruned model (for the artifact).
     """
 
     model: nn.Module
@@ -124,6 +125,7 @@ class PruneResult:
     history: list[dict] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    base: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -167,6 +169,7 @@ def prune(
         teacher: nn.Module | None | str = 'copy',
         mixup_fn: Callable | None = None,
         progress: Callable[[dict], None] | None = None,
+        base: dict[str, Any] | None = None,
         **overrides: Any,
 ) -> PruneResult:
     """Prune a trained model to a MAC target.
@@ -181,6 +184,8 @@ def prune(
         teacher: Distillation teacher: ``'copy'`` (a frozen copy of the original, default), a module, or None.
         mixup_fn: Optional timm Mixup for the search batches.
         progress: Callback with each search record.
+        base: ``{'architecture': ..., 'model_kwargs': ...}`` recorded for :func:`~amap.prune.artifact.save_pruned`
+            (default: the timm architecture in ``model.pretrained_cfg`` with no arguments).
         **overrides: Fields of :class:`PruneConfig`.
 
     Returns:
@@ -250,4 +255,9 @@ def prune(
     macs_after = count_macs(model, size, device=device).total
     return PruneResult(model=model, structure=structure, macs_before=int(macs_before), macs_after=int(macs_after),
                        target_macs=target_macs, params_before=params_before, params_after=count_params(model),
-                       history=history, config=asdict(cfg), seconds=seconds)
+                       history=history, config=asdict(cfg), seconds=seconds, base=base or _base_of(model))
+
+
+def _base_of(model: nn.Module) -> dict[str, Any]:
+    arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
+    return {'architecture': arch, 'model_kwargs': {}} if arch else {}

@@ -15,8 +15,6 @@ and MLP groups keep ``m = 1``.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 

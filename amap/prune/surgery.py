@@ -48,7 +48,7 @@ def describe_structure(pruner: Pruner) -> list[dict]:
         records.append({
             'module': adapter.name,
             'adapter': type(adapter).__name__,
-            'widths': {kind: int(idx.shape[1]) for kind, idx in k.items()},
+            'widths': adapter.widths_of(k),
             'heads': {kind: int(idx.shape[0]) for kind, idx in k.items()},
             'indices': {kind: idx.tolist() for kind, idx in k.items()},
         })

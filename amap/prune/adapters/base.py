@@ -172,6 +172,10 @@ class Adapter(ABC):
     def build(self, widths: dict[str, int]) -> nn.Module:
         """The pruned module's structure (uninitialised weights) for per-head ``widths`` ({kind: channels})."""
 
+    def widths_of(self, keep: Keep) -> dict[str, int | bool]:
+        """What :meth:`build` needs to recreate the pruned module: per-head widths per kind (and adapter extras)."""
+        return {kind: int(idx.shape[1]) for kind, idx in keep.items()}
+
     def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
         """``(H, d)`` L_p norm of each channel's weights (its input-projection rows and output-projection columns);
         the magnitude criterion's scores."""

@@ -63,10 +63,15 @@ def _slice_param(p: Tensor, idx: Tensor, dim: int = -1) -> nn.Parameter:
     return nn.Parameter(p.detach().index_select(dim, idx.to(p.device)).clone(), requires_grad=p.requires_grad)
 
 
+def _dwc_stays_shared(dwc: HeadDWC, keep_v: Tensor) -> bool:
+    """A shared DWC stays shared when every head keeps the same v channels."""
+    return bool(dwc.shared and (keep_v == keep_v[0]).all())
+
+
 def _sliced_dwc(dwc: HeadDWC, keep_v: Tensor) -> HeadDWC:
     """The DWC for kept v channels ``keep_v`` (H, k): shared when every head keeps the same channels, else un-shared."""
     H, k = keep_v.shape
-    same = bool((keep_v == keep_v[0]).all()) and dwc.shared
+    same = _dwc_stays_shared(dwc, keep_v)
     new = HeadDWC(k, H, kernel_size=dwc.kernel_size[0], shared=same).to(dwc.weight.device)
     if dwc.shared:
         src = keep_v[0] if same else keep_v.flatten()
@@ -253,7 +258,8 @@ class _ProjectionAttentionAdapter(Adapter):
             rows = torch.cat([r for _, r, _ in items])
             row_scale = None
             if any(s is not None for _, _, s in items):
-                row_scale = torch.cat([s if s is not None else torch.ones(r.numel(), device=r.device) for _, r, s in items])
+                row_scale = torch.cat([s if s is not None else torch.ones(r.numel(), device=r.device)
+                                       for _, r, s in items])
             setattr(new, name, slice_linear(getattr(o, name), rows=rows, row_scale=row_scale))
         new.proj = slice_linear(o.proj, cols=head_rows(kv, self.v_dim), col_scale=rw_v)
         new.qk_dim, new.v_dim = int(kq.shape[1]), int(kv.shape[1])
@@ -298,6 +304,11 @@ class FocusedLinearAttentionAdapter(_ProjectionAttentionAdapter):
         self._restore.append(lambda: setattr(self.module, 'qk_gate', nn.Identity()))
         self._handles.append(getattr(self.module, self.segments()['q'].linear).register_forward_hook(
             self._reweight_q_rows))
+
+    def widths_of(self, keep: Keep) -> dict[str, int | bool]:
+        out = super().widths_of(keep)
+        out['dwc_shared'] = _dwc_stays_shared(self.module.dwc, self._full_keep('v', keep))
+        return out
 
     def _extra_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
         k = self.module.dwc.kernel_size
@@ -399,6 +410,14 @@ class CSWinBlockAdapter(_ProjectionAttentionAdapter):
             k = self.module.attns[0].dwc.kernel_size
             total = total + L * dv.sum() * k[0] * k[1]
         return total
+
+    def widths_of(self, keep: Keep) -> dict[str, int | bool]:
+        out = super().widths_of(keep)
+        if self.linear_attention:
+            bh, kv = self.module.branch_heads, self._full_keep('v', keep)
+            out['dwc_shared'] = all(_dwc_stays_shared(a.dwc, kv[i * bh:(i + 1) * bh])
+                                    for i, a in enumerate(self.module.attns))
+        return out
 
     def shrink(self, keep: Keep) -> nn.Module:
         block = self.module

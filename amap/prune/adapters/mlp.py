@@ -100,7 +100,7 @@ class MlpAdapter(Adapter):
 
 
 def _replace_child(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for name, sub in root.named_modules():
+    for sub in root.modules():
         for child_name, child in sub.named_children():
             if child is old:
                 setattr(sub, child_name, new)

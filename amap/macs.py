@@ -110,6 +110,9 @@ _FORMULAS: dict[Any, tuple[str, _Formula]] = {
 # Operator names that suggest multiplications we do not know how to count (reported, never silently dropped).
 _SUSPICIOUS = ('mm', 'conv', 'attention', 'linear', 'matmul', 'einsum', 'lstm', 'gru', 'rnn')
 
+# Operators without a CompositeImplicit decomposition (cached: decompose() is only tried once per operator).
+_NO_DECOMPOSITION: set[Any] = set()
+
 
 class _MacMode(TorchDispatchMode):
     """Dispatch mode that adds the MACs of every counted operator to the module on top of ``stack``."""
@@ -124,16 +127,17 @@ class _MacMode(TorchDispatchMode):
         kwargs = kwargs or {}
         entry = _FORMULAS.get(func.overloadpacket)
         if entry is None:
-            # Like torch's FlopCounterMode: an operator we have no formula for may decompose into ones we have.
-            with self:
-                result = func.decompose(*args, **kwargs)
-            if result is not NotImplemented:
-                return result
-            out = func(*args, **kwargs)
+            if func not in _NO_DECOMPOSITION:
+                # Like torch's FlopCounterMode: an operator we have no formula for may decompose into ones we have.
+                with self:
+                    result = func.decompose(*args, **kwargs)
+                if result is not NotImplemented:
+                    return result
+                _NO_DECOMPOSITION.add(func)  # a static property of the operator: ask once
             name = func.overloadpacket.__name__
             if any(s in name for s in _SUSPICIOUS) and not name.endswith('_backward'):
                 self.uncounted.add(str(func.overloadpacket))
-            return out
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
         kind, formula = entry
         key = (self.stack[-1], kind)

@@ -115,6 +115,8 @@ def _load_file(path: Path, map_location: Any) -> Any:
         raise CheckpointError(f'checkpoint {path} does not exist; check the path (current folder: {Path.cwd()})')
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} is not a file; pass the .pth/.pt/.bin/.safetensors file itself')
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f'checkpoint {path} is not readable by this user; fix its permissions (chmod u+r)')
     if path.stat().st_size == 0:
         raise CheckpointError(f'checkpoint {path} is empty (0 bytes); copy or download it again')
     if _looks_like_safetensors(path):
@@ -137,9 +139,7 @@ def _load_file(path: Path, map_location: Any) -> Any:
         if re.search(r'truncated|EOF|ran out of input', _unpickler_detail(e), re.I):
             raise _corrupt(path, _unpickler_detail(e)) from None
         raise _refuse_unsafe(path, e) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, OSError, MemoryError) as e:
-        raise _corrupt(path, e) from None
-    except Exception as e:  # struct.error, zipfile errors, ...: anything else means the bytes are not a checkpoint
+    except Exception as e:  # RuntimeError (zip), EOFError, struct.error, KeyError ...: the bytes are not a checkpoint
         raise _corrupt(path, e) from None
 
 

@@ -11,6 +11,12 @@ import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+import torch  # noqa: E402
+
+# `pytest -n 2` on 2 cores: one thread per worker; more oversubscribes the CPU (a tiny forward then takes seconds).
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -41,7 +41,9 @@ class PruneConfig:
         kinds: Group kinds to prune (``qk``, ``v``, ``mlp``).
         similarity: Fold channel-similarity weights into the indicator (section 4).
         similarity_beta: Strength of the similarity weights.
-        head_balance: Every head of a layer keeps the same number of channels (section 3).
+        head_balance: Every head of a layer keeps the same number of channels during the search (section 3). Off
+            (ablation), channels are gated one by one and heads drift to different counts (the paper's channel
+            mismatch); the physical model is then balanced afterwards, each head keeping the layer's mean count.
         reweight: Learn a reweight scale per kept channel, folded into the weights at surgery (section 6).
         attn_init: Initialise linear-attention indicators from the attention difference (section 5).
         calib_batches: Batches of the loader used for calibration (similarity, initialisation, Taylor).
@@ -239,7 +241,14 @@ def prune(
                          mixup_fn=mixup_fn, progress=progress)
         seconds['search'] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fit_to_target(pruner, target_macs, fill=cfg.fill)
+        counts = None
+        if not cfg.head_balance:
+            # the physical model needs balanced heads: every head keeps the layer's mean count of the search
+            counts = {k: torch.full_like(c, max(1, round(float(c.float().mean()))))
+                      for k, c in pruner.hard_counts().items()}
+            for ind in pruner.indicators.values():
+                ind.head_balance = True
+        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill)
     else:
         scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
         seconds['calibration'] = time.perf_counter() - t0

@@ -126,7 +126,7 @@ class Pruner(nn.Module):
         for g in adapter.groups():
             key = _key(g)
             if key in self.indicators:
-                kept[g.kind] = self.indicators[key].kept() if counts is None else counts[key].float()
+                kept[g.kind] = (self.indicators[key].kept() if counts is None else counts[key]).double()
         return kept
 
     def macs(self, counts: dict[str, Tensor] | None = None) -> Tensor:
@@ -138,7 +138,7 @@ class Pruner(nn.Module):
         device = next(iter(self.indicators.values())).m.device
         if counts is not None:
             counts = {k: c.to(device) for k, c in counts.items()}
-        total = torch.tensor(self.fixed_macs, device=device)
+        total = torch.tensor(self.fixed_macs, device=device, dtype=torch.float64)  # exact integers up to 2**53
         for adapter in self.adapters:
             total = total + adapter.macs(self._kept_of(adapter, counts))
         return total

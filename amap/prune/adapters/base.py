@@ -195,6 +195,12 @@ class Adapter(ABC):
         return torch.gather(ind.reweight.detach(), 1, keep[kind].to(ind.reweight.device)).flatten()
 
 
+def full_counts(heads: int, width: int, kept: dict[str, Tensor]) -> Tensor:
+    """``(heads,)`` float64 counts at full width, on the device of the other kept counts."""
+    device = next(iter(kept.values())).device if kept else None
+    return torch.full((heads,), float(width), dtype=torch.float64, device=device)
+
+
 def head_rows(keep: Tensor, head_dim: int, offset: int = 0) -> Tensor:
     """Flat row indices of kept channels ``keep`` (H, k) in a head-major layout of ``head_dim`` per head."""
     H = keep.shape[0]

@@ -27,7 +27,7 @@ from ...models import flatten_cswin, flatten_deit, flatten_pvt, flatten_swin
 from ...models.attention import HeadDWC
 from ..groups import ChannelGroup
 from . import register_adapter
-from .base import Adapter, Keep, head_rows, row_norms, slice_linear
+from .base import Adapter, Keep, full_counts, head_rows, row_norms, slice_linear
 
 __all__ = ['FocusedLinearAttentionAdapter', 'FLattenSoftmaxAdapter', 'CSWinBlockAdapter']
 
@@ -196,9 +196,9 @@ class _ProjectionAttentionAdapter(Adapter):
 
     # ------------------------------------------------------------------------------------------------------- MACs
     def _dims(self, kept: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        full_q = torch.full((self.num_heads,), float(self.qk_dim))
-        full_v = torch.full((self.num_heads,), float(self.v_dim))
-        return kept.get('qk', full_q), kept.get('v', full_v)
+        dq = kept['qk'] if 'qk' in kept else full_counts(self.num_heads, self.qk_dim, kept)
+        dv = kept['v'] if 'v' in kept else full_counts(self.num_heads, self.v_dim, kept)
+        return dq, dv
 
     def _projection_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
         o, seg = self.owner, self.segments()
@@ -228,7 +228,7 @@ class _ProjectionAttentionAdapter(Adapter):
         return self._projection_macs(dq, dv) + self._matmul_macs(dq, dv) + self._extra_macs(dq, dv)
 
     def _extra_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
-        return torch.zeros(())
+        return torch.zeros((), dtype=torch.float64, device=dq.device)
 
     def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
         o, seg, H = self.owner, self.segments(), self.num_heads
@@ -393,7 +393,7 @@ class CSWinBlockAdapter(_ProjectionAttentionAdapter):
     def _matmul_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
         L = self.rows['qkv']
         bh = self.module.branch_heads
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float64, device=dq.device)
         for i, attn in enumerate(self.module.attns):
             q, v = dq[i * bh:(i + 1) * bh], dv[i * bh:(i + 1) * bh]
             if self.linear_attention:  # linear attention over all L tokens of the map

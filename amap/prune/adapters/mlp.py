@@ -13,7 +13,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from ..groups import ChannelGroup
-from .base import Adapter, Keep, row_norms, slice_linear
+from .base import Adapter, Keep, full_counts, row_norms, slice_linear
 
 __all__ = ['MlpAdapter']
 
@@ -56,7 +56,7 @@ class MlpAdapter(Adapter):
         return (x * self.scale('mlp'),) + args[1:]
 
     def macs(self, kept: dict[str, Tensor]) -> Tensor:
-        d = kept.get('mlp', torch.tensor([float(self.hidden)])).sum()
+        d = (kept['mlp'] if 'mlp' in kept else full_counts(1, self.hidden, kept)).sum()
         m = self.module
         rows = self.batch_rows * self.tokens
         total = rows * d * (m.fc1.in_features + m.fc2.out_features)

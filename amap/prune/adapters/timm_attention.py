@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..groups import ChannelGroup
 from ..modules import PrunedAttention, PrunedWindowAttention
-from .base import Adapter, Keep, head_rows, row_norms, slice_linear
+from .base import Adapter, Keep, full_counts, head_rows, row_norms, slice_linear
 
 __all__ = ['SoftmaxAttentionAdapter', 'WindowAttentionAdapter']
 
@@ -97,17 +97,12 @@ class SoftmaxAttentionAdapter(Adapter):
         return windows * n * n * (dq.sum() + dv.sum())
 
     def macs(self, kept: dict[str, Tensor]) -> Tensor:
-        full = self.full_kept_dims()
-        dq = kept.get('qk', full['qk'])
-        dv = kept.get('v', full['v'])
+        dq = kept['qk'] if 'qk' in kept else full_counts(self.num_heads, self.qk_dim, kept)
+        dv = kept['v'] if 'v' in kept else full_counts(self.num_heads, self.v_dim, kept)
         rows = self.batch_rows * self.tokens  # tokens per image
         proj = rows * dv.sum() * self.out_dim
         qkv = rows * self.in_dim * (2 * dq.sum() + dv.sum())
         return qkv + proj + self._attention_macs(dq, dv)
-
-    def full_kept_dims(self) -> dict[str, Tensor]:
-        return {'qk': torch.full((self.num_heads,), float(self.qk_dim)),
-                'v': torch.full((self.num_heads,), float(self.v_dim))}
 
     def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
         m = self.module

@@ -369,7 +369,8 @@ def count_macs(
     mode is restored and every hook is removed afterwards, even if the forward raises.
 
     Args:
-        model: Any ``nn.Module`` taking one tensor.
+        model: Any ``nn.Module`` taking one tensor (a ``DataParallel``/``DistributedDataParallel`` wrapper is
+            unwrapped).
         input_size: Per-image input shape, e.g. ``(3, 224, 224)``; an int ``s`` means ``(in_chans, s, s)``. Defaults
             to ``model.pretrained_cfg['input_size']`` (every timm and FLatten zoo model has one).
         batch_size: Images in the counting forward; the report is per image (``batch_size`` only matters for models
@@ -387,6 +388,8 @@ def count_macs(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f'count_macs: batch_size must be a positive int, got {batch_size!r}')
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # count (and name modules as in) the wrapped model
     size = _resolve_input_size(model, input_size)
     model_device, dtype = _model_device_dtype(model)
     run_device = torch.device(device) if device is not None else model_device

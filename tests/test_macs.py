@@ -269,6 +269,8 @@ def test_meta_cpu_and_batch_give_the_same_count() -> None:
     assert next(model.parameters()).device.type == 'cpu'
     assert model.training and _hooks(model) == 0
     assert cpu.params == count_params(model) == sum(p.numel() for p in model.parameters())
+    wrapped = count_macs(nn.DataParallel(model), device='meta')  # wrappers are unwrapped: same names, same count
+    assert wrapped.by_module == cpu.by_module
 
 
 def test_deit_breakdown_is_analytic() -> None:

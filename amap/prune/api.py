@@ -27,7 +27,7 @@ from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
 from .target import apply_counts, fit_to_target, uniform_counts
 
-__all__ = ['PruneConfig', 'PruneResult', 'prune', 'resolve_target']
+__all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'resolve_target']
 
 
 @dataclass
@@ -153,6 +153,20 @@ def resolve_target(target: float, full_macs: float) -> float:
     return float(target)
 
 
+def prepare(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig,
+            calib: list[tuple[torch.Tensor, torch.Tensor]]) -> Pruner:
+    """Install the indicators and, for the amap criterion, initialise them (attention difference) and fold in the
+    similarity weights -- each as the config switches say."""
+    pruner = Pruner(model, input_size, kinds=cfg.kinds, head_balance=cfg.head_balance,
+                    reweight=cfg.reweight and cfg.criterion == 'amap', threshold=cfg.threshold, min_keep=cfg.min_keep)
+    if cfg.criterion == 'amap':
+        if cfg.attn_init:
+            attention_difference_init(pruner, calib[0][0], seed=cfg.seed)
+        if cfg.similarity:
+            calibrate_similarity(pruner, (x for x, _ in calib), beta=cfg.similarity_beta)
+    return pruner
+
+
 def _input_size(model: nn.Module, input_size: tuple[int, int, int] | None, loader: Iterable) -> tuple[int, int, int]:
     if input_size is not None:
         return tuple(input_size)
@@ -214,10 +228,6 @@ def prune(
     if teacher is not None:
         for p in teacher.parameters():
             p.requires_grad_(False)
-    pruner = Pruner(model, size, kinds=cfg.kinds, head_balance=cfg.head_balance,
-                    reweight=cfg.reweight and cfg.criterion == 'amap', threshold=cfg.threshold,
-                    min_keep=cfg.min_keep)
-    target_macs = resolve_target(cfg.target, pruner.full_macs)
     calib = [(x.to(device), y.to(device)) for x, y in itertools.islice(iter(train_loader), cfg.calib_batches)]
     if not calib:
         raise ConfigError('the training loader yielded no batches')
@@ -225,11 +235,9 @@ def prune(
 
     history: list[dict] = []
     t0 = time.perf_counter()
+    pruner = prepare(model, size, cfg, calib)
+    target_macs = resolve_target(cfg.target, pruner.full_macs)
     if cfg.criterion == 'amap':
-        if cfg.attn_init:
-            attention_difference_init(pruner, calib[0][0], seed=cfg.seed)
-        if cfg.similarity:
-            calibrate_similarity(pruner, (x for x, _ in calib), beta=cfg.similarity_beta)
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()
         settings = SearchSettings(

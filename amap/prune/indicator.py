@@ -2,7 +2,7 @@
 
 Section 3 of docs/amap-method.md: the score of a channel is ``s = w * m`` (``w`` the similarity weights of section 4,
 ``m`` the learnable indicator). The forward pass multiplies the channel by a binary mask ``b`` chosen from ``s``;
-gradients reach ``m`` straight through (``b + s - s.detach()``).
+gradients reach ``m`` straight through (``b + (s - s.detach())``).
 
 Head balance: with ``K`` channels of a group scoring above the threshold, every one of the group's ``H`` heads keeps
 its top ``max(1, round(K / H))`` channels, so all heads keep the same number and the pruned tensors still reshape to
@@ -101,7 +101,7 @@ class ChannelIndicator(nn.Module):
         if self.fixed.numel() or not self.m.requires_grad:
             return b
         s = self.scores()
-        return b + s - s.detach()
+        return b + (s - s.detach())  # exactly b in value (b + s - s would round), gradient d/ds = 1
 
     def channel_scale(self) -> Tensor:
         """Mask times reweight: the factor the gate multiplies each channel by, ``(H, d)``."""

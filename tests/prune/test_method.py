@@ -1,0 +1,177 @@
+"""The method's components against hand-computed examples, and every ablation switch doing what it says."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build
+
+from amap.errors import ConfigError
+from amap.prune import PruneConfig, prune
+from amap.prune.api import prepare
+from amap.prune.groups import ChannelGroup
+from amap.prune.indicator import ChannelIndicator
+from amap.prune.init import focus, qk_attention_difference, v_output_difference
+from amap.prune.similarity import GramRecorder, similarity_weights
+
+# ----------------------------------------------------------------------------------------------- similarity weights
+
+
+def test_similarity_weights_hand_computed():
+    # one head, three channels over four tokens: c0 == c1 (fully redundant), c2 orthogonal to both
+    x = torch.tensor([[1., 1., 0.], [0., 0., 1.], [1., 1., 0.], [0., 0., 1.]])
+    rec = GramRecorder({'blk.v': (1, 3)})
+    rec('blk.v', x, 'v')
+    w = similarity_weights(rec, beta=0.3)['blk.v']
+    # |S| = [[1,1,0],[1,1,0],[0,0,1]] -> r = [0.5, 0.5, 0] -> w = 1 - 0.3 * r / 0.5
+    torch.testing.assert_close(w, torch.tensor([[0.7, 0.7, 1.0]]), atol=1e-6, rtol=0)
+
+
+def test_similarity_averages_q_and_k_and_respects_heads():
+    rec = GramRecorder({'blk.qk': (2, 2)})
+    q = torch.tensor([[1., 0., 1., 1.], [0., 1., 2., 2.]])  # head 0: orthogonal channels; head 1: parallel
+    k = torch.tensor([[1., 1., 1., 0.], [1., 1., 0., 1.]])  # head 0: parallel; head 1: orthogonal
+    rec('blk.qk', q, 'q')
+    rec('blk.qk', k, 'k')
+    w = similarity_weights(rec, beta=0.3)['blk.qk']
+    # each head: r = mean of (0, 1) = 0.5 for both channels -> equal redundancy -> w = 1
+    torch.testing.assert_close(w, torch.ones(2, 2), atol=1e-6, rtol=0)
+    rec2 = GramRecorder({'blk.qk': (2, 2)})
+    rec2('blk.qk', q[:, 2:], 'q', 1)  # a branch covering head 1 only lands in head 1
+    assert rec2.grams[('blk.qk', 'q')][0].abs().sum() == 0
+    assert rec2.grams[('blk.qk', 'q')][1].abs().sum() > 0
+
+# -------------------------------------------------------------------------------------- attention-difference init
+
+
+def test_attention_difference_hand_computed():
+    q = torch.tensor([[[1., 2.]]])            # one query, one head of 2 channels
+    k = torch.tensor([[[1., 0.], [0., 1.]]])  # two keys
+    d = qk_attention_difference(q, k, heads=1, p=1.0)  # p = 1: the focusing power is the identity
+    # A = [1, 2] / 3; without c0: [0, 1]; without c1: [1, 0]
+    expected = torch.tensor([[math.sqrt(2 / 5), math.sqrt(8 / 5)]])
+    torch.testing.assert_close(d, expected, atol=1e-6, rtol=0)
+
+
+def test_focus_recomputes_norms_without_the_removed_channel():
+    x = torch.tensor([[3., 4.]])
+    y = focus(x, 3.0)
+    assert y.norm() == pytest.approx(5.0)  # norm-preserving
+    assert (y[0, 1] / y[0, 0]) == pytest.approx((4 / 3) ** 3)
+    torch.testing.assert_close(focus(x * torch.tensor([0., 1.]), 3.0), torch.tensor([[0., 4.]]))
+
+
+def test_v_output_difference_is_the_channel_share():
+    o = torch.tensor([[3., 0., 0., 4.]])  # two heads of two channels
+    torch.testing.assert_close(v_output_difference(o, heads=2), torch.tensor([[0.6, 0.0], [0.0, 0.8]]))
+
+# ------------------------------------------------------------------------------------------ indicator and balance
+
+
+def test_head_balance_keeps_equal_counts():
+    group = ChannelGroup('blk', 'qk', num_heads=2, dim=4)
+    init = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.9, 0.1, 0.1, 0.1]])  # 5 channels above 0.5
+    balanced = ChannelIndicator(group, init=init, head_balance=True)
+    assert balanced.counts().tolist() == [2, 2]  # round(5 / 2) per head
+    assert balanced.hard_mask().tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]] or \
+        balanced.hard_mask().sum(-1).tolist() == [2, 2]
+    free = ChannelIndicator(group, init=init, head_balance=False)
+    assert free.counts().tolist() == [4, 1]
+
+
+def test_straight_through_gradient_reaches_the_indicator():
+    group = ChannelGroup('blk', 'mlp', num_heads=1, dim=3)
+    ind = ChannelIndicator(group, init=torch.tensor([[0.9, 0.2, 0.7]]))
+    ind.weight.copy_(torch.tensor([[1.0, 1.0, 0.5]]))
+    mask = ind.mask()
+    assert mask.tolist() == [[1.0, 0.0, 0.0]]  # s = w * m = [0.9, 0.2, 0.35]
+    (mask * torch.tensor([[1.0, 2.0, 3.0]])).sum().backward()
+    torch.testing.assert_close(ind.m.grad, torch.tensor([[1.0, 2.0, 1.5]]))  # d/dm = upstream * w
+
+# ----------------------------------------------------------------------------------------------- ablation switches
+
+
+def _calib():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+
+
+def _state(pruner):
+    return {k: (ind.m.detach().clone(), ind.weight.clone(), ind.reweight is not None, ind.head_balance)
+            for k, ind in pruner.indicators.items()}
+
+
+@pytest.mark.parametrize('switch', ['similarity', 'attn_init', 'reweight', 'head_balance'])
+def test_each_switch_changes_only_its_component(switch):
+    full = _state(prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(), _calib()))
+    off = _state(prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(**{switch: False}), _calib()))
+    assert full.keys() == off.keys()
+    fields = {'attn_init': 0, 'similarity': 1, 'reweight': 2, 'head_balance': 3}
+    linear_seen = False
+    for key in full:
+        for i, name in enumerate(fields):
+            a, b = full[key][i], off[key][i]
+            same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            if name != switch:
+                assert same, f'{switch}=False changed {name} of {key}'
+        if switch == 'attn_init':
+            if key.endswith(('qk', '__v')):  # linear-attention groups: init spans [0.55, 1]
+                linear_seen = True
+                assert full[key][0].min() == pytest.approx(0.55) and full[key][0].max() == pytest.approx(1.0)
+            assert torch.equal(off[key][0], torch.ones_like(off[key][0]))
+        if switch == 'similarity':
+            assert torch.equal(off[key][1], torch.ones_like(off[key][1]))
+            assert full[key][1].min() >= 0.7 - 1e-6 and full[key][1].min() < 1
+        if switch == 'reweight':
+            assert full[key][2] and not off[key][2]
+        if switch == 'head_balance':
+            assert full[key][3] and not off[key][3]
+    if switch == 'attn_init':
+        assert linear_seen
+
+
+def test_softmax_and_mlp_groups_are_not_attention_initialised():
+    pruner = prepare(build('timm_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
+    assert all(torch.equal(ind.m, torch.ones_like(ind.m)) for ind in pruner.indicators.values())
+
+# --------------------------------------------------------------------------------------------------- prune() API
+
+
+def _loader():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
+
+
+@pytest.mark.parametrize('target', [0.5, 0.7])
+def test_prune_reaches_target_and_is_deterministic(target):
+    kw = dict(search_steps=12, calib_batches=2, log_every=4)
+    a = prune(build('flatten_deit'), _loader(), target, **kw)
+    b = prune(build('flatten_deit'), _loader(), target, **kw)
+    assert target - 0.01 <= a.ratio <= target
+    assert a.structure == b.structure
+    for (na, pa), (nb, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+    assert [h['step'] for h in a.history] == [0, 4, 8, 11]
+    assert a.history[-1]['mac_ratio'] < a.history[0]['mac_ratio']  # the resource loss pushed the structure down
+    assert a.params_after < a.params_before
+
+
+@pytest.mark.parametrize('criterion', ['magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform'])
+def test_baseline_criteria_share_the_constraints(criterion):
+    res = prune(build('flatten_swin'), _loader(), 0.6, criterion=criterion, calib_batches=2)
+    assert res.ratio <= 0.6
+    assert res.ratio >= (0.55 if criterion == 'uniform' else 0.59)  # uniform cannot fine-tune per group
+    for rec in res.structure:
+        assert set(rec['widths']) >= {'mlp'} or set(rec['widths']) >= {'qk', 'v'}
+
+
+def test_bad_targets_are_clear_errors():
+    with pytest.raises(ConfigError, match='target'):
+        prune(build('flatten_deit'), _loader(), 1.0)
+    with pytest.raises(ConfigError, match='target'):
+        prune(build('flatten_deit'), _loader(), -0.2)
+    with pytest.raises(ConfigError, match='smallest structure'):
+        prune(build('flatten_deit'), _loader(), 0.01, criterion='magnitude')
+    with pytest.raises(ConfigError, match='unknown prune option'):
+        prune(build('flatten_deit'), _loader(), 0.5, serch_steps=3)

@@ -18,7 +18,6 @@ the dot products), in the same spirit as timm's ``q_norm``/``k_norm`` slots.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

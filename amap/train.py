@@ -58,7 +58,7 @@ from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
 from .data import DataBundle, DataConfig, build_loaders, seed_rng
-from .errors import CheckpointError, ConfigError, ModelError
+from .errors import AmapError, CheckpointError, ConfigError, ModelError
 from .utils.distributed import (
     DistInfo,
     all_gather_object,
@@ -229,9 +229,9 @@ class TrainState:
 def unknown_model_message(name: str) -> str:
     """``unknown model 'x'; did you mean ...?`` with close names from timm's registry."""
     names = timm.list_models()
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    if not close:  # e.g. a prefix: 'flatten_deit' -> the family
-        close = [n for n in names if n.startswith(name)][:3]
+    close = [n for n in names if n.startswith(name)][:3]  # a prefix: 'vit_tiny' -> 'vit_tiny_patch16_224', ...
+    close += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in close]
+    close = close[:4]
     hint = f'did you mean {", ".join(close)}?' if close else "list the names with timm.list_models('*pattern*')"
     return f'unknown model {name!r}; {hint}'
 
@@ -545,8 +545,8 @@ def train_one_epoch(
                 with _autocast(device, amp):
                     loss, logits = compute_loss(model, images, targets)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f'non-finite loss {loss.item()} at step {state.step}; lower the '
-                                             f'learning rate or turn AMP off')
+                    raise AmapError(f'non-finite loss {loss.item()} at step {state.step}; lower the learning rate '
+                                    f'(--lr), clip gradients (--clip-grad) or turn AMP off (--amp off)')
                 scaled = loss / accum_steps
                 if state.scaler is not None and state.scaler.is_enabled():
                     state.scaler.scale(scaled).backward()
@@ -896,6 +896,33 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, info: DistInfo) -> Path | None
     return resume_from
 
 
+_RESUME_FREE = frozenset({
+    'out_dir', 'resume', 'overwrite', 'max_steps', 'progress', 'log_every', 'device', 'eval_every', 'checkpoint_every',
+    'keep_checkpoints', 'data.num_workers', 'data.eval_batch_size', 'data.val_subset',
+})
+"""Settings that may change when resuming; every other one shapes the trajectory and must stay the same."""
+
+
+def _flatten(doc: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, Mapping) and k != 'model_kwargs':
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def _check_resume_config(saved: Mapping[str, Any], now: Mapping[str, Any], folder: Path) -> None:
+    """Refuse to resume with settings that would change the run (batch size, schedule, data, model, ...)."""
+    old, new = _flatten(saved), _flatten(now)
+    for key in sorted(set(old) | set(new)):
+        if key in _RESUME_FREE or old.get(key) == new.get(key):
+            continue
+        raise ConfigError(f'--resume: the run in {folder.parent.parent} was started with {key}={old.get(key)!r}, '
+                          f'not {new.get(key)!r}; resume with the same settings or start a new run')
+
+
 def _model_meta(cfg: TrainConfig, data: DataBundle, create_kwargs: Mapping[str, Any], state: TrainState,
                 metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
@@ -963,11 +990,7 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
 
     if resume_from is not None:
         doc = load_train_state(resume_from, state, info=info)
-        saved = doc.get('config') or {}
-        for key in ('model', 'model_kwargs', 'seed'):
-            if key in saved and saved[key] != config_doc[key]:
-                raise ConfigError(f'--resume: the checkpoint in {resume_from} was trained with {key}={saved[key]!r}, '
-                                  f'not {config_doc[key]!r}; use the same value or start a new run')
+        _check_resume_config(doc.get('config') or {}, config_doc, resume_from)
     resumed_from = state.step if resume_from is not None else None
 
     log = JsonlWriter(out / LOG_FILE, enabled=info.is_main)
@@ -1010,12 +1033,13 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
                            desc=f'eval {state.epoch}')
         if not (state.best_top1 >= metrics['top1']):  # also replaces NaN
             state.best_top1 = metrics['top1']
-        record = {'event': 'eval', 'step': state.step, 'epoch': state.epoch, **metrics}
+        epoch = state.epoch + state.batch_in_epoch / data.steps_per_epoch
+        record = {'event': 'eval', 'step': state.step, 'epoch': epoch, **metrics}
         state.history.append(record)
         log.write({**record, 'time': time.time()})
         if info.is_main:
-            _logger.info('epoch %d step %d: val top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d images, %.0f img/s)',
-                         state.epoch, state.step, metrics['top1'], metrics['top5'], metrics['loss'],
+            _logger.info('epoch %g step %d: val top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d images, %.0f img/s)',
+                         round(epoch, 2), state.step, metrics['top1'], metrics['top5'], metrics['loss'],
                          metrics['images'], metrics['images_per_s'])
         return metrics
 

@@ -28,6 +28,12 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not supported on every platform / file system
         fd = os.open(path, os.O_RDONLY)
@@ -52,6 +58,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         if fsync:
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
@@ -73,6 +80,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for child in tmp.iterdir():

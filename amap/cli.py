@@ -1,0 +1,360 @@
+"""The ``amap`` command (also ``python -m amap``): thin argument parsing on top of the public API.
+
+Sub-commands::
+
+    amap train --model NAME --data DIR|digits --epochs N --out DIR [--resume] ...
+    amap eval  --checkpoint FILE|RUN_DIR [--model NAME] --data DIR|digits [--json]
+    amap macs  MODEL [--img-size N]
+    amap demo  [--out runs/demo]
+
+Every error the user can cause (:class:`amap.errors.AmapError`) prints one line ``amap: error: <message>`` to stderr
+and exits with status 2. Under ``torchrun`` only rank 0 prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import AmapError, ConfigError
+
+__all__ = ['main', 'build_parser']
+
+_logger = logging.getLogger('amap')
+
+DEMO_MODEL = 'flatten_deit_nano'
+DEMO_EPOCHS = 15
+
+
+# ---------------------------------------------------------------------------------------------------------- arguments
+_EXAMPLE = '\'{"drop_path_rate": 0.1}\''
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e.msg}): {text!r}; e.g. {_EXAMPLE}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'must be a JSON object such as {_EXAMPLE}, got {text!r}')
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, training: bool) -> None:
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default='digits',
+                   help="ImageNet-layout folder (train/<class>/*, val/<class>/* or test/) or 'digits' (embedded "
+                        "default; default: %(default)s)")
+    g.add_argument('--img-size', type=_positive_int, default=None,
+                   help='input side in pixels (default: 32 for training; the checkpoint\'s for eval)')
+    g.add_argument('--batch-size', '-b', type=_positive_int, default=128 if training else None,
+                   help='batch size per process' + (' (default: %(default)s)' if training else ''))
+    g.add_argument('--workers', '-j', type=int, default=2, help='data loader processes (default: %(default)s)')
+    g.add_argument('--interpolation', default=None, help='resize interpolation (default: bicubic)')
+    if training:
+        g.add_argument('--eval-batch-size', type=_positive_int, default=None, help='default: 2 x --batch-size')
+        g.add_argument('--augment', default='basic', choices=('none', 'basic', 'strong'),
+                       help='training augmentation (default: %(default)s)')
+        g.add_argument('--randaugment', default=None, metavar='SPEC', help="timm RandAugment, e.g. 'rand-m9-mstd0.5'")
+        g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (default: off)')
+        g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (default: off)')
+        g.add_argument('--train-subset', type=_positive_int, default=None, help='train on a class-balanced subset')
+        g.add_argument('--val-subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
+    else:
+        g.add_argument('--split', default='val', choices=('val', 'test', 'train'),
+                       help="split to evaluate ('val' falls back to test/; default: %(default)s)")
+        g.add_argument('--subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
+    p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
+                   help='float16 mixed precision (auto: on for CUDA only)')
+    p.add_argument('--quiet', '-q', action='store_true', help='only warnings and the result')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``amap`` command."""
+    parser = argparse.ArgumentParser(prog='amap', description='AMAP: automatic multi-head attention pruning for '
+                                     'vision transformers (FLatten Transformer, timm ViT/DeiT/Swin).')
+    from . import __version__
+    parser.add_argument('--version', action='version', version=f'amap {__version__}')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+
+    # train
+    p = sub.add_parser('train', help='train a model (timm registry, FLatten zoo included)',
+                       description='Train a model; writes OUT/model.safetensors + model.json, checkpoints and '
+                                   'log.jsonl. Under torchrun it trains with DDP.')
+    p.add_argument('--model', '-m', default=DEMO_MODEL, help='timm model name (default: %(default)s)')
+    p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON',
+                   help='extra model arguments as a JSON object, e.g. \'{"drop_path_rate": 0.1}\'')
+    _add_data_args(p, training=True)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=_positive_int, default=10, help='default: %(default)s')
+    g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (default: %(default)s)')
+    g.add_argument('--weight-decay', '--wd', type=float, default=0.05, help='default: %(default)s')
+    g.add_argument('--warmup-epochs', type=float, default=1.0, help='default: %(default)s')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='default: %(default)s')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='default: %(default)s')
+    g.add_argument('--opt', default='adamw', help='timm optimizer name (default: %(default)s)')
+    g.add_argument('--sched', default='cosine', help='timm scheduler name, stepped per update (default: %(default)s)')
+    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm (default: off)')
+    g.add_argument('--label-smoothing', '--smoothing', type=float, default=0.0, help='default: %(default)s')
+    g.add_argument('--accum-steps', type=_positive_int, default=1, help='batches per optimizer update')
+    g.add_argument('--seed', type=int, default=0, help='default: %(default)s')
+    g.add_argument('--max-steps', type=_positive_int, default=None, help='stop after this many updates')
+    g = p.add_argument_group('output')
+    g.add_argument('--out', '-o', default='runs/train', help='output folder (default: %(default)s)')
+    g.add_argument('--resume', nargs='?', const=True, default=False, metavar='DIR',
+                   help='continue the run in --out (or in DIR) from its latest checkpoint')
+    g.add_argument('--overwrite', action='store_true', help='start afresh in an --out that holds a run')
+    g.add_argument('--checkpoint-every', type=int, default=0, metavar='STEPS',
+                   help='also checkpoint every STEPS updates (default: at the end of each epoch only)')
+    g.add_argument('--eval-every', type=int, default=1, metavar='EPOCHS', help='default: %(default)s')
+    g.add_argument('--log-every', type=int, default=20, metavar='STEPS', help='default: %(default)s')
+    g.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    # eval
+    p = sub.add_parser('eval', help='evaluate a checkpoint (ours, official FLatten, or timm)',
+                       description='Evaluate a checkpoint: a run folder or model.safetensors written by amap train '
+                                   '(--model optional), or an official FLatten / timm checkpoint (--model required).')
+    p.add_argument('--checkpoint', '-c', required=True, metavar='FILE', help='checkpoint file or amap run folder')
+    p.add_argument('--model', '-m', default=None, help='timm model name (needed for foreign checkpoints)')
+    p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON', help='extra model arguments')
+    _add_data_args(p, training=False)
+    p.add_argument('--json', action='store_true', help='print the metrics as JSON')
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    # macs
+    p = sub.add_parser('macs', help='count multiply-accumulates (per-module table)',
+                       description='Count the MACs of one image through MODEL (a timm name or an amap run folder).')
+    p.add_argument('model', metavar='MODEL', help='timm model name or amap run folder / model.safetensors')
+    p.add_argument('--img-size', type=_positive_int, default=None, help="input side (default: the model's)")
+    p.add_argument('--num-classes', type=_positive_int, default=None, help="classifier outputs (default: model's)")
+    p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON', help='extra model arguments')
+    p.add_argument('--depth', type=_positive_int, default=2, help='module-name depth of the table (default: 2)')
+    p.add_argument('--json', action='store_true', help='print the report as JSON')
+    p.set_defaults(func=_cmd_macs)
+
+    # demo
+    p = sub.add_parser('demo', help='train and evaluate a small FLatten model on the embedded digits data',
+                       description='Train a small FLatten Transformer on the embedded digits data (no download), '
+                                   'evaluate it and print a results table.')
+    p.add_argument('--out', '-o', default='runs/demo', help='output folder (default: %(default)s)')
+    p.add_argument('--model', '-m', default=DEMO_MODEL, help='default: %(default)s')
+    p.add_argument('--epochs', type=_positive_int, default=DEMO_EPOCHS, help='default: %(default)s')
+    p.add_argument('--seed', type=int, default=0, help='default: %(default)s')
+    p.add_argument('--workers', '-j', type=int, default=2, help='data loader processes (default: %(default)s)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------- commands
+def _rank() -> int:
+    return int(os.environ.get('RANK', '0'))
+
+
+def _print(text: str) -> None:
+    if _rank() == 0:
+        print(text, flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import DataConfig
+    from .train import TrainConfig, train
+    data = DataConfig(
+        data=args.data, img_size=args.img_size or 32, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, num_workers=args.workers, augment=args.augment,
+        randaugment=args.randaugment, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.label_smoothing,
+        train_subset=args.train_subset, val_subset=args.val_subset, interpolation=args.interpolation or 'bicubic')
+    cfg = TrainConfig(
+        model=args.model, model_kwargs=args.model_kwargs, data=data, epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr, opt=args.opt, sched=args.sched, clip_grad=args.clip_grad,
+        label_smoothing=args.label_smoothing, amp=args.amp, seed=args.seed, out_dir=args.out, resume=args.resume,
+        overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        device=args.device, log_every=args.log_every, max_steps=args.max_steps, accum_steps=args.accum_steps,
+        progress=not args.no_progress)
+    result = train(cfg)
+    m = result.metrics
+    _print(f'{cfg.model}: top-1 {m["top1"]:.2f}%  top-5 {m["top5"]:.2f}%  loss {m["loss"]:.4f}  '
+           f'({result.steps} steps, {result.epochs:.2f} epochs, {result.seconds:.1f} s) -> {result.model_path}')
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str, Any], int | None]:
+    """The model to evaluate, the data settings its checkpoint asks for, and its number of classes (None: any)."""
+    from .train import load_trained, read_trained_meta, unknown_model_message
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise ConfigError(f'--checkpoint {ckpt}: no such file or folder')
+    meta = read_trained_meta(ckpt) if (ckpt.is_dir() or ckpt.suffix == '.safetensors') else None
+    if meta is not None:
+        if args.model and args.model != meta.get('model'):
+            raise ConfigError(f'--model {args.model} does not match the checkpoint, which holds {meta.get("model")}; '
+                              f'drop --model or pass the right checkpoint')
+        model = load_trained(ckpt, device=device)
+        settings = {k: meta[k] for k in ('img_size', 'mean', 'std', 'interpolation') if meta.get(k) is not None}
+        return model, settings, int(meta['num_classes'])
+    if ckpt.is_dir():
+        raise ConfigError(f'--checkpoint {ckpt}: folder without an amap {"model.safetensors"}; pass a checkpoint file')
+    if not args.model:
+        raise ConfigError(f'--checkpoint {ckpt} is not an amap run: pass --model NAME to build its architecture')
+    import timm
+    if not timm.is_model(args.model):
+        from .errors import ModelError
+        raise ModelError(unknown_model_message(args.model))
+    return None, {}, None  # built once the data's number of classes is known (see _cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import build_eval_loader
+    from .train import create_model, evaluate
+    from .utils.distributed import cleanup_distributed, init_distributed
+    info = init_distributed(args.device)
+    try:
+        model, settings, num_classes = _load_for_eval(args, info.device)
+        img_size = args.img_size or settings.get('img_size')
+        if model is None and img_size is None:
+            import timm
+            cfg = timm.models.get_pretrained_cfg(args.model)
+            img_size = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+        if settings.get('img_size') and args.img_size and args.img_size != settings['img_size']:
+            _logger.warning('evaluating at --img-size %d; the model was trained at %d', args.img_size,
+                            settings['img_size'])
+        loader, data_classes = build_eval_loader(
+            args.data, img_size=img_size, batch_size=args.batch_size or 256, num_workers=args.workers,
+            split=args.split, distributed=info.distributed, subset=args.subset,
+            interpolation=args.interpolation or settings.get('interpolation', 'bicubic'),
+            mean=settings.get('mean'), std=settings.get('std'))
+        if model is None:
+            model, _ = create_model(args.model, num_classes=data_classes, img_size=img_size,
+                                    model_kwargs=args.model_kwargs)
+            load_checkpoint(model, args.checkpoint)
+            model.to(info.device).eval()
+        elif num_classes is not None and num_classes != data_classes:
+            raise ConfigError(f'{args.checkpoint} predicts {num_classes} classes but {args.data} has {data_classes}; '
+                              f'evaluate on the data the model was trained for')
+        metrics = evaluate(model, loader, device=info.device, amp=args.amp, progress=not args.quiet)
+    finally:
+        cleanup_distributed(info)
+    if args.json:
+        _print(json.dumps({'checkpoint': str(args.checkpoint), 'data': str(args.data), **metrics}))
+    else:
+        _print(f'top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%  loss {metrics["loss"]:.4f}  '
+               f'images {metrics["images"]}  {metrics["images_per_s"]:.0f} img/s')
+    return 0
+
+
+def _cmd_macs(args: argparse.Namespace) -> int:
+    import timm
+
+    from .macs import count_macs
+    from .train import create_model, load_trained, unknown_model_message
+    path = Path(args.model)
+    if path.exists() and (path.is_dir() or path.suffix == '.safetensors'):
+        model = load_trained(path)
+        size = args.img_size or model.amap_meta.get('img_size')
+    else:
+        if not timm.is_model(args.model):
+            from .errors import ModelError
+            raise ModelError(unknown_model_message(args.model))
+        kwargs = dict(args.model_kwargs)
+        if args.num_classes is not None:
+            kwargs.setdefault('num_classes', args.num_classes)
+        cfg = timm.models.get_pretrained_cfg(args.model)
+        classes = kwargs.pop('num_classes', None) or (cfg.num_classes if cfg is not None else None) or 1000
+        model, _ = create_model(args.model, num_classes=classes, img_size=args.img_size, model_kwargs=kwargs)
+        size = args.img_size
+    report = count_macs(model, input_size=size)
+    print(report.to_json() if args.json else report.format_table(max_depth=args.depth))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .data import DataConfig
+    from .macs import count_macs, count_params
+    from .train import TrainConfig, evaluate, train
+    out = Path(args.out)
+    cfg = TrainConfig(
+        model=args.model, data=DataConfig(data='digits', img_size=32, batch_size=64, num_workers=args.workers),
+        epochs=args.epochs, lr=2e-3, weight_decay=0.05, warmup_epochs=1.0, seed=args.seed, out_dir=str(out),
+        overwrite=True, eval_every=5, device=args.device, amp=args.amp, log_every=50,
+        progress=not args.no_progress)
+    _print(f'amap demo: training {cfg.model} on the embedded digits data ({cfg.epochs} epochs) -> {out}')
+    result = train(cfg)
+    if _rank() != 0:
+        return 0
+    from .data import build_eval_loader
+    loader, _ = build_eval_loader('digits', img_size=32, batch_size=256, num_workers=0)
+    metrics = evaluate(result.model, loader, amp=args.amp)  # an independent re-evaluation of the saved model
+    report = count_macs(result.model, input_size=32)
+    rows = [
+        ('model', cfg.model),
+        ('parameters', f'{count_params(result.model) / 1e6:.3f} M'),
+        ('MACs / image', f'{report.total / 1e6:.2f} M'),
+        ('top-1 (digits val)', f'{metrics["top1"]:.2f}%'),
+        ('top-5 (digits val)', f'{metrics["top5"]:.2f}%'),
+        ('training', f'{result.steps} steps, {result.seconds:.0f} s'),
+        ('inference', f'{metrics["images_per_s"]:.0f} images/s'),
+        ('saved to', str(result.model_path)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print('\n' + '\n'.join(f'  {k:<{width}}  {v}' for k, v in rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet or _rank() != 0 else logging.INFO
+    root = logging.getLogger('amap')
+    if not any(getattr(h, '_amap_cli', False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter('%(message)s'))
+        handler._amap_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``amap`` command; returns the exit status (2 for user errors, printed as one line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, 'quiet', False))
+    start = time.perf_counter()
+    try:
+        return int(args.func(args) or 0)
+    except AmapError as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f'amap: error: {message}', file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f'amap: interrupted after {time.perf_counter() - start:.0f} s', file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

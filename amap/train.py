@@ -41,6 +41,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -957,7 +958,11 @@ def train(
     _validate(cfg)
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, on_update)
+        with warnings.catch_warnings():
+            # DDP compares gradient strides strictly; a depthwise conv's [C, 1, k, k] weight gets a gradient whose
+            # stride differs only along the size-1 dimension (same memory layout), which is harmless.
+            warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+            return _train(cfg, info, on_update)
     finally:
         cleanup_distributed(info)
 
@@ -1053,6 +1058,7 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
     compute_loss = default_loss_fn(build_criterion(mixup=data.mixup_fn is not None, label_smoothing=smoothing))
     try:
         while state.epoch < cfg.epochs and (max_steps is None or state.step < max_steps):
+            metrics = None
             skip = state.batch_in_epoch
             data.train_sampler.set_epoch(state.epoch, skip=skip * data.train_loader.batch_size)
             finished = train_one_epoch(
@@ -1067,7 +1073,6 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
                 break
             state.epoch += 1
             state.batch_in_epoch = 0
-            metrics = None
             if (cfg.eval_every and state.epoch % cfg.eval_every == 0) or state.epoch == cfg.epochs:
                 metrics = run_eval()
             write_model(metrics if metrics is not None else (state.history[-1] if state.history else None))

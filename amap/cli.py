@@ -29,7 +29,7 @@ __all__ = ['main', 'build_parser']
 _logger = logging.getLogger('amap')
 
 DEMO_MODEL = 'flatten_deit_nano'
-DEMO_EPOCHS = 15
+DEMO_EPOCHS = 25
 
 
 # ---------------------------------------------------------------------------------------------------------- arguments

@@ -210,16 +210,17 @@ def test_evaluate_reduces_exact_counts():
 
 
 def test_few_hundred_steps_on_cifar10_beat_chance(tmp_path, cifar10):
-    """192 updates of flatten_deit_nano (0.16 M params) on 4096 CIFAR-10 training images.
+    """256 updates (4 epochs x 64 batches of 64) of flatten_deit_nano (0.16 M params) on 4096 CIFAR-10 images.
 
-    Measured: 32.1% top-1 on 1000 test images (chance 10%), ~55 s on one busy core; the threshold leaves margin.
+    Measured: 33.5% top-1 on 1000 test images (chance: 10%) in ~50 s on one core (3 epochs/192 updates: 32.1%,
+    300 updates: 33.3%); the 25% threshold leaves a wide margin for thread-count and platform differences.
     """
     data = DataConfig(data=str(cifar10), batch_size=64, train_subset=4096, val_subset=1000, num_workers=0)
     start = time.perf_counter()
-    result = train(TrainConfig(model='flatten_deit_nano', data=data, epochs=3, lr=3e-3, warmup_epochs=0.5,
+    result = train(TrainConfig(model='flatten_deit_nano', data=data, epochs=4, lr=3e-3, warmup_epochs=0.5,
                                eval_every=0, out_dir=str(tmp_path), log_every=50, progress=False))
     seconds = time.perf_counter() - start
-    assert result.steps == 192
+    assert result.steps == 256
     assert result.metrics['images'] == 1000
     assert result.metrics['top1'] >= 25.0, f"top-1 {result.metrics['top1']:.1f}% after {result.steps} steps"
     print(f"cifar10 subset: top-1 {result.metrics['top1']:.2f}% after {result.steps} steps in {seconds:.0f} s")

@@ -3,7 +3,7 @@
 Sub-commands::
 
     amap train --model NAME --data DIR|digits --epochs N --out DIR [--resume] ...
-    amap eval  --checkpoint FILE|RUN_DIR [--model NAME] --data DIR|digits [--json]
+    amap eval  [--checkpoint] FILE|RUN_DIR [--model NAME] --data DIR|digits [--json]
     amap macs  MODEL [--img-size N]
     amap demo  [--out runs/demo]
 
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('eval', help='evaluate a checkpoint (ours, official FLatten, or timm)',
                        description='Evaluate a checkpoint: a run folder or model.safetensors written by amap train '
                                    '(--model optional), or an official FLatten / timm checkpoint (--model required).')
-    p.add_argument('--checkpoint', '-c', required=True, metavar='FILE', help='checkpoint file or amap run folder')
+    p.add_argument('path', nargs='?', default=None, metavar='CHECKPOINT', help='same as --checkpoint')
+    p.add_argument('--checkpoint', '-c', default=None, metavar='FILE', help='checkpoint file or amap run folder')
     p.add_argument('--model', '-m', default=None, help='timm model name (needed for foreign checkpoints)')
     p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON', help='extra model arguments')
     _add_data_args(p, training=False)
@@ -233,6 +234,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import build_eval_loader
     from .train import create_model, evaluate
     from .utils.distributed import cleanup_distributed, init_distributed
+    if args.path and args.checkpoint and args.path != args.checkpoint:
+        raise ConfigError(f'two checkpoints given ({args.path} and --checkpoint {args.checkpoint}); pass one')
+    args.checkpoint = args.checkpoint or args.path
+    if not args.checkpoint:
+        raise ConfigError('no checkpoint given; pass --checkpoint FILE (a run folder, model.safetensors, or an '
+                          'official/timm checkpoint with --model NAME)')
     info = init_distributed(args.device)
     try:
         model, settings, num_classes = _load_for_eval(args, info.device)

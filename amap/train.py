@@ -646,34 +646,62 @@ def save_train_state(
     info = info or DistInfo()
     rngs = all_gather_object(_rng_states())
     folder = None
-    if info.is_main:
-        ckpt_dir = Path(ckpt_dir)
-        name = f'step_{state.step:09d}'
-        save_id = uuid.uuid4().hex
-        model_sd = state.module.state_dict()
-        tensors = {f'model.{k}': v for k, v in model_sd.items()}
-        opt_tensors, opt_meta = _optimizer_to_files(state.optimizer)
-        tensors.update(opt_tensors)
-        doc = {
-            'format': _STATE_FORMAT, 'id': save_id, 'step': state.step, 'epoch': state.epoch,
-            'batch_in_epoch': state.batch_in_epoch, 'best_top1': state.best_top1, 'history': state.history,
-            'optimizer': opt_meta,
-            'scheduler': state.scheduler.state_dict() if state.scheduler is not None else None,
-            'scaler': state.scaler.state_dict() if state.scaler is not None else None,
-            'rng': rngs, 'world_size': info.world_size, 'time': time.time(), **(extra or {}),
-        }
-        with atomic_dir(ckpt_dir / name) as tmp:
-            atomic_write_safetensors(tmp / _STATE_TENSORS, tensors,
-                                     metadata={'format': _STATE_FORMAT, 'id': save_id, 'step': str(state.step)})
-            atomic_write_json(tmp / _STATE_JSON, doc)
-        atomic_write_json(ckpt_dir / _LATEST, {'step': state.step, 'dir': name, 'id': save_id,
-                                               'epoch': state.epoch, 'batch_in_epoch': state.batch_in_epoch})
-        folder = ckpt_dir / name
-        old = sorted(p for p in ckpt_dir.glob('step_*') if p.is_dir() and p.name != name)
-        for p in old[:max(len(old) - (keep - 1), 0)]:
-            shutil.rmtree(p, ignore_errors=True)
-    barrier()
+    with _rank0_writes(f'checkpoint {ckpt_dir}'):
+        if info.is_main:
+            folder = _write_train_state(Path(ckpt_dir), state, rngs=rngs, extra=extra, keep=keep, info=info)
     return folder
+
+
+@contextlib.contextmanager
+def _rank0_writes(what: str) -> Any:
+    """Run a block that only rank 0 executes (writing files); every rank learns whether it failed, so an error on
+    rank 0 (disk full, permissions) raises on all ranks instead of leaving the others waiting in a collective."""
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  re-raised below on every rank
+        if not _distributed_active():
+            raise
+        failure = e
+    errors = all_gather_object(None if failure is None else f'{type(failure).__name__}: {failure}')
+    if failure is not None:
+        raise failure
+    first = next((x for x in errors if x is not None), None)
+    if first is not None:
+        raise CheckpointError(f'writing the {what} failed on another rank ({first})')
+
+
+def _distributed_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _write_train_state(ckpt_dir: Path, state: TrainState, *, rngs: list[Any], extra: Mapping[str, Any] | None,
+                       keep: int, info: DistInfo) -> Path:
+    name = f'step_{state.step:09d}'
+    save_id = uuid.uuid4().hex
+    model_sd = state.module.state_dict()
+    tensors = {f'model.{k}': v for k, v in model_sd.items()}
+    opt_tensors, opt_meta = _optimizer_to_files(state.optimizer)
+    tensors.update(opt_tensors)
+    doc = {
+        'format': _STATE_FORMAT, 'id': save_id, 'step': state.step, 'epoch': state.epoch,
+        'batch_in_epoch': state.batch_in_epoch, 'best_top1': state.best_top1, 'history': state.history,
+        'optimizer': opt_meta,
+        'scheduler': state.scheduler.state_dict() if state.scheduler is not None else None,
+        'scaler': state.scaler.state_dict() if state.scaler is not None else None,
+        'rng': rngs, 'world_size': info.world_size, 'time': time.time(), **(extra or {}),
+    }
+    with atomic_dir(ckpt_dir / name) as tmp:
+        atomic_write_safetensors(tmp / _STATE_TENSORS, tensors,
+                                 metadata={'format': _STATE_FORMAT, 'id': save_id, 'step': str(state.step)})
+        atomic_write_json(tmp / _STATE_JSON, doc)
+    atomic_write_json(ckpt_dir / _LATEST, {'step': state.step, 'dir': name, 'id': save_id,
+                                           'epoch': state.epoch, 'batch_in_epoch': state.batch_in_epoch})
+    old = sorted(p for p in ckpt_dir.glob('step_*') if p.is_dir() and p.name != name)
+    for p in old[:max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return ckpt_dir / name
 
 
 def _read_state_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -1049,9 +1077,9 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
         return metrics
 
     def write_model(metrics: Mapping[str, Any] | None) -> None:
-        if info.is_main:
-            save_trained(out / MODEL_FILE, state.module, _model_meta(cfg, data, create_kwargs, state, metrics))
-        barrier()
+        with _rank0_writes(f'model {out / MODEL_FILE}'):
+            if info.is_main:
+                save_trained(out / MODEL_FILE, state.module, _model_meta(cfg, data, create_kwargs, state, metrics))
 
     metrics: dict[str, float] | None = None
     max_steps = cfg.max_steps

@@ -32,8 +32,8 @@ def test_train_then_eval_our_checkpoint(tmp_path, capsys):
     assert meta['model'] == 'flatten_deit_nano' and meta['step'] == 4
 
     # a run folder or its model.safetensors; --model is optional for our checkpoints
-    for ckpt in (out, out / 'model.safetensors'):
-        assert main(['eval', '--checkpoint', str(ckpt), '--subset', '64', '--workers', '0', '--json', '-q']) == 0
+    for ckpt in (['--checkpoint', str(out)], [str(out / 'model.safetensors')]):
+        assert main(['eval', *ckpt, '--subset', '64', '--workers', '0', '--json', '-q']) == 0
         metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert metrics['images'] == 64
         assert metrics['top1'] == pytest.approx(meta['metrics']['top1'])
@@ -78,6 +78,7 @@ def test_macs(capsys):
                                                                'flatten_deit_nano'),
     (['macs', 'vit_tiny'], 'did you mean vit_tiny_patch16_224'),
     (['eval', '--checkpoint', 'MISSING'], 'no such file'),
+    (['eval', '--data', 'digits'], 'no checkpoint given'),
     (['train', '--model-kwargs', '{"depth": "x"}', '--max-steps', '1', '--out', 'OUT', '--workers', '0'],
      "model 'flatten_deit_nano'"),
 ])

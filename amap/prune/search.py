@@ -11,7 +11,7 @@ Indicators have their own optimiser (Adam, ``indicator_lr``) and are clamped to 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .pruner import Pruner
 
-__all__ = ['SearchSettings', 'search', 'distillation_loss', 'task_loss']
+__all__ = ['SearchSettings', 'Search', 'search', 'distillation_loss', 'task_loss', 'kept_by_kind']
 
 
 @dataclass
@@ -65,14 +65,186 @@ def kept_by_kind(pruner: Pruner) -> dict[str, int]:
     return out
 
 
-def _cycle(loader: Iterable) -> Iterable:
-    epoch = 0
+def _epoch_batches(loader: Iterable, start_step: int, steps_per_epoch: int) -> Iterator:
+    """Batches from global step ``start_step`` on, epoch after epoch (``sampler.set_epoch(e)`` each epoch).
+
+    With :mod:`amap.data` loaders a resumed run skips the consumed samples without loading them
+    (``set_epoch(e, skip=...)``) and gets the very batches an uninterrupted run would have; other loaders are
+    replayed and the consumed batches dropped.
+    """
+    epoch, within = divmod(start_step, steps_per_epoch)
     while True:
         sampler = getattr(loader, 'sampler', None)
+        skipped = 0
         if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+            try:
+                sampler.set_epoch(epoch, skip=within * loader.batch_size)
+                skipped = within
+            except TypeError:
+                sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i + skipped >= steps_per_epoch:
+                break
+            if i + skipped >= within:
+                yield batch
+        epoch, within = epoch + 1, 0
+
+
+class Search:
+    """The search loop as an object whose state can be saved and restored between any two steps.
+
+    Args:
+        pruner: The pruner (gates installed, indicators initialised).
+        target_macs: MACs per image to reach.
+        settings: Loop hyper-parameters.
+        teacher: Frozen original model for distillation (None: no distillation).
+        device: Device of the model.
+        mixup_fn: Optional timm Mixup applied to each batch.
+        grad_sync: Called after every backward (e.g. an all-reduce of the gradients of the weights, indicators
+            and reweights under DDP, so that every rank keeps identical indicators and masks).
+    """
+
+    def __init__(
+            self,
+            pruner: Pruner,
+            target_macs: float,
+            settings: SearchSettings,
+            *,
+            teacher: nn.Module | None = None,
+            device: torch.device | str = 'cpu',
+            mixup_fn: Callable | None = None,
+            grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+    ) -> None:
+        self.pruner, self.target_macs, self.settings = pruner, target_macs, settings
+        self.teacher, self.device, self.mixup_fn, self.grad_sync = teacher, torch.device(device), mixup_fn, grad_sync
+        s = settings
+        model = pruner.model[0]
+        self.ind_params = pruner.indicator_parameters()
+        self.rw_params = pruner.reweight_parameters()
+        self.weights = [p for p in model.parameters() if p.requires_grad] if s.train_weights else []
+        groups = []
+        if self.weights:
+            groups.append({'params': self.weights, 'lr': s.lr, 'weight_decay': s.weight_decay})
+        if self.rw_params:
+            groups.append({'params': self.rw_params, 'lr': s.reweight_lr, 'weight_decay': 0.0})
+        self.opt = torch.optim.AdamW(groups) if groups else None
+        self.opt_ind = torch.optim.Adam(self.ind_params, lr=s.indicator_lr)
+        self.kd_alpha = s.kd_alpha if teacher is not None else 0.0
+        self.step = 0
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.settings.steps
+
+    def lam(self, step: int) -> float:
+        """Resource-loss weight at ``step`` (linear ramp over the first ``lambda_warmup`` of the steps)."""
+        s = self.settings
+        return s.resource_lambda * min(1.0, (step + 1) / max(1, math.ceil(s.lambda_warmup * s.steps)))
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict | None:
+        """One search step on a batch; returns the history record when one is logged at this step."""
+        s, pruner, model = self.settings, self.pruner, self.pruner.model[0]
+        model.train()
+        if self.teacher is not None:
+            self.teacher.eval()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)
+        logits = model(x)
+        task = task_loss(logits, y)
+        loss = task
+        kd = torch.zeros((), device=logits.device)
+        if self.kd_alpha > 0:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            kd = distillation_loss(logits, t_logits, s.kd_temperature)
+            loss = (1 - self.kd_alpha) * task + self.kd_alpha * kd
+        step = self.step
+        lam = self.lam(step)
+        res = lam * (pruner.macs() / self.target_macs - 1) ** 2
+        loss = loss + res.to(loss.device, loss.dtype)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f'non-finite loss at search step {step}: lower the learning rate '
+                                     '(--lr / --indicator-lr) or disable AMP')
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        self.opt_ind.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self.weights + self.rw_params + self.ind_params)
+        if s.clip_grad and self.weights:
+            torch.nn.utils.clip_grad_norm_(self.weights, s.clip_grad)
+        if self.opt is not None:
+            self.opt.step()
+        self.opt_ind.step()
+        with torch.no_grad():
+            for p in self.ind_params:
+                p.clamp_(0.0, 1.0)
+            for p in self.rw_params:
+                p.clamp_(min=1e-2)
+        self.step += 1
+        if step % s.log_every == 0 or step == s.steps - 1:
+            with torch.no_grad():
+                hard = pruner.hard_macs()
+            rec = {'step': step, 'loss': loss.item(), 'task': task.item(), 'kd': kd.item(), 'resource': res.item(),
+                   'lambda': lam, 'mac_ratio': hard / pruner.full_macs,
+                   'target_ratio': self.target_macs / pruner.full_macs, 'kept': kept_by_kind(pruner)}
+            self.history.append(rec)
+            return rec
+        return None
+
+    def run(
+            self,
+            loader: Iterable,
+            *,
+            steps_per_epoch: int | None = None,
+            until: int | None = None,
+            progress: Callable[[dict], None] | None = None,
+            on_step: Callable[[Search], None] | None = None,
+    ) -> list[dict]:
+        """Run from the current step to ``until`` (default: the end); returns the history.
+
+        Args:
+            loader: Training batches ``(images, labels)``; epochs are re-iterated as needed.
+            steps_per_epoch: Batches per epoch (default ``len(loader)``).
+            until: Stop after this global step.
+            progress: Called with every logged record.
+            on_step: Called after every step (e.g. to checkpoint).
+        """
+        until = self.settings.steps if until is None else min(until, self.settings.steps)
+        per_epoch = steps_per_epoch or len(loader)
+        batches = _epoch_batches(loader, self.step, per_epoch)
+        while self.step < until:
+            x, y = next(batches)[:2]
+            rec = self.train_step(x, y)
+            if rec is not None and progress is not None:
+                progress(rec)
+            if on_step is not None:
+                on_step(self)
+        return self.history
+
+    # -------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to continue: weights, indicators, optimisers, step, history (tensors and plain data)."""
+        return {
+            'model': self.pruner.model[0].state_dict(),
+            'pruner': self.pruner.state_dict(),
+            'opt': self.opt.state_dict() if self.opt is not None else None,
+            'opt_ind': self.opt_ind.state_dict(),
+            'step': self.step,
+            'history': list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.pruner.model[0].load_state_dict(state['model'])
+        self.pruner.load_state_dict(state['pruner'])
+        if self.opt is not None and state.get('opt') is not None:
+            self.opt.load_state_dict(state['opt'])
+        self.opt_ind.load_state_dict(state['opt_ind'])
+        self.step = int(state['step'])
+        self.history = list(state['history'])
 
 
 def search(
@@ -85,79 +257,9 @@ def search(
         device: torch.device | str = 'cpu',
         mixup_fn: Callable | None = None,
         progress: Callable[[dict], None] | None = None,
+        grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
 ) -> list[dict]:
-    """Run the search loop; returns the history (one record per ``log_every`` steps and the last step).
-
-    Args:
-        pruner: The pruner (gates installed, indicators initialised).
-        loader: Training batches ``(images, labels)``.
-        target_macs: MACs per image to reach.
-        settings: Loop hyper-parameters.
-        teacher: Frozen original model for distillation (None: no distillation).
-        device: Device of the model.
-        mixup_fn: Optional timm Mixup applied to each batch.
-        progress: Called with each step's record (e.g. to update a progress bar).
-    """
-    model = pruner.model[0]
-    s = settings
-    ind_params = pruner.indicator_parameters()
-    rw_params = pruner.reweight_parameters()
-    weights = [p for p in model.parameters() if p.requires_grad] if s.train_weights else []
-    groups = []
-    if weights:
-        groups.append({'params': weights, 'lr': s.lr, 'weight_decay': s.weight_decay})
-    if rw_params:
-        groups.append({'params': rw_params, 'lr': s.reweight_lr, 'weight_decay': 0.0})
-    opt = torch.optim.AdamW(groups) if groups else None
-    opt_ind = torch.optim.Adam(ind_params, lr=s.indicator_lr)
-    kd_alpha = s.kd_alpha if teacher is not None else 0.0
-    if teacher is not None:
-        teacher.eval()
-    history: list[dict] = []
-    model.train()
-    batches = _cycle(loader)
-    for step in range(s.steps):
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            x, y = mixup_fn(x, y)
-        logits = model(x)
-        task = task_loss(logits, y)
-        loss = task
-        kd = torch.zeros((), device=logits.device)
-        if kd_alpha > 0:
-            with torch.no_grad():
-                t_logits = teacher(x)
-            kd = distillation_loss(logits, t_logits, s.kd_temperature)
-            loss = (1 - kd_alpha) * task + kd_alpha * kd
-        lam = s.resource_lambda * min(1.0, (step + 1) / max(1, math.ceil(s.lambda_warmup * s.steps)))
-        macs = pruner.macs()
-        res = lam * (macs / target_macs - 1) ** 2
-        loss = loss + res.to(loss.device)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f'non-finite loss at search step {step}: lower the learning rate '
-                                     '(--lr / --indicator-lr) or disable AMP')
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        opt_ind.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.clip_grad and weights:
-            torch.nn.utils.clip_grad_norm_(weights, s.clip_grad)
-        if opt is not None:
-            opt.step()
-        opt_ind.step()
-        with torch.no_grad():
-            for p in ind_params:
-                p.clamp_(0.0, 1.0)
-            for p in rw_params:
-                p.clamp_(min=1e-2)
-        if step % s.log_every == 0 or step == s.steps - 1:
-            with torch.no_grad():
-                hard = pruner.hard_macs()
-            rec = {'step': step, 'loss': loss.item(), 'task': task.item(), 'kd': kd.item(), 'resource': res.item(),
-                   'lambda': lam, 'mac_ratio': hard / pruner.full_macs, 'target_ratio': target_macs / pruner.full_macs,
-                   'kept': kept_by_kind(pruner)}
-            history.append(rec)
-            if progress is not None:
-                progress(rec)
-    return history
+    """Run the whole search loop (see :class:`Search`); returns the history."""
+    loop = Search(pruner, target_macs, settings, teacher=teacher, device=device, mixup_fn=mixup_fn,
+                  grad_sync=grad_sync)
+    return loop.run(loader, progress=progress)

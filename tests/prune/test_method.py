@@ -175,3 +175,31 @@ def test_bad_targets_are_clear_errors():
         prune(build('flatten_deit'), _loader(), 0.01, criterion='magnitude')
     with pytest.raises(ConfigError, match='unknown prune option'):
         prune(build('flatten_deit'), _loader(), 0.5, serch_steps=3)
+
+
+def test_search_resumes_exactly_from_a_saved_state():
+    from amap.prune.api import resolve_target
+    from amap.prune.search import Search, SearchSettings
+
+    def fresh():
+        model = build('flatten_deit')
+        pruner = prepare(model, (3, 32, 32), PruneConfig(), _calib())
+        settings = SearchSettings(steps=8, log_every=2)
+        return Search(pruner, resolve_target(0.5, pruner.full_macs), settings, teacher=build('flatten_deit'))
+
+    loader = _loader()  # 4 batches per epoch: the 8 steps span two epochs
+    straight = fresh()
+    straight.run(loader)
+    first = fresh()
+    first.run(loader, until=5)
+    saved = {k: v for k, v in first.state_dict().items()}
+    resumed = fresh()
+    resumed.load_state_dict(saved)
+    assert resumed.step == 5
+    resumed.run(loader)
+    assert resumed.history == straight.history
+    for (n, a), (_, b) in zip(straight.pruner.state_dict().items(), resumed.pruner.state_dict().items()):
+        assert torch.equal(a, b), n
+    for (n, a), (_, b) in zip(straight.pruner.model[0].state_dict().items(),
+                              resumed.pruner.model[0].state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)

@@ -1,0 +1,388 @@
+"""What does the AMAP search cost over ordinary training? Time and peak memory of one search step vs one plain
+training step, and of the calibration / initialisation phase.
+
+Per model (random weights, 32x32 random images, batch 64 by default), each with its own copy of the same model and
+the same batch, timed step by step in interleaved rounds (warm-up excluded, order rotating, medians):
+
+* ``plain``: one training step: cross-entropy, backward, gradient clipping, AdamW (the search's weight optimiser
+  and settings) -- no gates, no teacher;
+* ``plain_kd``: the same plus distillation from a frozen copy (what fine-tuning with distillation costs);
+* ``search_no_kd``: the search step without distillation: AMAP gates installed (indicators, similarity weights,
+  head balance, reweights, straight-through masks), task + resource loss, backward, both optimisers, clamping;
+* ``search``: the full search step: task + KD + resource loss -- the loop body of
+  :func:`amap.prune.search.search` (rebuilt here step by step, since the engine has no single-step function).
+
+Overhead = median step time / median plain step time - 1 (goal of issue 5: under 15% for ``search``). As a check
+that the rebuilt step is the engine's, ``engine_search`` times :func:`amap.prune.search.search` itself over a few
+steps (per step; it includes its history records every ``log_every`` steps and its optimiser set-up).
+
+Calibration / initialisation (the amap criterion's ``prepare``), each phase on a fresh copy of the model:
+``pruner`` (gates, one probe forward, MAC count), ``attn_init`` (attention difference on the first calibration
+batch), ``similarity`` (channel similarity over the calibration batches), against ``eval_forward`` (plain eval
+forwards over the same batches).
+
+Peak memory: the peak of live CPU tensor bytes during a step or phase above what was live when it started, from
+torch.profiler's allocator events (:func:`benchmarks.common.peak_tensor_bytes`), plus the persistent state live at
+the start of the step (parameters, buffers, optimiser state, teacher, indicators; gradients count in the step).
+tracemalloc does not see torch's allocator and the process RSS high-water mark (``ru_maxrss``) only rises, so
+neither can isolate one step.
+
+Usage::
+
+    python benchmarks/cost.py --out benchmarks/results/cost.json       # 3 small models, batch 64 (~10 min)
+    python benchmarks/cost.py --quick --out /tmp/cost.json             # fewer rounds, 2 calibration batches
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ''):  # run as a script: make `benchmarks.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from amap.prune.api import PruneConfig, prepare  # noqa: E402
+from amap.prune.init import attention_difference_init  # noqa: E402
+from amap.prune.pruner import Pruner  # noqa: E402
+from amap.prune.search import SearchSettings, distillation_loss, search, task_loss  # noqa: E402
+from amap.prune.similarity import calibrate_similarity  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SMALL_MODELS,
+    build_model,
+    command_line,
+    interleaved,
+    loadavg,
+    machine_info,
+    markdown_table,
+    peak_tensor_bytes,
+    random_loader,
+    write_results,
+)
+
+GOAL = 0.15  # search step overhead over a plain step
+MODES = ['plain', 'plain_kd', 'search_no_kd', 'search']
+
+
+def _state_bytes(*objs: Any) -> int:
+    """Bytes of the distinct tensors held by modules (parameters, gradients, buffers) and optimisers (state)."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor | None) -> None:
+        if isinstance(t, torch.Tensor) and t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for obj in objs:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                add(p)
+                add(p.grad)
+            for b in obj.buffers():
+                add(b)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for v in state.values():
+                    add(v)
+    return sum(seen.values())
+
+
+class Step:
+    """One training step of a mode, on its own copy of the model; ``objects`` hold its persistent state."""
+
+    def __init__(self, mode: str, base: nn.Module, size: tuple[int, int, int], batch: tuple[torch.Tensor, torch.Tensor],
+                 calib: list, settings: SearchSettings, cfg: PruneConfig, target_ratio: float) -> None:
+        self.mode, self.x, self.y, self.s = mode, batch[0], batch[1], settings
+        self.model = copy.deepcopy(base)
+        kd = mode in ('plain_kd', 'search')
+        self.teacher = copy.deepcopy(base).eval().requires_grad_(False) if kd else None
+        self.kd_alpha = settings.kd_alpha if kd else 0.0
+        self.pruner: Pruner | None = None
+        self.ind_params: list[nn.Parameter] = []
+        self.rw_params: list[nn.Parameter] = []
+        if mode.startswith('search'):
+            self.pruner = prepare(self.model, size, cfg, calib)
+            self.target = target_ratio * self.pruner.full_macs
+            self.ind_params = self.pruner.indicator_parameters()
+            self.rw_params = self.pruner.reweight_parameters()
+        self.weights = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{'params': self.weights, 'lr': settings.lr, 'weight_decay': settings.weight_decay}]
+        if self.rw_params:
+            groups.append({'params': self.rw_params, 'lr': settings.reweight_lr, 'weight_decay': 0.0})
+        self.opt = torch.optim.AdamW(groups)
+        self.opt_ind = torch.optim.Adam(self.ind_params, lr=settings.indicator_lr) if self.ind_params else None
+        self.step_index = 0
+        self.model.train()
+
+    def objects(self) -> list[Any]:
+        return [o for o in (self.model, self.teacher, self.pruner, self.opt, self.opt_ind) if o is not None]
+
+    def __call__(self) -> None:
+        """The loop body of amap.prune.search.search (without its every-``log_every`` history record)."""
+        s, x, y = self.s, self.x, self.y
+        logits = self.model(x)
+        task = task_loss(logits, y)
+        loss = task
+        if self.kd_alpha > 0:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            loss = (1 - self.kd_alpha) * task + self.kd_alpha * distillation_loss(logits, t_logits, s.kd_temperature)
+        if self.pruner is not None:
+            lam = s.resource_lambda * min(1.0, (self.step_index + 1) / max(1, math.ceil(s.lambda_warmup * s.steps)))
+            loss = loss + (lam * (self.pruner.macs() / self.target - 1) ** 2).to(loss.device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError('non-finite loss')
+        self.opt.zero_grad(set_to_none=True)
+        if self.opt_ind is not None:
+            self.opt_ind.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.weights, s.clip_grad)
+        self.opt.step()
+        if self.opt_ind is not None:
+            self.opt_ind.step()
+            with torch.no_grad():
+                for p in self.ind_params:
+                    p.clamp_(0.0, 1.0)
+                for p in self.rw_params:
+                    p.clamp_(min=1e-2)
+        self.step_index += 1
+
+
+def _settings(cfg: PruneConfig) -> SearchSettings:
+    """The search settings :func:`amap.prune.prune` derives from a config."""
+    return SearchSettings(steps=cfg.search_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          indicator_lr=cfg.indicator_lr, reweight_lr=cfg.reweight_lr,
+                          resource_lambda=cfg.resource_lambda, lambda_warmup=cfg.lambda_warmup, kd_alpha=cfg.kd_alpha,
+                          kd_temperature=cfg.kd_temperature, log_every=cfg.log_every, train_weights=cfg.lr > 0)
+
+
+def _mb(n: float) -> float:
+    return round(n / 2 ** 20, 2)
+
+
+def measure_steps(base: nn.Module, size: tuple[int, int, int], loader: list, cfg: PruneConfig, target: float,
+                  rounds: int, engine_steps: int, engine_rounds: int) -> dict[str, Any]:
+    settings = _settings(cfg)
+    calib = loader[:cfg.calib_batches]
+    steps = {m: Step(m, base, size, loader[0], calib, settings, cfg, target) for m in MODES}
+    timing = interleaved(steps, rounds=rounds, warmup=2)
+    st = timing['stats']
+    plain = st['plain']['samples']
+    out: dict[str, Any] = {'rounds': timing['rounds'], 'loadavg_1min': timing['loadavg_1min'], 'modes': {}}
+    for m in MODES:
+        paired = [a / b for a, b in zip(st[m]['samples'], plain)]
+        step = steps[m]
+        # gradients are dropped first (as the step's own zero_grad does), so that the profiler sees their allocation
+        # inside the step; a free of a tensor allocated before profiling started would be invisible to it
+        step.opt.zero_grad(set_to_none=True)
+        if step.opt_ind is not None:
+            step.opt_ind.zero_grad(set_to_none=True)
+        state = _state_bytes(*step.objects())
+        peak = peak_tensor_bytes(step)
+        out['modes'][m] = {'ms': st[m]['median'] * 1e3, 'q1_ms': st[m]['q1'] * 1e3, 'q3_ms': st[m]['q3'] * 1e3,
+                           'samples_ms': [v * 1e3 for v in st[m]['samples']],
+                           'overhead_vs_plain': statistics.median(paired) - 1,
+                           'state_mb': _mb(state), 'step_peak_mb': _mb(peak), 'total_peak_mb': _mb(state + peak)}
+    modes = out['modes']
+    out['overhead_search_vs_plain_kd'] = modes['search']['ms'] / modes['plain_kd']['ms'] - 1
+    out['memory_overhead_search_vs_plain'] = modes['search']['total_peak_mb'] / modes['plain']['total_peak_mb'] - 1
+    out['goal_met'] = bool(modes['search']['overhead_vs_plain'] < GOAL)
+    if engine_steps:
+        # the engine's own loop over `engine_steps` steps vs as many plain steps, interleaved
+        s_step = steps['search']
+        eng_settings = copy.deepcopy(settings)
+        eng_settings.steps = engine_steps
+        one = loader[:1]
+
+        def engine() -> None:
+            search(s_step.pruner, one, s_step.target, eng_settings, teacher=s_step.teacher)
+
+        def plain_chunk() -> None:
+            for _ in range(engine_steps):
+                steps['plain']()
+
+        chunk = interleaved({'engine_search': engine, 'plain': plain_chunk}, rounds=engine_rounds, warmup=0)
+        e, p = chunk['stats']['engine_search'], chunk['stats']['plain']
+        out['engine_search'] = {
+            'steps_per_call': engine_steps, 'rounds': chunk['rounds'],
+            'ms_per_step': e['median'] / engine_steps * 1e3, 'plain_ms_per_step': p['median'] / engine_steps * 1e3,
+            'overhead_vs_plain': statistics.median(a / b for a, b in zip(e['samples'], p['samples'])) - 1}
+    return out
+
+
+def measure_calibration(base: nn.Module, size: tuple[int, int, int], loader: list, cfg: PruneConfig,
+                        reps: int) -> dict[str, Any]:
+    """Each phase of ``prepare`` on a fresh copy of the model, ``reps`` times in interleaved rounds."""
+    calib = [x for x, _ in loader[:cfg.calib_batches]]
+
+    def fresh() -> tuple[nn.Module, Pruner]:
+        model = copy.deepcopy(base)
+        return model, Pruner(model, size, kinds=cfg.kinds, head_balance=cfg.head_balance, reweight=cfg.reweight,
+                             threshold=cfg.threshold, min_keep=cfg.min_keep)
+
+    def phase(name: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        # set-up outside the timed part: a fresh pruner for the phases that need one
+        state: dict[str, Any] = {}
+
+        def setup() -> None:
+            if name in ('attn_init', 'similarity'):
+                state['model'], state['pruner'] = fresh()
+            elif name == 'eval_forward':
+                state['model'] = copy.deepcopy(base).eval()
+
+        def run() -> None:
+            if name == 'pruner':
+                Pruner(copy.deepcopy(base), size, kinds=cfg.kinds, head_balance=cfg.head_balance,
+                       reweight=cfg.reweight, threshold=cfg.threshold, min_keep=cfg.min_keep)
+            elif name == 'attn_init':
+                attention_difference_init(state['pruner'], calib[0], seed=cfg.seed)
+            elif name == 'similarity':
+                calibrate_similarity(state['pruner'], calib, beta=cfg.similarity_beta)
+            else:
+                with torch.no_grad():
+                    for x in calib:
+                        state['model'](x)
+        return setup, run
+
+    phases = {n: phase(n) for n in ('pruner', 'attn_init', 'similarity', 'eval_forward')}
+    samples: dict[str, list[float]] = {n: [] for n in phases}
+    peaks: dict[str, int] = {}
+    loads = []
+    for r in range(reps):
+        names = list(phases)
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            setup, run = phases[n]
+            setup()
+            t0 = time.perf_counter()
+            run()
+            samples[n].append(time.perf_counter() - t0)
+        loads.append(loadavg()[:1])
+    for n, (setup, run) in phases.items():
+        setup()
+        peaks[n] = peak_tensor_bytes(run)
+    med = {n: statistics.median(v) for n, v in samples.items()}
+    total = med['pruner'] + med['attn_init'] + med['similarity']
+    return {'calib_batches': len(calib), 'calib_images': sum(len(x) for x in calib), 'reps': reps,
+            'loadavg_1min': [x[0] for x in loads if x],
+            'phases': {n: {'seconds': med[n], 'samples_s': samples[n], 'peak_mb': _mb(peaks[n])} for n in phases},
+            'total_seconds': total}
+
+
+def measure(name: str, batch: int, target: float, rounds: int, calib_batches: int, calib_reps: int,
+            engine_steps: int, engine_rounds: int) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    base, side = build_model(name)
+    size = (3, side, side)
+    cfg = PruneConfig(criterion='amap', target=target, calib_batches=calib_batches)
+    loader = random_loader(batch, side, max(1, calib_batches))
+    row: dict[str, Any] = {'model': name, 'input': list(size), 'batch': batch, 'target': target}
+    row['steps'] = measure_steps(base, size, loader, cfg, target, rounds, engine_steps, engine_rounds)
+    m = row['steps']['modes']
+    print(f"{name}: " + ', '.join(f"{k} {v['ms']:.0f} ms ({100 * v['overhead_vs_plain']:+.1f}%)" for k, v in m.items())
+          + f' load {loadavg()[:1]}', file=sys.stderr, flush=True)
+    row['calibration'] = measure_calibration(base, size, loader, cfg, calib_reps)
+    row['calibration']['in_plain_steps'] = row['calibration']['total_seconds'] / (m['plain']['ms'] / 1e3)
+    print(f"{name}: calibration {row['calibration']['total_seconds']:.2f} s", file=sys.stderr, flush=True)
+    row['seconds'] = round(time.perf_counter() - t_start, 1)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    mach = meta['machine']
+    head = ['model', 'batch'] + [f'{m} ms' for m in MODES] + [
+        'search vs plain', 'search vs plain_kd', 'gates only (search_no_kd vs plain)', 'engine loop vs plain',
+        f'goal < {100 * GOAL:.0f}%']
+    lines = []
+    for r in rows:
+        s = r['steps']
+        m = s['modes']
+        eng = s.get('engine_search')
+        lines.append([r['model'], r['batch'], *(f"{m[k]['ms']:.0f}" for k in MODES),
+                      f"{100 * m['search']['overhead_vs_plain']:+.1f}%",
+                      f"{100 * s['overhead_search_vs_plain_kd']:+.1f}%",
+                      f"{100 * m['search_no_kd']['overhead_vs_plain']:+.1f}%",
+                      f"{100 * eng['overhead_vs_plain']:+.1f}%" if eng else '', 'yes' if s['goal_met'] else 'NO'])
+    mem_head = ['model'] + [f'{k} peak MB (state + step)' for k in MODES] + ['search vs plain']
+    mem = [[r['model'], *(f"{r['steps']['modes'][k]['total_peak_mb']:.0f} ({r['steps']['modes'][k]['state_mb']:.0f} + "
+                          f"{r['steps']['modes'][k]['step_peak_mb']:.0f})" for k in MODES),
+            f"{100 * r['steps']['memory_overhead_search_vs_plain']:+.0f}%"] for r in rows]
+    cal_head = ['model', 'calibration images', 'pruner s', 'attn_init s', 'similarity s', 'total s',
+                '= plain steps', 'eval forwards s (same images)', 'peak MB (pruner / attn_init / similarity)']
+    cal = []
+    for r in rows:
+        c = r['calibration']
+        p = c['phases']
+        cal.append([r['model'], c['calib_images'], f"{p['pruner']['seconds']:.2f}", f"{p['attn_init']['seconds']:.2f}",
+                    f"{p['similarity']['seconds']:.2f}", f"{c['total_seconds']:.2f}", f"{c['in_plain_steps']:.1f}",
+                    f"{p['eval_forward']['seconds']:.2f}",
+                    ' / '.join(f"{p[k]['peak_mb']:.0f}" for k in ('pruner', 'attn_init', 'similarity'))])
+    return '\n'.join([
+        f"CPU: {mach['cpu']}, {mach['torch_threads']} torch thread(s), load average {mach['loadavg_start']} at start, "
+        f"{meta['loadavg_end']} at end; {mach['date']}; torch {mach['torch']}.", '',
+        f"Command: `{meta['command']}`", '',
+        'Step time: median over interleaved rounds (warm-up excluded); overheads are medians of per-round ratios. '
+        'Random weights and images; search to 70% MACs with the full method (similarity, head balance, reweight, '
+        'attention init, KD).', '',
+        markdown_table(head, lines, left=2), '',
+        'Peak memory: live CPU tensor bytes (torch.profiler allocator events): persistent state at the start of a '
+        'step (parameters, buffers, optimiser state, teacher, indicators) + the peak reached during the step '
+        '(activations kept for backward, gradients, temporaries).', '',
+        markdown_table(mem_head, mem), '',
+        'Calibration / initialisation (amap `prepare`), each phase on a fresh copy of the model:', '',
+        markdown_table(cal_head, cal)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', default='benchmarks/results/cost.json', help='JSON file (and .md beside it)')
+    parser.add_argument('--quick', action='store_true', help='fewer rounds and calibration batches')
+    parser.add_argument('--models', nargs='+', default=None, help=f'model names (default: {" ".join(SMALL_MODELS)})')
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--target', type=float, default=0.7, help='MAC ratio the search aims at')
+    parser.add_argument('--rounds', type=int, default=None, help='timed steps per mode (default 20; quick 4)')
+    parser.add_argument('--calib-batches', type=int, default=None,
+                        help=f'calibration batches (default: PruneConfig\'s {PruneConfig().calib_batches}; quick 2)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch intra-op threads (default 1: on cores shared with other jobs, more threads time '
+                             'the OS scheduler, as every parallel op waits for its slowest thread)')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.models or SMALL_MODELS
+    rounds = args.rounds or (4 if args.quick else 20)
+    calib_batches = args.calib_batches or (2 if args.quick else PruneConfig().calib_batches)
+    calib_reps = 1 if args.quick else 3
+    engine_steps, engine_rounds = (0, 0) if args.quick else (5, 3)
+    meta: dict[str, Any] = {
+        'machine': machine_info(args.threads), 'command': command_line('cost.py', argv), 'quick': args.quick,
+        'batch': args.batch, 'target': args.target, 'rounds': rounds, 'calib_batches': calib_batches,
+        'goal': f'search step overhead over a plain step < {100 * GOAL:.0f}%',
+        'memory_method': 'torch.profiler(profile_memory=True) allocator events: peak of live CPU tensor bytes during '
+                         'the step above its start, plus the tensors persistent at its start; excludes Python objects '
+                         'and allocator/oneDNN caches (not RSS)'}
+    rows, failed = [], []
+    for name in names:
+        try:
+            rows.append(measure(name, args.batch, args.target, rounds, calib_batches, calib_reps, engine_steps,
+                                engine_rounds))
+        except Exception as err:  # one broken model must not hide the others; it is reported and fails the run
+            failed.append({'model': name, 'error': f'{type(err).__name__}: {err}'.splitlines()[0]})
+            print(f'{name}: FAILED {failed[-1]["error"]}', file=sys.stderr, flush=True)
+    meta['loadavg_end'] = loadavg()
+    table = markdown(rows, meta) if rows else 'no model measured'
+    print(table)
+    for f in failed:
+        print(f"\nFAILED {f['model']}: {f['error']}")
+    write_results(args.out, {'meta': meta, 'rows': rows, 'failed': failed}, table)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

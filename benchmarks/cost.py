@@ -7,14 +7,14 @@ the same batch, timed step by step in interleaved rounds (warm-up excluded, orde
 * ``plain``: one training step: cross-entropy, backward, gradient clipping, AdamW (the search's weight optimiser
   and settings) -- no gates, no teacher;
 * ``plain_kd``: the same plus distillation from a frozen copy (what fine-tuning with distillation costs);
-* ``search_no_kd``: the search step without distillation: AMAP gates installed (indicators, similarity weights,
+* ``search_no_kd``: a search step without distillation: AMAP gates installed (indicators, similarity weights,
   head balance, reweights, straight-through masks), task + resource loss, backward, both optimisers, clamping;
-* ``search``: the full search step: task + KD + resource loss -- the loop body of
-  :func:`amap.prune.search.search` (rebuilt here step by step, since the engine has no single-step function).
+* ``search``: the full search step, task + KD + resource loss: the engine's own
+  :meth:`amap.prune.search.Search.train_step` (with its history record every ``log_every`` steps; the median step
+  time leaves those out, the mean in the JSON includes them).
 
-Overhead = median step time / median plain step time - 1 (goal of issue 5: under 15% for ``search``). As a check
-that the rebuilt step is the engine's, ``engine_search`` times :func:`amap.prune.search.search` itself over a few
-steps (per step; it includes its history records every ``log_every`` steps and its optimiser set-up).
+Overhead = median of the per-round ratios step time / plain step time, minus 1 (goal of issue 5: under 15% for
+``search``).
 
 Calibration / initialisation (the amap criterion's ``prepare``), each phase on a fresh copy of the model:
 ``pruner`` (gates, one probe forward, MAC count), ``attn_init`` (attention difference on the first calibration
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ from torch import nn  # noqa: E402
 from amap.prune.api import PruneConfig, prepare  # noqa: E402
 from amap.prune.init import attention_difference_init  # noqa: E402
 from amap.prune.pruner import Pruner  # noqa: E402
-from amap.prune.search import SearchSettings, distillation_loss, search, task_loss  # noqa: E402
+from amap.prune.search import Search, SearchSettings, distillation_loss, task_loss  # noqa: E402
 from amap.prune.similarity import calibrate_similarity  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     SMALL_MODELS,
@@ -95,7 +94,12 @@ def _state_bytes(*objs: Any) -> int:
 
 
 class Step:
-    """One training step of a mode, on its own copy of the model; ``objects`` hold its persistent state."""
+    """One training step of a mode, on its own copy of the model; ``objects`` hold its persistent state.
+
+    The search modes call the engine's own :meth:`amap.prune.search.Search.train_step` (which also writes a history
+    record every ``log_every`` steps, as in a real search); the plain modes are the same step without the gates, the
+    resource loss and the indicator optimiser: cross-entropy (+ KD), backward, clipping, the same AdamW.
+    """
 
     def __init__(self, mode: str, base: nn.Module, size: tuple[int, int, int], batch: tuple[torch.Tensor, torch.Tensor],
                  calib: list, settings: SearchSettings, cfg: PruneConfig, target_ratio: float) -> None:
@@ -105,55 +109,37 @@ class Step:
         self.teacher = copy.deepcopy(base).eval().requires_grad_(False) if kd else None
         self.kd_alpha = settings.kd_alpha if kd else 0.0
         self.pruner: Pruner | None = None
-        self.ind_params: list[nn.Parameter] = []
-        self.rw_params: list[nn.Parameter] = []
+        self.search: Search | None = None
         if mode.startswith('search'):
             self.pruner = prepare(self.model, size, cfg, calib)
-            self.target = target_ratio * self.pruner.full_macs
-            self.ind_params = self.pruner.indicator_parameters()
-            self.rw_params = self.pruner.reweight_parameters()
-        self.weights = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{'params': self.weights, 'lr': settings.lr, 'weight_decay': settings.weight_decay}]
-        if self.rw_params:
-            groups.append({'params': self.rw_params, 'lr': settings.reweight_lr, 'weight_decay': 0.0})
-        self.opt = torch.optim.AdamW(groups)
-        self.opt_ind = torch.optim.Adam(self.ind_params, lr=settings.indicator_lr) if self.ind_params else None
-        self.step_index = 0
+            self.search = Search(self.pruner, target_ratio * self.pruner.full_macs, settings, teacher=self.teacher)
+            self.opt, self.opt_ind = self.search.opt, self.search.opt_ind
+        else:
+            self.weights = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW([{'params': self.weights, 'lr': settings.lr,
+                                           'weight_decay': settings.weight_decay}])
+            self.opt_ind = None
         self.model.train()
 
     def objects(self) -> list[Any]:
         return [o for o in (self.model, self.teacher, self.pruner, self.opt, self.opt_ind) if o is not None]
 
     def __call__(self) -> None:
-        """The loop body of amap.prune.search.search (without its every-``log_every`` history record)."""
+        if self.search is not None:
+            self.search.train_step(self.x, self.y)
+            return
         s, x, y = self.s, self.x, self.y
         logits = self.model(x)
-        task = task_loss(logits, y)
-        loss = task
+        loss = task_loss(logits, y)
         if self.kd_alpha > 0:
             with torch.no_grad():
                 t_logits = self.teacher(x)
-            loss = (1 - self.kd_alpha) * task + self.kd_alpha * distillation_loss(logits, t_logits, s.kd_temperature)
-        if self.pruner is not None:
-            lam = s.resource_lambda * min(1.0, (self.step_index + 1) / max(1, math.ceil(s.lambda_warmup * s.steps)))
-            loss = loss + (lam * (self.pruner.macs() / self.target - 1) ** 2).to(loss.device)
-            if not torch.isfinite(loss):
-                raise FloatingPointError('non-finite loss')
+            loss = (1 - self.kd_alpha) * loss + self.kd_alpha * distillation_loss(logits, t_logits, s.kd_temperature)
         self.opt.zero_grad(set_to_none=True)
-        if self.opt_ind is not None:
-            self.opt_ind.zero_grad(set_to_none=True)
         loss.backward()
         if s.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.weights, s.clip_grad)
         self.opt.step()
-        if self.opt_ind is not None:
-            self.opt_ind.step()
-            with torch.no_grad():
-                for p in self.ind_params:
-                    p.clamp_(0.0, 1.0)
-                for p in self.rw_params:
-                    p.clamp_(min=1e-2)
-        self.step_index += 1
 
 
 def _settings(cfg: PruneConfig) -> SearchSettings:
@@ -169,7 +155,7 @@ def _mb(n: float) -> float:
 
 
 def measure_steps(base: nn.Module, size: tuple[int, int, int], loader: list, cfg: PruneConfig, target: float,
-                  rounds: int, engine_steps: int, engine_rounds: int) -> dict[str, Any]:
+                  rounds: int) -> dict[str, Any]:
     settings = _settings(cfg)
     calib = loader[:cfg.calib_batches]
     steps = {m: Step(m, base, size, loader[0], calib, settings, cfg, target) for m in MODES}
@@ -187,7 +173,8 @@ def measure_steps(base: nn.Module, size: tuple[int, int, int], loader: list, cfg
             step.opt_ind.zero_grad(set_to_none=True)
         state = _state_bytes(*step.objects())
         peak = peak_tensor_bytes(step)
-        out['modes'][m] = {'ms': st[m]['median'] * 1e3, 'q1_ms': st[m]['q1'] * 1e3, 'q3_ms': st[m]['q3'] * 1e3,
+        out['modes'][m] = {'ms': st[m]['median'] * 1e3, 'mean_ms': statistics.fmean(st[m]['samples']) * 1e3,
+                           'q1_ms': st[m]['q1'] * 1e3, 'q3_ms': st[m]['q3'] * 1e3,
                            'samples_ms': [v * 1e3 for v in st[m]['samples']],
                            'overhead_vs_plain': statistics.median(paired) - 1,
                            'state_mb': _mb(state), 'step_peak_mb': _mb(peak), 'total_peak_mb': _mb(state + peak)}
@@ -195,26 +182,6 @@ def measure_steps(base: nn.Module, size: tuple[int, int, int], loader: list, cfg
     out['overhead_search_vs_plain_kd'] = modes['search']['ms'] / modes['plain_kd']['ms'] - 1
     out['memory_overhead_search_vs_plain'] = modes['search']['total_peak_mb'] / modes['plain']['total_peak_mb'] - 1
     out['goal_met'] = bool(modes['search']['overhead_vs_plain'] < GOAL)
-    if engine_steps:
-        # the engine's own loop over `engine_steps` steps vs as many plain steps, interleaved
-        s_step = steps['search']
-        eng_settings = copy.deepcopy(settings)
-        eng_settings.steps = engine_steps
-        one = loader[:1]
-
-        def engine() -> None:
-            search(s_step.pruner, one, s_step.target, eng_settings, teacher=s_step.teacher)
-
-        def plain_chunk() -> None:
-            for _ in range(engine_steps):
-                steps['plain']()
-
-        chunk = interleaved({'engine_search': engine, 'plain': plain_chunk}, rounds=engine_rounds, warmup=0)
-        e, p = chunk['stats']['engine_search'], chunk['stats']['plain']
-        out['engine_search'] = {
-            'steps_per_call': engine_steps, 'rounds': chunk['rounds'],
-            'ms_per_step': e['median'] / engine_steps * 1e3, 'plain_ms_per_step': p['median'] / engine_steps * 1e3,
-            'overhead_vs_plain': statistics.median(a / b for a, b in zip(e['samples'], p['samples'])) - 1}
     return out
 
 
@@ -276,15 +243,15 @@ def measure_calibration(base: nn.Module, size: tuple[int, int, int], loader: lis
             'total_seconds': total}
 
 
-def measure(name: str, batch: int, target: float, rounds: int, calib_batches: int, calib_reps: int,
-            engine_steps: int, engine_rounds: int) -> dict[str, Any]:
+def measure(name: str, batch: int, target: float, rounds: int, calib_batches: int, calib_reps: int
+            ) -> dict[str, Any]:
     t_start = time.perf_counter()
     base, side = build_model(name)
     size = (3, side, side)
     cfg = PruneConfig(criterion='amap', target=target, calib_batches=calib_batches)
     loader = random_loader(batch, side, max(1, calib_batches))
     row: dict[str, Any] = {'model': name, 'input': list(size), 'batch': batch, 'target': target}
-    row['steps'] = measure_steps(base, size, loader, cfg, target, rounds, engine_steps, engine_rounds)
+    row['steps'] = measure_steps(base, size, loader, cfg, target, rounds)
     m = row['steps']['modes']
     print(f"{name}: " + ', '.join(f"{k} {v['ms']:.0f} ms ({100 * v['overhead_vs_plain']:+.1f}%)" for k, v in m.items())
           + f' load {loadavg()[:1]}', file=sys.stderr, flush=True)
@@ -298,18 +265,16 @@ def measure(name: str, batch: int, target: float, rounds: int, calib_batches: in
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     mach = meta['machine']
     head = ['model', 'batch'] + [f'{m} ms' for m in MODES] + [
-        'search vs plain', 'search vs plain_kd', 'gates only (search_no_kd vs plain)', 'engine loop vs plain',
+        'search vs plain', 'search vs plain_kd', 'gates only (search_no_kd vs plain)',
         f'goal < {100 * GOAL:.0f}%']
     lines = []
     for r in rows:
         s = r['steps']
         m = s['modes']
-        eng = s.get('engine_search')
         lines.append([r['model'], r['batch'], *(f"{m[k]['ms']:.0f}" for k in MODES),
                       f"{100 * m['search']['overhead_vs_plain']:+.1f}%",
                       f"{100 * s['overhead_search_vs_plain_kd']:+.1f}%",
-                      f"{100 * m['search_no_kd']['overhead_vs_plain']:+.1f}%",
-                      f"{100 * eng['overhead_vs_plain']:+.1f}%" if eng else '', 'yes' if s['goal_met'] else 'NO'])
+                      f"{100 * m['search_no_kd']['overhead_vs_plain']:+.1f}%", 'yes' if s['goal_met'] else 'NO'])
     mem_head = ['model'] + [f'{k} peak MB (state + step)' for k in MODES] + ['search vs plain']
     mem = [[r['model'], *(f"{r['steps']['modes'][k]['total_peak_mb']:.0f} ({r['steps']['modes'][k]['state_mb']:.0f} + "
                           f"{r['steps']['modes'][k]['step_peak_mb']:.0f})" for k in MODES),
@@ -359,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (4 if args.quick else 20)
     calib_batches = args.calib_batches or (2 if args.quick else PruneConfig().calib_batches)
     calib_reps = 1 if args.quick else 3
-    engine_steps, engine_rounds = (0, 0) if args.quick else (5, 3)
     meta: dict[str, Any] = {
         'machine': machine_info(args.threads), 'command': command_line('cost.py', argv), 'quick': args.quick,
         'batch': args.batch, 'target': args.target, 'rounds': rounds, 'calib_batches': calib_batches,
@@ -370,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], []
     for name in names:
         try:
-            rows.append(measure(name, args.batch, args.target, rounds, calib_batches, calib_reps, engine_steps,
-                                engine_rounds))
+            rows.append(measure(name, args.batch, args.target, rounds, calib_batches, calib_reps))
         except Exception as err:  # one broken model must not hide the others; it is reported and fails the run
             failed.append({'model': name, 'error': f'{type(err).__name__}: {err}'.splitlines()[0]})
             print(f'{name}: FAILED {failed[-1]["error"]}', file=sys.stderr, flush=True)

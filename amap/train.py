@@ -162,9 +162,32 @@ class TrainConfig:
     progress: bool = True
     keep_checkpoints: int = 2
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data, Mapping):
+            self.data = _from_mapping(DataConfig, self.data, where='data')
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the configuration."""
         return to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> TrainConfig:
+        """Build from a (YAML/JSON) mapping; ``data`` may be a nested mapping of :class:`DataConfig` fields.
+
+        Raises:
+            ConfigError: an unknown key (with the closest valid name).
+        """
+        return _from_mapping(cls, doc, where='train config')
+
+
+def _from_mapping(kind: type, doc: Mapping[str, Any], *, where: str) -> Any:
+    names = [f.name for f in dataclasses.fields(kind)]
+    for key in doc:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f'did you mean {close[0]!r}?' if close else f'valid keys: {", ".join(names)}'
+            raise ConfigError(f'{where}: unknown key {key!r}; {hint}')
+    return kind(**doc)
 
 
 @dataclass

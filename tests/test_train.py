@@ -224,3 +224,14 @@ def test_few_hundred_steps_on_cifar10_beat_chance(tmp_path, cifar10):
     assert result.metrics['images'] == 1000
     assert result.metrics['top1'] >= 25.0, f"top-1 {result.metrics['top1']:.1f}% after {result.steps} steps"
     print(f"cifar10 subset: top-1 {result.metrics['top1']:.2f}% after {result.steps} steps in {seconds:.0f} s")
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    cfg = TrainConfig.from_dict({'model': 'flatten_deit_nano', 'epochs': 2,
+                                 'data': {'data': 'digits', 'batch_size': 8}})
+    assert isinstance(cfg.data, DataConfig) and cfg.data.batch_size == 8
+    assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # round trip through JSON values
+    with pytest.raises(ConfigError, match="unknown key 'epoch'; did you mean 'epochs'"):
+        TrainConfig.from_dict({'epoch': 3})
+    with pytest.raises(ConfigError, match="data: unknown key 'batchsize'; did you mean 'batch_size'"):
+        TrainConfig.from_dict({'data': {'batchsize': 3}})

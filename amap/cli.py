@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import AmapError, ConfigError
 
@@ -89,9 +89,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--quiet', '-q', action='store_true', help='only warnings and the result')
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the same one-line error format as the rest of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'amap: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``amap`` command."""
-    parser = argparse.ArgumentParser(prog='amap', description='AMAP: automatic multi-head attention pruning for '
+    parser = _Parser(prog='amap', description='AMAP: automatic multi-head attention pruning for '
                                      'vision transformers (FLatten Transformer, timm ViT/DeiT/Swin).')
     from . import __version__
     parser.add_argument('--version', action='version', version=f'amap {__version__}')
@@ -349,6 +356,10 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``amap`` command; returns the exit status (2 for user errors, printed as one line)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        parser.print_help()
+        return 2
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, 'quiet', False))
     start = time.perf_counter()

@@ -107,3 +107,14 @@ def test_demo_fast(tmp_path, capsys):
     assert (out / 'model.safetensors').is_file()
     # a second demo run starts afresh in its own folder
     assert main(['demo', '--epochs', '1', '--out', str(out), '--workers', '0', '--no-progress', '-q']) == 0
+
+
+def test_argument_errors_are_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(['train', '--model-kwargs', '[1, 2]'])
+    assert exc.value.code == 2
+    assert 'must be a JSON object' in _one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exc:
+        main(['macs'])
+    assert exc.value.code == 2
+    assert 'MODEL' in _one_error_line(capsys.readouterr().err)

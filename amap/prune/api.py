@@ -27,7 +27,7 @@ from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
 from .target import apply_counts, fit_to_target, uniform_counts
 
-__all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'resolve_target']
+__all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'finalize_structure', 'search_settings', 'resolve_target']
 
 
 @dataclass
@@ -167,6 +167,37 @@ def prepare(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig
     return pruner
 
 
+def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float,
+                       calib: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Fix the final structure at the target: the target guarantee on the searched indicators (amap), or the
+    baseline criterion's scores under the same constraints."""
+    if cfg.criterion == 'amap':
+        counts = None
+        if not cfg.head_balance:
+            # the physical model needs balanced heads: every head keeps the layer's mean count of the search
+            counts = {k: torch.full_like(c, max(1, round(float(c.float().mean()))))
+                      for k, c in pruner.hard_counts().items()}
+            for ind in pruner.indicators.values():
+                ind.head_balance = True
+        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill)
+        return
+    scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
+    if cfg.criterion == 'uniform':
+        apply_counts(pruner, uniform_counts(pruner, target_macs), scores)
+    else:
+        full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
+        fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill)
+
+
+def search_settings(cfg: PruneConfig, steps: int | None = None) -> SearchSettings:
+    """The search-loop settings of a config (``steps`` overrides ``cfg.search_steps``)."""
+    return SearchSettings(
+        steps=cfg.search_steps if steps is None else steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        indicator_lr=cfg.indicator_lr, reweight_lr=cfg.reweight_lr, resource_lambda=cfg.resource_lambda,
+        lambda_warmup=cfg.lambda_warmup, kd_alpha=cfg.kd_alpha, kd_temperature=cfg.kd_temperature,
+        log_every=cfg.log_every, train_weights=cfg.lr > 0)
+
+
 def _input_size(model: nn.Module, input_size: tuple[int, int, int] | None, loader: Iterable) -> tuple[int, int, int]:
     if input_size is not None:
         return tuple(input_size)
@@ -240,32 +271,15 @@ def prune(
     if cfg.criterion == 'amap':
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        settings = SearchSettings(
-            steps=cfg.search_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, indicator_lr=cfg.indicator_lr,
-            reweight_lr=cfg.reweight_lr, resource_lambda=cfg.resource_lambda, lambda_warmup=cfg.lambda_warmup,
-            kd_alpha=cfg.kd_alpha, kd_temperature=cfg.kd_temperature, log_every=cfg.log_every,
-            train_weights=cfg.lr > 0)
-        history = search(pruner, train_loader, target_macs, settings, teacher=teacher, device=device,
+        history = search(pruner, train_loader, target_macs, search_settings(cfg), teacher=teacher, device=device,
                          mixup_fn=mixup_fn, progress=progress)
         seconds['search'] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        counts = None
-        if not cfg.head_balance:
-            # the physical model needs balanced heads: every head keeps the layer's mean count of the search
-            counts = {k: torch.full_like(c, max(1, round(float(c.float().mean()))))
-                      for k, c in pruner.hard_counts().items()}
-            for ind in pruner.indicators.values():
-                ind.head_balance = True
-        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill)
+        finalize_structure(pruner, cfg, target_macs, calib)
     else:
-        scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
+        finalize_structure(pruner, cfg, target_macs, calib)
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if cfg.criterion == 'uniform':
-            apply_counts(pruner, uniform_counts(pruner, target_macs), scores)
-        else:
-            full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
-            fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill)
     structure = describe_structure(pruner)
     apply_surgery(pruner)
     seconds['surgery'] = time.perf_counter() - t0

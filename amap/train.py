@@ -76,6 +76,7 @@ from .utils.io import (
     atomic_write_safetensors,
     read_json,
     read_safetensors,
+    remove_stale_temps,
     to_jsonable,
 )
 
@@ -724,6 +725,7 @@ def _write_train_state(ckpt_dir: Path, state: TrainState, *, rngs: list[Any], ex
     old = sorted(p for p in ckpt_dir.glob('step_*') if p.is_dir() and p.name != name)
     for p in old[:max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
+    remove_stale_temps(ckpt_dir)  # left by a run killed while writing
     return ckpt_dir / name
 
 
@@ -1103,6 +1105,7 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
         with _rank0_writes(f'model {out / MODEL_FILE}'):
             if info.is_main:
                 save_trained(out / MODEL_FILE, state.module, _model_meta(cfg, data, create_kwargs, state, metrics))
+                remove_stale_temps(out)
 
     metrics: dict[str, float] | None = None
     max_steps = cfg.max_steps

@@ -73,6 +73,9 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, reference_run, kill_
 
     with pytest.raises(Killed):
         train(_tiny_cfg(tmp_path, checkpoint_every=4, workers=workers), on_update=kill)
+    # what a SIGKILL during a write leaves behind: a temp folder and a temp file (ignored, then cleaned up)
+    (tmp_path / 'checkpoints' / '.step_000000012.x1y2.tmp').mkdir()
+    (tmp_path / '.model.safetensors.abc.tmp').write_bytes(b'partial')
     latest = latest_train_state(tmp_path)
     expected = 8 if kill_at == 10 else 6
     assert latest is not None and latest.name == f'step_{expected:09d}'
@@ -87,6 +90,7 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, reference_run, kill_
     assert resumed.metrics['top1'] == ref.metrics['top1']
     # the comparison is not vacuous: the weights moved after the checkpoint we resumed from
     assert not torch.equal(at_kill['head.weight'], _weights(tmp_path)['head.weight'])
+    assert not [p for p in tmp_path.rglob('*.tmp')]
     events = [json.loads(line)['event'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert events.count('start') == 1 and events.count('resume') == 1
 

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 
 __all__ = [
-    'atomic_path', 'atomic_dir', 'atomic_write_bytes', 'atomic_write_json', 'atomic_write_safetensors',
-    'read_json', 'read_safetensors', 'read_safetensors_metadata', 'to_jsonable', 'JsonlWriter',
+    'atomic_path', 'atomic_dir', 'remove_stale_temps', 'atomic_write_bytes', 'atomic_write_json',
+    'atomic_write_safetensors', 'read_json', 'read_safetensors', 'read_safetensors_metadata', 'to_jsonable',
+    'JsonlWriter',
 ]
 
 
@@ -72,10 +73,11 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder next to ``path``; on success it is renamed to ``path`` (which must not exist yet).
+    """Yield a temp folder next to ``path``; on success it is renamed to ``path``.
 
-    A folder of several files thus appears complete or not at all. If ``path`` exists it is replaced (the old
-    folder is renamed aside first and then deleted; the rename of a folder onto a non-empty one is not atomic).
+    A folder of several files thus appears complete or not at all. If ``path`` already exists it is replaced: the
+    old folder is renamed aside first and then deleted (POSIX cannot rename a folder onto a non-empty one), so use
+    fresh names (e.g. numbered by step) where a reader must never miss the folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete temp files/folders left in ``folder`` by writers killed mid-write (``.<name>.<random>.tmp``/``.old``).
+
+    Call it only when no other writer uses the folder. Returns how many entries were removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.iterdir():
+        if p.name.startswith('.') and (p.name.endswith('.tmp') or p.name.endswith('.old')):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -85,11 +85,15 @@ def _summary(samples: list[float]) -> dict[str, Any]:
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, reps: int = 1, warmup: int = 1,
                 budget: float | None = None, min_rounds: int = 3) -> dict[str, Any]:
-    """Time several callables side by side.
+    """Time several callables side by side, in wall time and in process CPU time.
 
     Every callable is first run ``warmup`` times (not timed). Then, ``rounds`` times, each callable is timed over
     ``reps`` back-to-back calls (one sample: seconds per call), the order of the callables rotating every round so
     that none always follows the same neighbour.
+
+    CPU time (``time.process_time``: all threads of this process) is what a shared machine cannot steal: when other
+    jobs take the cores, wall time grows and CPU time does not. With one thread it equals the latency on an idle
+    core; with several it also counts threads that spin while waiting.
 
     Args:
         fns: ``{name: callable}``.
@@ -101,14 +105,15 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, reps: int = 1
         min_rounds: Rounds always run, whatever the budget.
 
     Returns:
-        ``{'stats': {name: {'median', 'q1', 'q3', 'min', 'n', 'samples'}}, 'rounds': n, 'loadavg': [...]}`` with
-        the 1-minute load average after every round.
+        ``{'stats': {name: {'median', 'q1', 'q3', 'min', 'n', 'samples', 'cpu': {...same in CPU seconds}}},
+        'rounds': n, 'loadavg_1min': [...]}`` with the 1-minute load average before the first and after every round.
     """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     loads = [loadavg()[:1]]
     start = time.perf_counter()
     done = 0
@@ -116,15 +121,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, reps: int = 1
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             fn = fns[name]
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(reps):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / reps)
+            wall[name].append((time.perf_counter() - t0) / reps)
+            cpu[name].append((time.process_time() - c0) / reps)
         loads.append(loadavg()[:1])
         done += 1
         if budget is not None and done >= min_rounds and time.perf_counter() - start > budget:
             break
-    return {'stats': {n: _summary(s) for n, s in samples.items()}, 'rounds': done,
+    return {'stats': {n: {**_summary(wall[n]), 'cpu': _summary(cpu[n])} for n in names}, 'rounds': done,
             'loadavg_1min': [x[0] for x in loads if x]}
 
 

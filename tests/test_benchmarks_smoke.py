@@ -37,7 +37,7 @@ def _check_meta(meta: dict) -> None:
     assert machine['torch_threads'] == 1
     assert len(machine['loadavg_start']) == 3 and len(meta['loadavg_end']) == 3
     assert machine['cpu'] and machine['torch'] and machine['date']
-    assert meta['quick'] is True and meta['command'].startswith('python benchmarks/')
+    assert meta['complete'] is True and meta['quick'] is True and meta['command'].startswith('python benchmarks/')
 
 
 def test_speed_quick(tmp_path):
@@ -61,10 +61,13 @@ def test_speed_quick(tmp_path):
         assert unpruned['latency_ratio'] == 1.0 and unpruned['goal_met'] is None
         for v in (unpruned, pruned):
             assert _positive(v['latency_ms']) and len(v['samples_ms']) == t['rounds']
+            assert _positive(v['cpu_ms']) and len(v['cpu_samples_ms']) == t['rounds']
             assert v['throughput_ips'] == pytest.approx(t['batch'] / (v['latency_ms'] / 1e3))
             assert v['speedup'] == pytest.approx(1 / v['latency_ratio'])
-        assert _positive(pruned['latency_ratio'])
-        assert pruned['goal_met'] == (pruned['latency_ratio'] <= 1.1 * variants['50%']['mac_ratio'])
+            assert v['cpu_speedup'] == pytest.approx(1 / v['cpu_ratio'])
+        assert _positive(pruned['latency_ratio']) and _positive(pruned['cpu_ratio'])
+        assert pruned['goal_met'] == (pruned['cpu_ratio'] <= 1.1 * variants['50%']['mac_ratio'])
+        assert pruned['goal_met_wall'] == (pruned['latency_ratio'] <= 1.1 * variants['50%']['mac_ratio'])
     md = out.with_suffix('.md').read_text()
     assert '| flatten_deit_micro | 50% MACs |' in md and 'thread' in md and 'load average' in md
 
@@ -80,9 +83,10 @@ def test_cost_quick(tmp_path):
     steps = row['steps']
     modes = steps['modes']
     assert set(modes) == {'plain', 'plain_kd', 'search_no_kd', 'search'}
-    assert modes['plain']['overhead_vs_plain'] == 0.0
+    assert modes['plain']['overhead_vs_plain'] == 0.0 and modes['plain']['overhead_vs_plain_wall'] == 0.0
     for m in modes.values():
         assert _positive(m['ms']) and len(m['samples_ms']) == steps['rounds'] == 2
+        assert _positive(m['cpu_ms']) and len(m['cpu_samples_ms']) == 2
         assert _positive(m['state_mb']) and _positive(m['step_peak_mb'])
         assert m['total_peak_mb'] == pytest.approx(m['state_mb'] + m['step_peak_mb'], abs=0.02)
     # persistent state: a teacher adds a copy of the weights; the search adds indicators, reweights and their Adam state
@@ -92,8 +96,8 @@ def test_cost_quick(tmp_path):
     cal = row['calibration']
     assert cal['calib_images'] == 8
     assert set(cal['phases']) == {'pruner', 'attn_init', 'similarity', 'eval_forward'}
-    assert all(_positive(p['seconds']) for p in cal['phases'].values())
-    assert cal['total_seconds'] == pytest.approx(sum(cal['phases'][k]['seconds']
-                                                     for k in ('pruner', 'attn_init', 'similarity')))
+    assert all(_positive(p['seconds']) and _positive(p['cpu_seconds']) for p in cal['phases'].values())
+    for total, key in (('total_seconds', 'seconds'), ('total_cpu_seconds', 'cpu_seconds')):
+        assert cal[total] == pytest.approx(sum(cal['phases'][k][key] for k in ('pruner', 'attn_init', 'similarity')))
     md = out.with_suffix('.md').read_text()
     assert '| flatten_deit_micro | 8 |' in md and 'Calibration' in md and 'profiler' in md

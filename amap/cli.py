@@ -82,8 +82,12 @@ def _add_data_args(p: argparse.ArgumentParser, *, training: bool) -> None:
         g.add_argument('--subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_run_args(p: argparse.ArgumentParser, *, threads: int | None = None) -> None:
     p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
+    p.add_argument('--threads', type=_positive_int, default=threads,
+                   help='CPU threads per process for torch (default: ' + (
+                       f'{threads}: the tiny model gains little from more, and a busy machine with more '
+                       'threads than free cores slows down many-fold)' if threads else "torch's default)"))
     p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
                    help='float16 mixed precision (auto: on for CUDA only)')
     p.add_argument('--quiet', '-q', action='store_true', help='only warnings and the result')
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='default: %(default)s')
     p.add_argument('--workers', '-j', type=int, default=2, help='data loader processes (default: %(default)s)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    _add_run_args(p)
+    _add_run_args(p, threads=1)
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -362,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, 'quiet', False))
+    if getattr(args, 'threads', None):
+        import torch
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
         return int(args.func(args) or 0)

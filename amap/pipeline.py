@@ -1,0 +1,518 @@
+"""``amap prune`` end to end: load -> evaluate -> calibrate -> search -> surgery -> fine-tune -> evaluate -> save ->
+report, from one :class:`PipelineConfig` (a YAML file, CLI flags, or Python).
+
+Runs the same on one CPU and under ``torchrun --nproc_per_node N`` (DDP): every rank computes the same indicators and
+masks (gradients of weights, indicators and reweights are averaged over ranks at every search step), metrics are
+reduced over ranks, and only rank 0 writes.
+
+Resumable: the search state is checkpointed atomically every ``checkpoint_every`` steps (``out/search_state``), the
+structure after surgery is an artifact (``out/pruned_init``) and the fine-tune uses the trainer's checkpoints
+(``out/finetune``); ``resume=True`` continues from whichever stage was reached, and ends with the same structure and
+weights as an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .data import DataConfig, build_loaders
+from .errors import ConfigError
+from .latency import measure_latency
+from .macs import count_macs, count_params
+from .prune.api import PruneConfig, finalize_structure, prepare, resolve_target, search_settings
+from .prune.artifact import load_pruned, read_pruned_config, save_pruned
+from .prune.search import Search, distillation_loss, task_loss
+from .prune.surgery import apply_surgery, describe_structure
+from .report import write_report
+from .train import (
+    TrainConfig,
+    TrainState,
+    _optimizer_from_files,
+    _optimizer_to_files,
+    _rng_states,
+    _set_rng_states,
+    amp_enabled,
+    build_optimizer,
+    build_scheduler,
+    create_model,
+    evaluate,
+    latest_train_state,
+    load_train_state,
+    load_trained,
+    read_trained_meta,
+    save_train_state,
+    train_one_epoch,
+)
+from .utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from .utils.io import atomic_dir, atomic_write_bytes, read_json, read_safetensors, to_jsonable
+
+__all__ = ['PipelineConfig', 'PipelineResult', 'run', 'load_config']
+
+_logger = logging.getLogger(__name__)
+
+SEARCH_STATE = 'search_state'
+PRUNED_INIT = 'pruned_init'
+FINETUNE = 'finetune'
+FINAL = 'model'
+CONFIG_FILE = 'config.yaml'
+
+
+@dataclass
+class PipelineConfig:
+    """One ``amap prune`` job.
+
+    Attributes:
+        model: timm name of the model (ignored when ``checkpoint`` is a run of ``amap train``, which names its own).
+        checkpoint: The trained weights: an ``amap train`` run folder or ``model.safetensors``, or an official
+            FLatten / timm checkpoint (``.pth``, ``.safetensors``) for ``model``.
+        model_kwargs: Extra arguments of the model factory.
+        data: Data source, augmentation and batch size (per process).
+        target: MAC target: ratio in (0, 1) or absolute MACs.
+        prune: Options of the pruning method (:class:`amap.prune.PruneConfig` fields: criterion, similarity,
+            head_balance, reweight, attn_init, indicator_lr, ...); ``search_steps`` there is overridden by
+            ``search_epochs`` unless ``search_steps`` is set here.
+        search_epochs: Length of the search in epochs of the training data.
+        search_steps: Length of the search in steps (overrides ``search_epochs``).
+        finetune_epochs: Fine-tuning epochs after surgery (0: none).
+        finetune_lr: Peak fine-tuning learning rate.
+        finetune_min_lr: Final fine-tuning learning rate (cosine).
+        finetune_warmup_epochs: Fine-tuning warm-up.
+        weight_decay: Fine-tuning weight decay.
+        clip_grad: Gradient clipping in the fine-tune.
+        teacher: ``'original'`` (distil from the unpruned model, in the search and the fine-tune) or ``'none'``.
+        kd_alpha: Weight of the distillation loss.
+        out: Output folder.
+        resume: Continue the run in ``out`` from its last checkpoint.
+        overwrite: Replace a previous run in ``out``.
+        checkpoint_every: Search steps between search checkpoints (and fine-tune updates between fine-tune
+            checkpoints, besides every epoch end); 0 = automatic (about 10 per search).
+        seed: Seed of everything.
+        device: ``'auto'``, ``'cpu'``, ``'cuda'``.
+        amp: ``'auto'`` (CUDA only), ``'on'``, ``'off'`` for the fine-tune.
+        latency: Measure CPU (and CUDA) latency before/after for the report.
+        latency_rounds: Timed rounds of the latency measurement.
+        max_finetune_steps: Stop the fine-tune after this many updates (quick runs).
+        progress: Progress bars on interactive terminals.
+    """
+
+    model: str = 'flatten_deit_micro'
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: float = 0.7
+    prune: dict[str, Any] = field(default_factory=dict)
+    search_epochs: float = 1.0
+    search_steps: int | None = None
+    finetune_epochs: int = 5
+    finetune_lr: float = 2e-4
+    finetune_min_lr: float = 1e-6
+    finetune_warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    clip_grad: float | None = 5.0
+    teacher: str = 'original'
+    kd_alpha: float = 0.5
+    out: str = 'runs/prune'
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = 'auto'
+    amp: str = 'auto'
+    latency: bool = True
+    latency_rounds: int = 15
+    max_finetune_steps: int | None = None
+    progress: bool = True
+
+    def prune_config(self) -> PruneConfig:
+        """The pruning options as a validated :class:`PruneConfig` (target and distillation weight from here)."""
+        known = {f.name for f in dataclasses.fields(PruneConfig)}
+        for key in self.prune:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ''
+                raise ConfigError(f'prune option {key!r} is unknown{hint}')
+        kd = self.kd_alpha if self.teacher == 'original' else 0.0
+        return PruneConfig(**{**self.prune, 'target': self.target, 'kd_alpha': self.prune.get('kd_alpha', kd)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(dataclasses.asdict(self))
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run` returns (rank 0 has the files; every rank has the numbers)."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    out: Path
+
+
+def _check_keys(cls: type, doc: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in doc:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise ConfigError(f'{where}: unknown key {key!r}{hint}')
+
+
+def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+                **overrides: Any) -> PipelineConfig:
+    """A :class:`PipelineConfig` from a config object, a mapping or a YAML file, with keyword overrides.
+
+    YAML is parsed with ``yaml.safe_load`` (no object tags); unknown or mistyped keys are errors that name the
+    closest valid key.
+    """
+    if isinstance(source, PipelineConfig):
+        doc: dict[str, Any] = dataclasses.asdict(source)
+        where = 'config'
+    elif source is None:
+        doc, where = {}, 'config'
+    elif isinstance(source, Mapping):
+        doc, where = dict(source), 'config'
+    else:
+        import yaml
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f'config file {path} not found')
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]}); only plain YAML is accepted') \
+                from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f'{path}: expected a mapping of options at the top level')
+        where = str(path)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == 'data' and isinstance(value, Mapping):
+            doc['data'] = {**(doc.get('data') or {}), **value}
+        elif key == 'prune' and isinstance(value, Mapping):
+            doc['prune'] = {**(doc.get('prune') or {}), **value}
+        else:
+            doc[key] = value
+    _check_keys(PipelineConfig, doc, where)
+    data = doc.get('data') or {}
+    if isinstance(data, DataConfig):
+        data = dataclasses.asdict(data)
+    _check_keys(DataConfig, data, f'{where} (data)')
+    doc['data'] = DataConfig(**data)
+    try:
+        cfg = PipelineConfig(**doc)
+    except TypeError as e:
+        raise ConfigError(f'{where}: {e}') from None
+    if cfg.teacher not in ('original', 'none'):
+        raise ConfigError(f"{where}: teacher must be 'original' or 'none', got {cfg.teacher!r}")
+    cfg.prune_config()  # validates the pruning options and the target
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _average_grads(params: list[nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of ``params`` over ranks, so every rank takes the same step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The trained model, its timm name and the exact arguments it was created with."""
+    if cfg.checkpoint is None:
+        raise ConfigError('no checkpoint: pass --checkpoint (an amap train run, or official/timm weights for '
+                          '--model)')
+    meta = read_trained_meta(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None
+    if meta is not None:
+        model = load_trained(cfg.checkpoint)
+        return model, meta['model'], dict(meta.get('model_kwargs') or {})
+    model, kwargs = create_model(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size,
+                                 model_kwargs=cfg.model_kwargs)
+    load_checkpoint(model, cfg.checkpoint)
+    return model, cfg.model, kwargs
+
+
+def _kd_loss_fn(teacher: nn.Module | None, alpha: float):
+    def compute_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        logits = model(images)
+        loss = task_loss(logits, targets)
+        if teacher is not None and alpha > 0:
+            with torch.no_grad():
+                t_logits = teacher(images)
+            loss = (1 - alpha) * loss + alpha * distillation_loss(logits, t_logits)
+        return loss, logits
+    return compute_loss
+
+
+def _save_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
+    state = loop.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix in ('model', 'pruner'):
+        tensors.update({f'{prefix}.{k}': v for k, v in state[prefix].items()})
+    meta: dict[str, Any] = {'step': state['step'], 'history': state['history'], 'rng': _rng_states()}
+    for name, opt in (('opt', loop.opt), ('opt_ind', loop.opt_ind)):
+        if opt is not None:
+            t, m = _optimizer_to_files(opt)
+            tensors.update({f'{name}.{k}': v for k, v in t.items()})
+            meta[name] = m
+    if info.is_main:
+        from .utils.io import atomic_write_json, atomic_write_safetensors
+        with atomic_dir(folder) as tmp:
+            atomic_write_safetensors(tmp / 'state.safetensors', tensors)
+            atomic_write_json(tmp / 'state.json', meta)
+    barrier()
+
+
+def _load_search_state(folder: Path, loop: Search) -> None:
+    tensors, _ = read_safetensors(folder / 'state.safetensors')
+    meta = read_json(folder / 'state.json')
+    state: dict[str, Any] = {'step': meta['step'], 'history': meta['history'], 'opt': None}
+    for prefix in ('model', 'pruner'):
+        state[prefix] = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
+    for name in ('opt', 'opt_ind'):
+        if name in meta:
+            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')}
+            state[name] = _optimizer_from_files(sub, meta[name])
+    loop.load_state_dict(state)
+    _set_rng_states(meta['rng'])
+
+
+def _prepare_out(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
+    leftovers = [p for p in (SEARCH_STATE, PRUNED_INIT, FINETUNE, FINAL) if (out / p).exists()]
+    if leftovers and not cfg.resume:
+        if not cfg.overwrite:
+            raise ConfigError(f'{out} holds a previous run ({", ".join(leftovers)}); pass --resume to continue it or '
+                              f'--overwrite to start afresh')
+        if info.is_main:
+            import shutil
+            for p in leftovers:
+                shutil.rmtree(out / p, ignore_errors=True)
+    barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------- the run
+def run(config: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None, **overrides: Any) -> \
+        PipelineResult:
+    """Run the pipeline (see the module docstring); under ``torchrun`` every process calls it."""
+    cfg = load_config(config, **overrides)
+    info = init_distributed(cfg.device)
+    try:
+        return _run(cfg, info)
+    finally:
+        cleanup_distributed(info)
+
+
+def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
+    import yaml
+
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    device = info.device
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(cfg, out, info)
+    if info.is_main:
+        atomic_write_bytes(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    pcfg = cfg.prune_config()
+    torch.manual_seed(cfg.seed)
+
+    t0 = time.perf_counter()
+    data = build_loaders(cfg.data, distributed=info.distributed, seed=cfg.seed)
+    original, arch, arch_kwargs = _load_model(cfg, data.num_classes)
+    original.to(device).eval()
+    size = (3, cfg.data.img_size, cfg.data.img_size)
+    macs_before = count_macs(original, size, device=device).total
+    params_before = count_params(original)
+    top1_before = evaluate(original, data.val_loader, device=device)['top1']
+    seconds['load_and_evaluate'] = time.perf_counter() - t0
+    teacher = copy.deepcopy(original).eval() if cfg.teacher == 'original' else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ calibrate + search
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    init_dir = out / PRUNED_INIT
+    if cfg.resume and (init_dir / 'config.json').exists():
+        model = load_pruned(init_dir, device=device)
+        init_cfg = read_pruned_config(init_dir)
+        structure = init_cfg['structure']
+        history = init_cfg['extra'].get('history', [])
+        target_macs = init_cfg['extra']['target_macs']
+    else:
+        model = copy.deepcopy(original)
+        data.train_sampler.set_epoch(0)
+        calib = [(x.to(device), y.to(device)) for x, y in itertools.islice(iter(data.train_loader),
+                                                                             pcfg.calib_batches)]
+        pruner = prepare(model, size, pcfg, calib)
+        target_macs = resolve_target(pcfg.target, pruner.full_macs)
+        seconds['calibration'] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if pcfg.criterion == 'amap':
+            steps = cfg.search_steps or max(1, math.ceil(cfg.search_epochs * data.steps_per_epoch))
+            loop = Search(pruner, target_macs, search_settings(pcfg, steps), teacher=teacher, device=device,
+                          grad_sync=_average_grads if info.distributed else None)
+            state_dir = out / SEARCH_STATE
+            if cfg.resume and (state_dir / 'state.json').exists():
+                _load_search_state(state_dir, loop)
+            every = cfg.checkpoint_every or max(1, steps // 10)
+            bar = _progress(cfg, info, total=steps, initial=loop.step, desc='search')
+
+            def on_step(lp: Search) -> None:
+                if bar is not None:
+                    bar.update(1)
+                if lp.step % every == 0 and not lp.done:
+                    _save_search_state(state_dir, lp, info)
+
+            def on_record(rec: dict) -> None:
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", macs=f"{rec['mac_ratio']:.3f}",
+                                    kept=rec['kept'].get('qk', 0) + rec['kept'].get('v', 0))
+                elif info.is_main:
+                    _logger.info('search step %d/%d: loss %.4f, MAC ratio %.4f (target %.3f)', rec['step'] + 1,
+                                 steps, rec['loss'], rec['mac_ratio'], rec['target_ratio'])
+
+            loop.run(data.train_loader, steps_per_epoch=data.steps_per_epoch, progress=on_record, on_step=on_step)
+            if bar is not None:
+                bar.close()
+            history = loop.history
+            seconds['search'] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        finalize_structure(pruner, pcfg, target_macs, calib)
+        structure = describe_structure(pruner)
+        apply_surgery(pruner)
+        if info.is_main:
+            save_pruned(model, init_dir, architecture=arch, model_kwargs=arch_kwargs, structure=structure,
+                        extra={'history': history, 'target_macs': target_macs})
+        barrier()
+        seconds['surgery'] = time.perf_counter() - t0
+    model.to(device)
+    top1_surgery = evaluate(model, data.val_loader, device=device)['top1']
+
+    # ---------------------------------------------------------------------------------------------- fine-tune
+    t0 = time.perf_counter()
+    ft_history: list[dict] = []
+    top1_final = top1_surgery
+    if cfg.finetune_epochs > 0:
+        model, ft_history, top1_final = _finetune(cfg, info, data, model, teacher)
+    seconds['finetune'] = time.perf_counter() - t0
+    model.eval()
+
+    # ------------------------------------------------------------------------------------------- save + report
+    macs_after = count_macs(model, size, device=device).total
+    report: dict[str, Any] = {
+        'model': arch, 'model_kwargs': arch_kwargs, 'checkpoint': cfg.checkpoint,
+        'macs': {'before': macs_before, 'after': macs_after, 'ratio': macs_after / macs_before,
+                 'target': target_macs, 'target_ratio': target_macs / macs_before},
+        'params': {'before': params_before, 'after': count_params(model)},
+        'top1': {'before': top1_before, 'after_surgery': top1_surgery, 'after_finetune': top1_final},
+        'world_size': info.world_size,
+        'structure': structure, 'history': history, 'finetune_history': ft_history,
+        'config': cfg.to_dict(),
+    }
+    if info.is_main:
+        t0 = time.perf_counter()
+        if cfg.latency:
+            report['latency'] = {'cpu': _latency(original, model, size, 'cpu', cfg.latency_rounds)}
+            if torch.cuda.is_available():
+                report['latency']['cuda'] = _latency(original, model, size, device, cfg.latency_rounds)
+        seconds['latency'] = time.perf_counter() - t0
+        seconds['total'] = time.perf_counter() - t_start
+        report['seconds'] = seconds
+        save_pruned(model, out / FINAL, architecture=arch, model_kwargs=arch_kwargs, structure=structure,
+                    extra={'top1': report['top1'], 'macs': report['macs'], 'params': report['params']})
+        write_report(out, report)
+    barrier()
+    return PipelineResult(model=model, report=report, out=out)
+
+
+def _latency(original: nn.Module, pruned: nn.Module, size: tuple[int, int, int], device: Any,
+             rounds: int) -> dict[str, Any]:
+    o = copy.deepcopy(original).to(device)
+    p = copy.deepcopy(pruned).to(device)
+    res = measure_latency({'original': o, 'pruned': p}, size, device=device, rounds=rounds)
+    return {'original': res['original'], 'pruned': res['pruned'], '_meta': res['_meta']}
+
+
+def _progress(cfg: PipelineConfig, info: DistInfo, **kwargs: Any):
+    import sys
+
+    if not (cfg.progress and info.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(**kwargs)
+
+
+def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
+              teacher: nn.Module | None) -> tuple[nn.Module, list[dict], float]:
+    device = info.device
+    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, min_lr=cfg.finetune_min_lr,
+                       warmup_epochs=cfg.finetune_warmup_epochs, weight_decay=cfg.weight_decay,
+                       clip_grad=cfg.clip_grad, seed=cfg.seed, amp=cfg.amp)
+    use_amp = amp_enabled(cfg.amp, device)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, updates_per_epoch=data.steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    wrapped = model
+    if info.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
+                                                      else None)
+    state = TrainState(model=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    ckpt_dir = Path(cfg.out) / FINETUNE
+    if cfg.resume:
+        latest = latest_train_state(ckpt_dir) if ckpt_dir.exists() else None
+        if latest is not None:
+            load_train_state(latest, state, info=info)
+    compute_loss = _kd_loss_fn(teacher, cfg.kd_alpha if teacher is not None else 0.0)
+    show = cfg.progress and info.is_main
+    top1 = float('nan')
+
+    def after_update(st: TrainState) -> None:
+        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+            save_train_state(ckpt_dir, st, info=info)
+
+    while state.epoch < cfg.finetune_epochs and (cfg.max_finetune_steps is None or
+                                                 state.step < cfg.max_finetune_steps):
+        skip = state.batch_in_epoch
+        data.train_sampler.set_epoch(state.epoch, skip=skip * data.train_loader.batch_size)
+        finished = train_one_epoch(
+            state, data.train_loader, num_batches=data.steps_per_epoch - skip, compute_loss=compute_loss,
+            device=device, amp=use_amp, mixup_fn=data.mixup_fn, clip_grad=cfg.clip_grad, seed=cfg.seed,
+            rank=info.rank, max_steps=cfg.max_finetune_steps, on_update=after_update,
+            progress=show, desc=f'fine-tune {state.epoch + 1}/{cfg.finetune_epochs}')
+        if not finished:
+            save_train_state(ckpt_dir, state, info=info)
+            break
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        metrics = evaluate(state.model, data.val_loader, device=device)
+        top1 = metrics['top1']
+        state.history.append({'epoch': state.epoch, 'step': state.step, **metrics})
+        if info.is_main:
+            _logger.info('fine-tune epoch %d: val top-1 %.2f%%', state.epoch, top1)
+        save_train_state(ckpt_dir, state, info=info)
+    if math.isnan(top1):
+        top1 = evaluate(state.model, data.val_loader, device=device)['top1']
+    return state.module, list(state.history), top1

@@ -58,7 +58,7 @@ from .train import (
     save_train_state,
     train_one_epoch,
 )
-from .utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.io import atomic_dir, atomic_write_bytes, read_json, read_safetensors, to_jsonable
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'run', 'load_config']
@@ -238,6 +238,15 @@ def _average_grads(params: list[nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def _check_ranks_agree(structure: list[dict], info: DistInfo) -> None:
+    """Under DDP every rank must have found the same structure; a difference is a bug, never silently shipped."""
+    if not info.distributed:
+        return
+    structures = all_gather_object(structure)
+    if any(s != structures[0] for s in structures[1:]):
+        raise RuntimeError('ranks found different pruning structures; indicators diverged across processes')
+
+
 def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, dict[str, Any]]:
     """The trained model, its timm name and the exact arguments it was created with."""
     if cfg.checkpoint is None:
@@ -402,6 +411,7 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
             t0 = time.perf_counter()
         finalize_structure(pruner, pcfg, target_macs, calib)
         structure = describe_structure(pruner)
+        _check_ranks_agree(structure, info)
         apply_surgery(pruner)
         if info.is_main:
             save_pruned(model, init_dir, architecture=arch, model_kwargs=arch_kwargs, structure=structure,

@@ -167,13 +167,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', action='store_true', help='print the report as JSON')
     p.set_defaults(func=_cmd_macs)
 
+    # prune
+    p = sub.add_parser('prune', help='prune a trained model to a MAC target (search, surgery, fine-tune, report)',
+                       description='Prune a trained model: calibrate, search the indicators under the MAC target, cut '
+                                   'a physically smaller model, fine-tune it with distillation from the original, '
+                                   'evaluate both and write OUT/model (config.json + model.safetensors), '
+                                   'report.json/report.md and plots. Every option can come from --config YAML; flags '
+                                   'given on the command line win. Under torchrun it runs with DDP.')
+    p.add_argument('--config', default=None, metavar='YAML', help='options as YAML (keys as in PipelineConfig)')
+    p.add_argument('--model', '-m', default=None, help='timm model name (not needed for an amap train run)')
+    p.add_argument('--checkpoint', '-c', default=None, metavar='FILE',
+                   help='amap train run folder / model.safetensors, or an official FLatten / timm checkpoint')
+    p.add_argument('--model-kwargs', type=_json_dict, default=None, metavar='JSON', help='extra model arguments')
+    p.add_argument('--data', default=None, help="ImageNet-layout folder or 'digits'")
+    p.add_argument('--img-size', type=_positive_int, default=None, help='input side in pixels (default: 32)')
+    p.add_argument('--batch-size', '-b', type=_positive_int, default=None, help='batch size per process')
+    p.add_argument('--workers', '-j', type=int, default=None, help='data loader processes')
+    p.add_argument('--train-subset', type=_positive_int, default=None, help='train on a class-balanced subset')
+    p.add_argument('--val-subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
+    p.add_argument('--target', '-t', type=float, default=None,
+                   help='MAC target: ratio in (0, 1) of the original, or absolute MACs (default: 0.7)')
+    p.add_argument('--out', '-o', default=None, help='output folder (default: runs/prune)')
+    p.add_argument('--search-epochs', type=float, default=None, help='search length in epochs (default: 1)')
+    p.add_argument('--search-steps', type=_positive_int, default=None, help='search length in steps')
+    p.add_argument('--finetune-epochs', type=int, default=None, help='fine-tuning epochs (default: 5)')
+    p.add_argument('--finetune-lr', type=float, default=None, help='fine-tuning peak learning rate')
+    p.add_argument('--max-finetune-steps', type=_positive_int, default=None, help='stop the fine-tune early')
+    p.add_argument('--teacher', choices=('original', 'none'), default=None,
+                   help='distil from the original model (default) or not')
+    p.add_argument('--kd-alpha', type=float, default=None, help='weight of the distillation loss (default: 0.5)')
+    p.add_argument('--checkpoint-every', type=int, default=None, help='steps between checkpoints (0: auto)')
+    p.add_argument('--resume', action='store_true', default=None, help='continue the run in --out')
+    p.add_argument('--overwrite', action='store_true', default=None, help='replace a previous run in --out')
+    p.add_argument('--seed', type=int, default=None)
+    p.add_argument('--no-latency', dest='latency', action='store_false', default=None,
+                   help='skip the latency measurement')
+    g = p.add_argument_group('method (ablations and baselines)')
+    g.add_argument('--criterion', default=None,
+                   choices=('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform'),
+                   help='amap (default) or a baseline importance criterion under the same constraints')
+    for name, text in (('similarity', 'channel-similarity weights'), ('head-balance', 'head balance'),
+                       ('reweight', 'reweight module'), ('attn-init', 'linear-attention initialisation')):
+        g.add_argument(f'--no-{name}', dest=name.replace('-', '_'), action='store_false', default=None,
+                       help=f'switch off the {text}')
+    g.add_argument('--kinds', default=None, help="group kinds to prune, comma-separated (default: 'qk,v,mlp')")
+    g.add_argument('--indicator-lr', type=float, default=None, help='indicator learning rate')
+    g.add_argument('--search-lr', type=float, default=None, help='weight learning rate during the search')
+    g.add_argument('--resource-lambda', type=float, default=None, help='weight of the resource loss')
+    g.add_argument('--calib-batches', type=_positive_int, default=None, help='calibration batches')
+    g.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_prune)
+
+    # report
+    p = sub.add_parser('report', help='re-render the report of a prune run',
+                       description='Re-render OUT/report.md and the plots from OUT/report.json and print it.')
+    p.add_argument('out', metavar='DIR', help='output folder of amap prune')
+    p.set_defaults(func=_cmd_report)
+
+    # export
+    p = sub.add_parser('export', help='export a pruned model to ONNX',
+                       description='Export a pruned model (a folder written by amap prune / amap.save_pruned) to '
+                                   'ONNX, and check onnxruntime reproduces the PyTorch outputs when installed.')
+    p.add_argument('path', metavar='DIR', help='pruned model folder (OUT/model of amap prune)')
+    p.add_argument('--onnx', required=True, metavar='FILE', help='output .onnx file')
+    p.add_argument('--img-size', type=_positive_int, default=None, help="input side (default: the model's)")
+    p.add_argument('--opset', type=_positive_int, default=None, help="ONNX opset (default: torch's)")
+    p.set_defaults(func=_cmd_export)
+
     # demo
-    p = sub.add_parser('demo', help='train and evaluate a small FLatten model on the embedded digits data',
+    p = sub.add_parser('demo', help='train, prune to 60%% of the MACs, fine-tune and report, on embedded data',
                        description='Train a small FLatten Transformer on the embedded digits data (no download), '
-                                   'evaluate it and print a results table.')
+                                   'prune it to 60%% of its MACs, fine-tune it and print the report table.')
     p.add_argument('--out', '-o', default='runs/demo', help='output folder (default: %(default)s)')
     p.add_argument('--model', '-m', default=DEMO_MODEL, help='default: %(default)s')
     p.add_argument('--epochs', type=_positive_int, default=DEMO_EPOCHS, help='default: %(default)s')
+    p.add_argument('--target', '-t', type=float, default=0.6, help='MAC target ratio (default: %(default)s)')
+    p.add_argument('--search-epochs', type=float, default=2.0, help='default: %(default)s')
+    p.add_argument('--finetune-epochs', type=int, default=5, help='default: %(default)s')
     p.add_argument('--seed', type=int, default=0, help='default: %(default)s')
     p.add_argument('--workers', '-j', type=int, default=2, help='data loader processes (default: %(default)s)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -221,6 +292,12 @@ def _load_for_eval(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f'--checkpoint {ckpt}: no such file or folder')
+    if ckpt.is_dir() and (ckpt / 'config.json').is_file():  # a pruned model written by amap prune / save_pruned
+        from .prune.artifact import load_pruned, read_pruned_config
+        config = read_pruned_config(ckpt)
+        data = (config.get('extra') or {}).get('data') or {}
+        settings = {k: data[k] for k in ('img_size', 'mean', 'std', 'interpolation') if data.get(k) is not None}
+        return load_pruned(ckpt, device=device), settings, data.get('num_classes')
     meta = read_trained_meta(ckpt) if (ckpt.is_dir() or ckpt.suffix == '.safetensors') else None
     if meta is not None:
         if args.model and args.model != meta.get('model'):
@@ -311,6 +388,54 @@ def _cmd_macs(args: argparse.Namespace) -> int:
     return 0
 
 
+_PRUNE_METHOD_KEYS = {'criterion': 'criterion', 'similarity': 'similarity', 'head_balance': 'head_balance',
+                      'reweight': 'reweight', 'attn_init': 'attn_init', 'indicator_lr': 'indicator_lr',
+                      'search_lr': 'lr', 'resource_lambda': 'resource_lambda', 'calib_batches': 'calib_batches'}
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import load_config, run
+    data = {k: v for k, v in (('data', args.data), ('img_size', args.img_size), ('batch_size', args.batch_size),
+                              ('num_workers', args.workers), ('train_subset', args.train_subset),
+                              ('val_subset', args.val_subset)) if v is not None}
+    method = {dst: getattr(args, src) for src, dst in _PRUNE_METHOD_KEYS.items() if getattr(args, src) is not None}
+    if args.kinds:
+        method['kinds'] = tuple(k.strip() for k in args.kinds.split(',') if k.strip())
+    overrides = {
+        'model': args.model, 'checkpoint': args.checkpoint, 'model_kwargs': args.model_kwargs, 'target': args.target,
+        'out': args.out, 'search_epochs': args.search_epochs, 'search_steps': args.search_steps,
+        'finetune_epochs': args.finetune_epochs, 'finetune_lr': args.finetune_lr,
+        'max_finetune_steps': args.max_finetune_steps, 'teacher': args.teacher, 'kd_alpha': args.kd_alpha,
+        'checkpoint_every': args.checkpoint_every, 'resume': args.resume, 'overwrite': args.overwrite,
+        'seed': args.seed, 'latency': args.latency, 'device': args.device if args.device != 'auto' else None,
+        'amp': args.amp if args.amp != 'auto' else None, 'progress': False if args.no_progress else None,
+        'data': data or None, 'prune': method or None,
+    }
+    cfg = load_config(args.config, **overrides)
+    result = run(cfg)
+    if _rank() == 0:
+        from .report import format_report
+        print(format_report(result.report))
+        print(f'pruned model: {result.out / "model"}   report: {result.out / "report.md"}')
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import REPORT_JSON, render_report
+    out = Path(args.out)
+    if not (out / REPORT_JSON).is_file():
+        raise ConfigError(f'{out}: no {REPORT_JSON}; pass the output folder of amap prune')
+    print(render_report(out))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    path, check = export_onnx(args.path, args.onnx, img_size=args.img_size, opset=args.opset)
+    print(f'exported {path}' + (f' (onnxruntime max |diff| {check:.2e})' if check is not None else ''))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .data import DataConfig
     from .macs import count_macs, count_params
@@ -341,6 +466,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print('\n' + '\n'.join(f'  {k:<{width}}  {v}' for k, v in rows))
+    from .pipeline import run
+    from .report import format_report
+    _print(f'\namap demo: pruning {cfg.model} to {args.target:.0%} of its MACs (search {args.search_epochs:g} epochs, '
+           f'fine-tune {args.finetune_epochs} epochs) -> {out / "prune"}')
+    pruned = run(model=cfg.model, checkpoint=str(out), data={'data': 'digits', 'img_size': 32, 'batch_size': 64,
+                                                          'num_workers': args.workers},
+                 target=args.target, search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
+                 finetune_lr=1e-3, out=str(out / 'prune'), overwrite=True, seed=args.seed, device=args.device,
+                 amp=args.amp, progress=not args.no_progress, latency_rounds=10)
+    print('\n' + format_report(pruned.report))
     return 0
 
 

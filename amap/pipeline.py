@@ -451,8 +451,12 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         seconds['latency'] = time.perf_counter() - t0
         seconds['total'] = time.perf_counter() - t_start
         report['seconds'] = seconds
+        data_info = {'img_size': cfg.data.img_size, 'mean': list(data.mean), 'std': list(data.std),
+                     'interpolation': cfg.data.interpolation, 'num_classes': data.num_classes,
+                     'class_names': list(data.class_names)}
         save_pruned(model, out / FINAL, architecture=arch, model_kwargs=arch_kwargs, structure=structure,
-                    extra={'top1': report['top1'], 'macs': report['macs'], 'params': report['params']})
+                    extra={'top1': report['top1'], 'macs': report['macs'], 'params': report['params'],
+                           'data': data_info})
         write_report(out, report)
     barrier()
     return PipelineResult(model=model, report=report, out=out)

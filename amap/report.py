@@ -57,7 +57,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f'| {k} | {_fmt(v, ".1f")} |' for k, v in seconds.items()]
     threads = ((report.get('latency') or {}).get('cpu') or {}).get('_meta', {}).get('threads')
     if threads:
-        lines += ['', f'CPU latency: median of interleaved rounds, {threads} threads.']
+        lines += ['', f'CPU latency: median of interleaved rounds, {threads} thread{"s" if threads > 1 else ""}.']
     return '\n'.join(lines) + '\n'
 
 

@@ -238,6 +238,24 @@ def _average_grads(params: list[nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def _calibration_batches(data: Any, seed: int, info: DistInfo, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` *global* batches of epoch 0, identical on every rank.
+
+    Calibration statistics (similarity weights, the linear-attention initialisation, Taylor scores) must not depend
+    on the rank, or the ranks would start from different indicators: every rank reads the same global batches (the
+    union of the ranks' batches, in the order a single process with the same global batch would read them).
+    """
+    from torch.utils.data import DataLoader
+
+    from .data import EpochSampler
+    dataset = data.train_loader.dataset
+    sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=seed, shuffle=True)
+    sampler.set_epoch(0)
+    loader = DataLoader(dataset, batch_size=data.train_loader.batch_size * info.world_size, sampler=sampler,
+                        num_workers=0)
+    return [(x.to(info.device), y.to(info.device)) for x, y in itertools.islice(iter(loader), n)]
+
+
 def _check_ranks_agree(structure: list[dict], info: DistInfo) -> None:
     """Under DDP every rank must have found the same structure; a difference is a bug, never silently shipped."""
     if not info.distributed:
@@ -245,6 +263,12 @@ def _check_ranks_agree(structure: list[dict], info: DistInfo) -> None:
     structures = all_gather_object(structure)
     if any(s != structures[0] for s in structures[1:]):
         raise RuntimeError('ranks found different pruning structures; indicators diverged across processes')
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
 
 
 def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, dict[str, Any]]:
@@ -372,9 +396,7 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         target_macs = init_cfg['extra']['target_macs']
     else:
         model = copy.deepcopy(original)
-        data.train_sampler.set_epoch(0)
-        calib = [(x.to(device), y.to(device)) for x, y in itertools.islice(iter(data.train_loader),
-                                                                             pcfg.calib_batches)]
+        calib = _calibration_batches(data, cfg.seed, info, pcfg.calib_batches)
         pruner = prepare(model, size, pcfg, calib)
         target_macs = resolve_target(pcfg.target, pruner.full_macs)
         seconds['calibration'] = time.perf_counter() - t0
@@ -382,7 +404,8 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         if pcfg.criterion == 'amap':
             steps = cfg.search_steps or max(1, math.ceil(cfg.search_epochs * data.steps_per_epoch))
             loop = Search(pruner, target_macs, search_settings(pcfg, steps), teacher=teacher, device=device,
-                          grad_sync=_average_grads if info.distributed else None)
+                          grad_sync=_average_grads if info.distributed else None,
+                          reduce=_mean_over_ranks if info.distributed else None)
             state_dir = out / SEARCH_STATE
             if cfg.resume and (state_dir / 'state.json').exists():
                 _load_search_state(state_dir, loop)

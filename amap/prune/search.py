@@ -102,6 +102,7 @@ class Search:
         mixup_fn: Optional timm Mixup applied to each batch.
         grad_sync: Called after every backward (e.g. an all-reduce of the gradients of the weights, indicators
             and reweights under DDP, so that every rank keeps identical indicators and masks).
+        reduce: Averages logged losses over ranks (under DDP), so the history describes the global batch.
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class Search:
             device: torch.device | str = 'cpu',
             mixup_fn: Callable | None = None,
             grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+            reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.pruner, self.target_macs, self.settings = pruner, target_macs, settings
+        self.reduce = reduce
         self.teacher, self.device, self.mixup_fn, self.grad_sync = teacher, torch.device(device), mixup_fn, grad_sync
         s = settings
         model = pruner.model[0]
@@ -187,7 +190,11 @@ class Search:
         if step % s.log_every == 0 or step == s.steps - 1:
             with torch.no_grad():
                 hard = pruner.hard_macs()
-            rec = {'step': step, 'loss': loss.item(), 'task': task.item(), 'kd': kd.item(), 'resource': res.item(),
+                logged = torch.stack([loss.detach(), task.detach(), kd.detach(), res.detach().to(loss)])
+                if self.reduce is not None:
+                    logged = self.reduce(logged)
+                loss_v, task_v, kd_v, res_v = logged.tolist()
+            rec = {'step': step, 'loss': loss_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
                    'lambda': lam, 'mac_ratio': hard / pruner.full_macs,
                    'target_ratio': self.target_macs / pruner.full_macs, 'kept': kept_by_kind(pruner)}
             self.history.append(rec)

@@ -24,9 +24,11 @@ _LAZY = {
     'load_checkpoint': 'amap.checkpoint',
     'count_macs': 'amap.macs',
     'count_params': 'amap.macs',
+    'load_trained': 'amap.train',
+    'TrainConfig': 'amap.train',
+    'TrainResult': 'amap.train',
     'train': 'amap.train',
     'evaluate': 'amap.train',
-    'prune': 'amap.prune',
     'PruneConfig': 'amap.prune',
     'PruneResult': 'amap.prune',
     'save_pruned': 'amap.prune',
@@ -34,10 +36,12 @@ _LAZY = {
     'plot_structure': 'amap.prune',
 }
 
-__all__ = ['AmapError', 'CheckpointError', 'ConfigError', 'DataError', 'ModelError', 'models', *_LAZY]
+__all__ = ['AmapError', 'CheckpointError', 'ConfigError', 'DataError', 'ModelError', 'models', 'prune', *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name == 'prune':  # the subpackage, which is callable as the prune() function
+        return importlib.import_module('amap.prune')
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'amap' has no attribute {name!r}")

@@ -203,3 +203,13 @@ def test_search_resumes_exactly_from_a_saved_state():
     for (n, a), (_, b) in zip(straight.pruner.model[0].state_dict().items(),
                               resumed.pruner.model[0].state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
+def test_amap_prune_is_callable_and_a_package_after_any_import():
+    import amap
+    import amap.prune.api  # importing a submodule must not shadow the function (it used to)
+
+    res1 = amap.prune(build('flatten_deit'), _loader(), 0.7, criterion='magnitude', calib_batches=1)
+    res2 = amap.prune(build('flatten_deit'), _loader(), 0.7, criterion='magnitude', calib_batches=1)
+    assert res1.structure == res2.structure
+    assert amap.prune.Pruner is amap.prune.pruner.Pruner

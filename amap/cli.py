@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='distil from the original model (default) or not')
     p.add_argument('--kd-alpha', type=float, default=None, help='weight of the distillation loss (default: 0.5)')
     p.add_argument('--checkpoint-every', type=int, default=None, help='steps between checkpoints (0: auto)')
+    p.add_argument('--accum-steps', type=_positive_int, default=None, help='gradient accumulation (batches/update)')
     p.add_argument('--resume', action='store_true', default=None, help='continue the run in --out')
     p.add_argument('--overwrite', action='store_true', default=None, help='replace a previous run in --out')
     p.add_argument('--seed', type=int, default=None)
@@ -406,7 +407,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         'out': args.out, 'search_epochs': args.search_epochs, 'search_steps': args.search_steps,
         'finetune_epochs': args.finetune_epochs, 'finetune_lr': args.finetune_lr,
         'max_finetune_steps': args.max_finetune_steps, 'teacher': args.teacher, 'kd_alpha': args.kd_alpha,
-        'checkpoint_every': args.checkpoint_every, 'resume': args.resume, 'overwrite': args.overwrite,
+        'checkpoint_every': args.checkpoint_every, 'accum_steps': args.accum_steps, 'resume': args.resume,
+        'overwrite': args.overwrite,
         'seed': args.seed, 'latency': args.latency, 'device': args.device if args.device != 'auto' else None,
         'amp': args.amp if args.amp != 'auto' else None, 'progress': False if args.no_progress else None,
         'data': data or None, 'prune': method or None,

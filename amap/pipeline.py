@@ -103,7 +103,9 @@ class PipelineConfig:
             checkpoints, besides every epoch end); 0 = automatic (about 10 per search).
         seed: Seed of everything.
         device: ``'auto'``, ``'cpu'``, ``'cuda'``.
-        amp: ``'auto'`` (CUDA only), ``'on'``, ``'off'`` for the fine-tune.
+        amp: ``'auto'`` (float16 autocast + loss scaling on CUDA only), ``'on'``, ``'off'``; search and fine-tune.
+        accum_steps: Gradient accumulation: batches per optimiser update, in the search and the fine-tune (a
+            step's global batch is ``batch_size x processes x accum_steps``).
         latency: Measure CPU (and CUDA) latency before/after for the report.
         latency_rounds: Timed rounds of the latency measurement.
         max_finetune_steps: Stop the fine-tune after this many updates (quick runs).
@@ -133,6 +135,7 @@ class PipelineConfig:
     seed: int = 0
     device: str = 'auto'
     amp: str = 'auto'
+    accum_steps: int = 1
     latency: bool = True
     latency_rounds: int = 15
     max_finetune_steps: int | None = None
@@ -217,6 +220,8 @@ def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike |
         cfg = PipelineConfig(**doc)
     except TypeError as e:
         raise ConfigError(f'{where}: {e}') from None
+    if cfg.accum_steps < 1:
+        raise ConfigError(f'{where}: accum_steps must be >= 1, got {cfg.accum_steps}')
     if cfg.teacher not in ('original', 'none'):
         raise ConfigError(f"{where}: teacher must be 'original' or 'none', got {cfg.teacher!r}")
     cfg.prune_config()  # validates the pruning options and the target
@@ -303,7 +308,8 @@ def _save_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for prefix in ('model', 'pruner'):
         tensors.update({f'{prefix}.{k}': v for k, v in state[prefix].items()})
-    meta: dict[str, Any] = {'step': state['step'], 'history': state['history'], 'rng': _rng_states()}
+    meta: dict[str, Any] = {'step': state['step'], 'history': state['history'], 'rng': _rng_states(),
+                            'scaler': state['scaler']}
     for name, opt in (('opt', loop.opt), ('opt_ind', loop.opt_ind)):
         if opt is not None:
             t, m = _optimizer_to_files(opt)
@@ -320,7 +326,8 @@ def _save_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
 def _load_search_state(folder: Path, loop: Search) -> None:
     tensors, _ = read_safetensors(folder / 'state.safetensors')
     meta = read_json(folder / 'state.json')
-    state: dict[str, Any] = {'step': meta['step'], 'history': meta['history'], 'opt': None}
+    state: dict[str, Any] = {'step': meta['step'], 'history': meta['history'], 'opt': None,
+                             'scaler': meta.get('scaler')}
     for prefix in ('model', 'pruner'):
         state[prefix] = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
     for name in ('opt', 'opt_ind'):
@@ -402,8 +409,10 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if pcfg.criterion == 'amap':
-            steps = cfg.search_steps or max(1, math.ceil(cfg.search_epochs * data.steps_per_epoch))
-            loop = Search(pruner, target_macs, search_settings(pcfg, steps), teacher=teacher, device=device,
+            steps = cfg.search_steps or max(1, math.ceil(cfg.search_epochs * data.steps_per_epoch / cfg.accum_steps))
+            settings = dataclasses.replace(search_settings(pcfg, steps), accum_steps=cfg.accum_steps,
+                                           amp=amp_enabled(cfg.amp, device))
+            loop = Search(pruner, target_macs, settings, teacher=teacher, device=device,
                           grad_sync=_average_grads if info.distributed else None,
                           reduce=_mean_over_ranks if info.distributed else None)
             state_dir = out / SEARCH_STATE
@@ -510,7 +519,7 @@ def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
                        clip_grad=cfg.clip_grad, seed=cfg.seed, amp=cfg.amp)
     use_amp = amp_enabled(cfg.amp, device)
     optimizer = build_optimizer(model, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, updates_per_epoch=data.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, tcfg, updates_per_epoch=max(1, data.steps_per_epoch // cfg.accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     wrapped = model
     if info.distributed:
@@ -537,7 +546,7 @@ def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
         finished = train_one_epoch(
             state, data.train_loader, num_batches=data.steps_per_epoch - skip, compute_loss=compute_loss,
             device=device, amp=use_amp, mixup_fn=data.mixup_fn, clip_grad=cfg.clip_grad, seed=cfg.seed,
-            rank=info.rank, max_steps=cfg.max_finetune_steps, on_update=after_update,
+            accum_steps=cfg.accum_steps, rank=info.rank, max_steps=cfg.max_finetune_steps, on_update=after_update,
             progress=show, desc=f'fine-tune {state.epoch + 1}/{cfg.finetune_epochs}')
         if not finished:
             save_train_state(ckpt_dir, state, info=info)

@@ -39,6 +39,8 @@ class SearchSettings:
     clip_grad: float | None = 5.0
     log_every: int = 10
     train_weights: bool = True
+    accum_steps: int = 1
+    amp: bool = False
 
 
 def task_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -133,6 +135,8 @@ class Search:
         self.opt = torch.optim.AdamW(groups) if groups else None
         self.opt_ind = torch.optim.Adam(self.ind_params, lr=s.indicator_lr)
         self.kd_alpha = s.kd_alpha if teacher is not None else 0.0
+        self.amp = bool(s.amp and self.device.type == 'cuda')  # float16 autocast + loss scaling on CUDA only
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.step = 0
         self.history: list[dict] = []
 
@@ -145,42 +149,58 @@ class Search:
         s = self.settings
         return s.resource_lambda * min(1.0, (step + 1) / max(1, math.ceil(s.lambda_warmup * s.steps)))
 
-    def train_step(self, x: Tensor, y: Tensor) -> dict | None:
-        """One search step on a batch; returns the history record when one is logged at this step."""
+    def train_step(self, x: Tensor | list[tuple[Tensor, Tensor]], y: Tensor | None = None) -> dict | None:
+        """One search step (one optimiser update); returns the history record when one is logged at this step.
+
+        Args:
+            x: Images, or a list of ``(images, labels)`` micro-batches whose gradients are accumulated (the loss of
+                each is divided by their number, so the update equals one step on their union when they are of
+                equal size).
+            y: Labels (when ``x`` is a tensor).
+        """
         s, pruner, model = self.settings, self.pruner, self.pruner.model[0]
+        micro = [(x, y)] if isinstance(x, Tensor) else list(x)
         model.train()
         if self.teacher is not None:
             self.teacher.eval()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.mixup_fn is not None:
-            x, y = self.mixup_fn(x, y)
-        logits = model(x)
-        task = task_loss(logits, y)
-        loss = task
-        kd = torch.zeros((), device=logits.device)
-        if self.kd_alpha > 0:
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            kd = distillation_loss(logits, t_logits, s.kd_temperature)
-            loss = (1 - self.kd_alpha) * task + self.kd_alpha * kd
-        step = self.step
-        lam = self.lam(step)
-        res = lam * (pruner.macs() / self.target_macs - 1) ** 2
-        loss = loss + res.to(loss.device, loss.dtype)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f'non-finite loss at search step {step}: lower the learning rate '
-                                     '(--lr / --indicator-lr) or disable AMP')
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
         self.opt_ind.zero_grad(set_to_none=True)
-        loss.backward()
+        step = self.step
+        lam = self.lam(step)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for xb, yb in micro:
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            if self.mixup_fn is not None:
+                xb, yb = self.mixup_fn(xb, yb)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = model(xb)
+                task = task_loss(logits.float(), yb)
+                kd = torch.zeros((), device=logits.device)
+                loss = task
+                if self.kd_alpha > 0:
+                    with torch.no_grad():
+                        t_logits = self.teacher(xb)
+                    kd = distillation_loss(logits.float(), t_logits.float(), s.kd_temperature)
+                    loss = (1 - self.kd_alpha) * task + self.kd_alpha * kd
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'non-finite loss at search step {step}: lower the learning rate '
+                                         '(--search-lr / --indicator-lr) or disable AMP')
+            self.scaler.scale(loss / len(micro)).backward()
+            sums += torch.tensor([loss.item(), task.item(), kd.item()], dtype=torch.float64) / len(micro)
+        res = lam * (pruner.macs() / self.target_macs - 1) ** 2  # once per update, outside autocast (float64)
+        self.scaler.scale(res.float()).backward()
         if self.grad_sync is not None:
             self.grad_sync(self.weights + self.rw_params + self.ind_params)
+        if self.opt is not None:
+            self.scaler.unscale_(self.opt)
+        self.scaler.unscale_(self.opt_ind)
         if s.clip_grad and self.weights:
             torch.nn.utils.clip_grad_norm_(self.weights, s.clip_grad)
         if self.opt is not None:
-            self.opt.step()
-        self.opt_ind.step()
+            self.scaler.step(self.opt)
+        self.scaler.step(self.opt_ind)
+        self.scaler.update()
         with torch.no_grad():
             for p in self.ind_params:
                 p.clamp_(0.0, 1.0)
@@ -190,10 +210,11 @@ class Search:
         if step % s.log_every == 0 or step == s.steps - 1:
             with torch.no_grad():
                 hard = pruner.hard_macs()
-                logged = torch.stack([loss.detach(), task.detach(), kd.detach(), res.detach().to(loss)])
+                logged = torch.cat([sums, res.detach().double().cpu().reshape(1)]).to(self.device)
                 if self.reduce is not None:
                     logged = self.reduce(logged)
                 loss_v, task_v, kd_v, res_v = logged.tolist()
+                loss_v += res_v
             rec = {'step': step, 'loss': loss_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
                    'lambda': lam, 'mac_ratio': hard / pruner.full_macs,
                    'target_ratio': self.target_macs / pruner.full_macs, 'kept': kept_by_kind(pruner)}
@@ -214,17 +235,18 @@ class Search:
 
         Args:
             loader: Training batches ``(images, labels)``; epochs are re-iterated as needed.
-            steps_per_epoch: Batches per epoch (default ``len(loader)``).
+            steps_per_epoch: Batches per epoch (default ``len(loader)``); a step consumes ``accum_steps`` batches.
             until: Stop after this global step.
             progress: Called with every logged record.
             on_step: Called after every step (e.g. to checkpoint).
         """
         until = self.settings.steps if until is None else min(until, self.settings.steps)
         per_epoch = steps_per_epoch or len(loader)
-        batches = _epoch_batches(loader, self.step, per_epoch)
+        accum = max(1, self.settings.accum_steps)
+        batches = _epoch_batches(loader, self.step * accum, per_epoch)
         while self.step < until:
-            x, y = next(batches)[:2]
-            rec = self.train_step(x, y)
+            micro = [tuple(next(batches)[:2]) for _ in range(accum)]
+            rec = self.train_step(micro)
             if rec is not None and progress is not None:
                 progress(rec)
             if on_step is not None:
@@ -241,6 +263,7 @@ class Search:
             'opt_ind': self.opt_ind.state_dict(),
             'step': self.step,
             'history': list(self.history),
+            'scaler': self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -252,6 +275,8 @@ class Search:
         self.opt_ind.load_state_dict(state['opt_ind'])
         self.step = int(state['step'])
         self.history = list(state['history'])
+        if state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
 
 
 def search(

@@ -213,3 +213,26 @@ def test_amap_prune_is_callable_and_a_package_after_any_import():
     res2 = amap.prune(build('flatten_deit'), _loader(), 0.7, criterion='magnitude', calib_batches=1)
     assert res1.structure == res2.structure
     assert amap.prune.Pruner is amap.prune.pruner.Pruner
+
+
+def test_gradient_accumulation_equals_one_step_on_the_union():
+    from amap.prune.api import resolve_target
+    from amap.prune.search import Search, SearchSettings
+
+    def loop(accum: int, batch: int) -> Search:
+        pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
+        settings = SearchSettings(steps=2, accum_steps=accum, clip_grad=None, log_every=1)
+        return Search(pruner, resolve_target(0.5, pruner.full_macs), settings, teacher=build('flatten_deit'))
+
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    halves = [(x[i:i + 4], y[i:i + 4]) for x, y in data for i in (0, 4)]
+    whole, accum = loop(1, 8), loop(2, 4)
+    whole.run(data)
+    accum.run(halves)
+    assert accum.step == whole.step == 2
+    for (n, a), (_, b) in zip(whole.pruner.model[0].state_dict().items(), accum.pruner.model[0].state_dict().items()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0, msg=n)
+    for (n, a), (_, b) in zip(whole.pruner.state_dict().items(), accum.pruner.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0, msg=n)
+    assert [h['loss'] for h in whole.history] == pytest.approx([h['loss'] for h in accum.history], abs=1e-5)

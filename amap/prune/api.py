@@ -290,5 +290,10 @@ def prune(
 
 
 def _base_of(model: nn.Module) -> dict[str, Any]:
+    """The timm architecture and the arguments that can be read off the model (other creation arguments, e.g.
+    ``img_size``, must be given as ``base=`` to rebuild the artifact)."""
     arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
-    return {'architecture': arch, 'model_kwargs': {}} if arch else {}
+    if not arch:
+        return {}
+    kwargs = {'num_classes': model.num_classes} if isinstance(getattr(model, 'num_classes', None), int) else {}
+    return {'architecture': arch, 'model_kwargs': kwargs}

@@ -91,3 +91,21 @@ def test_save_replaces_atomically(tmp_path):
     save_pruned(model, tmp_path / 'art', architecture=arch, model_kwargs=kwargs, structure=structure)
     save_pruned(model, tmp_path / 'art', architecture=arch, model_kwargs=kwargs, structure=structure)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['art']  # no temp or backup folder left behind
+
+
+def test_save_pruned_straight_from_a_prune_result(tmp_path):
+    import timm
+
+    import amap
+
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 7, (8,), generator=g))]
+    result = amap.prune(timm.create_model('flatten_deit_nano', num_classes=7), loader, 0.6, criterion='magnitude',
+                        calib_batches=1)
+    amap.save_pruned(result, tmp_path / 'art')
+    config = json.loads((tmp_path / 'art' / 'config.json').read_text())
+    assert config['model_kwargs'] == {'num_classes': 7}
+    assert config['extra']['ratio'] == pytest.approx(result.ratio)
+    x = loader[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(amap.load_pruned(tmp_path / 'art')(x), result.model.eval()(x), atol=1e-6, rtol=0)

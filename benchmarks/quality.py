@@ -1,0 +1,479 @@
+"""Accuracy at equal MACs: AMAP against its own ablations, the classic criteria and Torch-Pruning.
+
+For each trained base model (``amap train`` run folders), each MAC target and each method, and several seeds, the
+same pipeline budget is spent -- same data, same distillation from the unpruned model (``kd_alpha`` 0.5), same
+number of training epochs -- and top-1 is measured before pruning, right after the cut and after fine-tuning:
+
+* ``amap``: the full method; ``amap_no_similarity``, ``amap_no_head_balance``, ``amap_no_reweight``,
+  ``amap_no_attn_init``: one component switched off (:class:`amap.prune.PruneConfig` switches);
+* ``magnitude`` (L1), ``taylor``, ``random``, ``uniform`` (per-layer ratio): the engine's baseline criteria, under the
+  same groups, head balance and target guarantee;
+* ``torch_pruning_magnitude`` / ``torch_pruning_taylor``: Torch-Pruning's MetaPruner with GroupMagnitudeImportance /
+  GroupTaylorImportance, head-dim pruning of the attention and MLP hidden dims, its ratio pushed by bisection to the
+  same MACs (``benchmarks/torch_pruning_baseline.py``).
+
+Budget: AMAP's search trains the weights (with distillation) while it searches, so it spends ``search_epochs`` +
+``finetune_epochs`` epochs of training; the criteria that need no search (every baseline) fine-tune for
+``search_epochs + finetune_epochs`` epochs instead, so every method gets the same number of training epochs with the
+same teacher. Everything except Torch-Pruning runs through :func:`amap.pipeline.run`; Torch-Pruning's model is
+fine-tuned by the pipeline's own fine-tune loop (same optimiser, schedule, distillation).
+
+Every run writes ``report.json`` in its own folder (``--work-dir``, default ``~/.cache/amap-bench/quality``); a run
+whose report exists is reused, an interrupted one continues (the pipeline resumes), so a killed benchmark picks up
+where it stopped. The JSON + Markdown results hold every run, the mean and spread (sample std over seeds) per (base,
+target, method), the exact command, the machine and the date.
+
+Usage::
+
+    # bases: amap train run folders (default ~/.cache/amap-bench/<model>/ for the three small models)
+    python benchmarks/quality.py --data ~/data/cifar10 --out benchmarks/results/quality.json         # hours
+    python benchmarks/quality.py --quick --data digits --out /tmp/quality_quick.json                 # ~2 minutes
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ''):  # run as a script: make `benchmarks.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from amap.utils.io import atomic_write_json, read_json  # noqa: E402
+from benchmarks.common import command_line, loadavg, machine_info, markdown_table, write_results  # noqa: E402
+
+DEFAULT_MODELS = ['flatten_deit_micro', 'flatten_swin_micro', 'timm_deit_micro']
+# how each default base is trained (the command printed when its folder is missing)
+TRAIN_COMMANDS = {
+    'flatten_deit_micro': 'amap train --model flatten_deit_micro --data {data} --epochs 100 --out {out}',
+    'flatten_swin_micro': 'amap train --model flatten_swin_micro --data {data} --epochs 100 --out {out}',
+    'timm_deit_micro': ('amap train --model deit_tiny_patch16_224 --model-kwargs \'{{"patch_size": 4, "depth": 6}}\' '
+                        '--img-size 32 --data {data} --epochs 100 --out {out}'),
+}
+METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
+    'amap': {},
+    'amap_no_similarity': {'similarity': False},
+    'amap_no_head_balance': {'head_balance': False},
+    'amap_no_reweight': {'reweight': False},
+    'amap_no_attn_init': {'attn_init': False},
+    'magnitude': {'criterion': 'magnitude'},
+    'taylor': {'criterion': 'taylor'},
+    'random': {'criterion': 'random'},
+    'uniform': {'criterion': 'uniform'},
+    'torch_pruning_magnitude': None,
+    'torch_pruning_taylor': None,
+}
+QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude']
+# the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
+QUICK_BASE = {'model': 'deit_tiny_patch16_224',
+              'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
+GOAL_GAP = 0.5  # AMAP at 70% within this many top-1 points of the unpruned model
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _is_amap(method: str) -> bool:
+    return METHODS[method] is not None and METHODS[method].get('criterion', 'amap') == 'amap'
+
+
+# ----------------------------------------------------------------------------------------------------------- bases
+def _base_ok(path: Path) -> str | None:
+    """None when ``path`` is a finished ``amap train`` run, else why not."""
+    from amap.errors import AmapError
+    from amap.train import read_trained_meta
+    if not path.exists():
+        return f'{path} does not exist'
+    try:
+        meta = read_trained_meta(path)
+    except AmapError as e:
+        return str(e)
+    if meta is None:
+        return f'{path} is not an amap train run (no model description)'
+    return None
+
+
+def resolve_bases(args: argparse.Namespace) -> tuple[dict[str, Path], list[dict[str, str]]]:
+    """``{name: run folder}`` of the bases found, and the skipped ones with the reason and how to make them."""
+    if args.bases:
+        wanted = {}
+        for item in args.bases:
+            name, sep, path = item.partition('=')
+            if not sep or not name or not path:
+                raise SystemExit(f'--bases expects NAME=PATH, got {item!r}')
+            wanted[name] = Path(path).expanduser()
+    else:
+        root = Path(args.bases_dir).expanduser()
+        wanted = {m: root / m for m in (args.models or DEFAULT_MODELS)}
+    found: dict[str, Path] = {}
+    skipped: list[dict[str, str]] = []
+    for name, path in wanted.items():
+        why = _base_ok(path)
+        if why is None:
+            found[name] = path
+            continue
+        how = TRAIN_COMMANDS.get(name, 'amap train --model <model> --data {data} --out {out}').format(
+            data=args.data or 'DIR', out=path)
+        skipped.append({'base': name, 'path': str(path), 'reason': why, 'make_it_with': how})
+        _log(f'SKIPPED base {name}: {why}. Train it with: {how}')
+    return found, skipped
+
+
+def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int) -> Path:
+    """Train the quick base model for ``epochs`` epochs (reused when already trained)."""
+    from amap.data import DataConfig
+    from amap.train import TrainConfig, train
+    out = work / 'quick_base'
+    if _base_ok(out) is None:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    data = {**data, 'train_subset': None}  # the base learns from all the training data
+    cfg = TrainConfig(model=QUICK_BASE['model'], model_kwargs=dict(QUICK_BASE['model_kwargs']),
+                      data=DataConfig(**data), epochs=epochs, lr=2e-3,
+                      warmup_epochs=1.0, out_dir=str(out), progress=False, device='cpu', seed=0)
+    t0 = time.perf_counter()
+    train(cfg)
+    _log(f'quick base trained in {time.perf_counter() - t0:.1f} s ({epochs} epochs)')
+    torch.set_num_threads(threads)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- one run
+def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """Search / fine-tune epochs of a method: the same total of training epochs for everyone."""
+    if _is_amap(method):
+        return {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs}
+    return {'search_epochs': 0, 'finetune_epochs': args.search_epochs + args.finetune_epochs}
+
+
+def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
+    macs, params = report['macs'], report['params']
+    return {'top1': dict(report['top1']),
+            'macs': {'before': macs['before'], 'after': macs['after'], 'ratio': macs['ratio'],
+                     'target_ratio': macs.get('target_ratio')},
+            'params': {'before': params['before'], 'after': params['after'],
+                       'ratio': params['after'] / params['before']},
+            'seconds': dict(report.get('seconds') or {})}
+
+
+def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
+                      budget: dict[str, Any]) -> dict[str, Any]:
+    from amap.pipeline import run
+    prune = {**METHODS[method], 'seed': seed}
+    res = run(checkpoint=str(base), data=data, target=target, prune=prune,
+              search_epochs=budget['search_epochs'], finetune_epochs=budget['finetune_epochs'], out=str(out),
+              resume=True, latency=False, progress=False, seed=seed, device='cpu', teacher='original')
+    return res.report
+
+
+def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
+                      budget: dict[str, Any]) -> dict[str, Any]:
+    """Torch-Pruning to the target, then the pipeline's fine-tune (same optimiser, schedule, distillation)."""
+    from amap.data import build_loaders
+    from amap.pipeline import FINETUNE, _calibration_batches, _finetune, load_config
+    from amap.prune.api import PruneConfig
+    from amap.train import evaluate, load_trained
+    from amap.utils.distributed import DistInfo
+    from benchmarks.torch_pruning_baseline import prune_to_target
+
+    importance = method.removeprefix('torch_pruning_')
+    cfg = load_config(checkpoint=str(base), data=data, target=target, search_epochs=0,
+                      finetune_epochs=budget['finetune_epochs'], out=str(out), latency=False, progress=False,
+                      seed=seed, device='cpu', teacher='original')
+    info = DistInfo()
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    bundle = build_loaders(cfg.data, seed=seed)
+    original = load_trained(base).eval()
+    top1_before = evaluate(original, bundle.val_loader, device='cpu')['top1']
+    seconds['load_and_evaluate'] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    calib = _calibration_batches(bundle, seed, info, PruneConfig().calib_batches)
+    size = (3, cfg.data.img_size, cfg.data.img_size)
+    tp = prune_to_target(original, target, size, importance=importance, calib=calib, log=_log)
+    seconds['torch_pruning'] = time.perf_counter() - t0
+    model = tp.model
+    top1_surgery = evaluate(model, bundle.val_loader, device='cpu')['top1']
+    teacher = copy.deepcopy(original).eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    shutil.rmtree(out / FINETUNE, ignore_errors=True)  # the structure is recomputed: never resume a stale fine-tune
+    top1_final, ft_history = top1_surgery, []
+    if cfg.finetune_epochs > 0:
+        model, ft_history, top1_final = _finetune(cfg, info, bundle, model, teacher)
+    seconds['finetune'] = time.perf_counter() - t0
+    seconds['total'] = time.perf_counter() - t_start
+    from amap.macs import count_macs, count_params
+    model.eval()
+    macs_after = count_macs(model, size).total
+    return {
+        'macs': {'before': tp.macs_before, 'after': macs_after, 'ratio': macs_after / tp.macs_before,
+                 'target': tp.target_macs, 'target_ratio': target},
+        'params': {'before': tp.params_before, 'after': count_params(model)},
+        'top1': {'before': top1_before, 'after_surgery': top1_surgery, 'after_finetune': top1_final},
+        'seconds': seconds, 'finetune_history': ft_history,
+        'torch_pruning': {'importance': importance, 'pruning_ratio': tp.pruning_ratio, 'bisection': tp.bisection},
+        'config': cfg.to_dict(),
+    }
+
+
+def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float, method: str, seed: int,
+            data: dict[str, Any]) -> dict[str, Any]:
+    """The summary of one run: from its ``report.json`` when it finished before, else run it now."""
+    from benchmarks.torch_pruning_baseline import NotApplicable
+    out = Path(args.work_dir).expanduser() / base_name / f't{target:g}' / method / f'seed{seed}'
+    done = out / 'report.json'
+    budget = _budget(args, method)
+    key = {'base': base_name, 'target': target, 'method': method, 'seed': seed, 'folder': str(out), 'budget': budget}
+    if done.is_file():
+        report = read_json(done)
+        if 'not_applicable' in report:
+            return {**key, 'not_applicable': report['not_applicable'], 'reused': True}
+        if 'top1' in report:
+            return {**key, **_summary_of(report), 'reused': True}
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f'run {base_name} target {target:g} {method} seed {seed} ({budget})')
+    t0 = time.perf_counter()
+    if METHODS[method] is None:
+        try:
+            report = run_torch_pruning(base, out, target, method, seed, data, budget)
+        except NotApplicable as e:
+            _log(f'  not applicable: {e}')
+            atomic_write_json(done, {'not_applicable': str(e)})
+            return {**key, 'not_applicable': str(e), 'reused': False}
+        atomic_write_json(done, report)
+    else:
+        report = run_amap_pipeline(base, out, target, method, seed, data, budget)
+    report.setdefault('seconds', {}).setdefault('total', time.perf_counter() - t0)
+    summary = {**key, **_summary_of(report), 'reused': False}
+    _log(f'  top-1 {summary["top1"]["before"]:.2f} -> {summary["top1"]["after_surgery"]:.2f} -> '
+         f'{summary["top1"]["after_finetune"]:.2f}, MAC ratio {summary["macs"]["ratio"]:.4f}, '
+         f'{summary["seconds"].get("total", float("nan")):.1f} s')
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------------- summary
+def _stats(values: list[float]) -> dict[str, Any]:
+    values = [float(v) for v in values]
+    return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+            'min': min(values), 'max': max(values), 'n': len(values)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds per (base, target, method)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r['base'], r['target'], r['method']), []).append(r)
+    rows = []
+    for (base, target, method), rs in groups.items():
+        row: dict[str, Any] = {'base': base, 'target': target, 'method': method, 'seeds': [r['seed'] for r in rs]}
+        na = [r['not_applicable'] for r in rs if 'not_applicable' in r]
+        if na:
+            row['not_applicable'] = na[0]
+            rows.append(row)
+            continue
+        for stage in ('before', 'after_surgery', 'after_finetune'):
+            row[f'top1_{stage}'] = _stats([r['top1'][stage] for r in rs])
+        row['mac_ratio'] = _stats([r['macs']['ratio'] for r in rs])
+        row['macs'] = _stats([r['macs']['after'] for r in rs])
+        row['params'] = _stats([r['params']['after'] for r in rs])
+        row['param_ratio'] = _stats([r['params']['ratio'] for r in rs])
+        row['seconds'] = _stats([r['seconds'].get('total', float('nan')) for r in rs])
+        rows.append(row)
+    return rows
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 5's goals per (base, target): AMAP has the best mean top-1; at 70% it is within 0.5 points of the
+    unpruned model."""
+    out = []
+    for base, target in dict.fromkeys((r['base'], r['target']) for r in rows):
+        rs = {r['method']: r for r in rows if r['base'] == base and r['target'] == target and 'not_applicable' not in r}
+        if 'amap' not in rs:
+            continue
+        amap_top1 = rs['amap']['top1_after_finetune']['mean']
+        best = max(rs, key=lambda m: rs[m]['top1_after_finetune']['mean'])
+        g: dict[str, Any] = {'base': base, 'target': target, 'best_method': best,
+                             'amap_is_best': bool(amap_top1 >= rs[best]['top1_after_finetune']['mean']),
+                             'amap_top1': amap_top1, 'unpruned_top1': rs['amap']['top1_before']['mean']}
+        g['gap_to_unpruned'] = g['unpruned_top1'] - amap_top1
+        if math.isclose(target, 0.7):
+            g['within_0.5_of_unpruned'] = bool(g['gap_to_unpruned'] <= GOAL_GAP)
+        out.append(g)
+    return out
+
+
+def _pm(s: dict[str, Any], digits: int = 2) -> str:
+    return f'{s["mean"]:.{digits}f} ± {s["std"]:.{digits}f}'
+
+
+def render_markdown(payload: dict[str, Any]) -> str:
+    meta = payload['meta']
+    m = meta['machine']
+    b = meta['budget']
+    lines = [
+        '# Quality: top-1 at equal MACs', '',
+        f'Command: `{meta["command"]}`', '',
+        f'Date {m["date"]}; {m["cpu"]}, {m["cpu_count"]} cores, {m["torch_threads"]} torch thread(s); torch '
+        f'{m["torch"]}, timm {m["timm"]}, torch-pruning {meta.get("torch_pruning_version")}; commit '
+        f'{m.get("git_commit")}; load average at start {m["loadavg_start"]}, at end {meta["loadavg_end"]}.', '',
+        f'Data: `{meta["data"]["data"]}` (train subset {meta["data"].get("train_subset")}, val subset '
+        f'{meta["data"].get("val_subset")}, batch {meta["data"]["batch_size"]}). Budget: AMAP (and its ablations) '
+        f'search {b["search_epochs"]} epoch(s) (weights trained with distillation) + fine-tune '
+        f'{b["finetune_epochs"]} epoch(s); every other method fine-tunes {b["search_epochs"] + b["finetune_epochs"]} '
+        f'epoch(s). Distillation from the unpruned model (kd_alpha 0.5) for everyone. Seeds: {meta["seeds"]}. '
+        'Values: mean ± sample std over seeds. Top-1 in %. Wall time: whole run (load, calibrate, search/prune, '
+        'fine-tune, evaluations).', '']
+    if meta['skipped_bases']:
+        lines += ['Skipped bases (not found):', '']
+        lines += [f'- {s["base"]}: {s["reason"]}. Make it with `{s["make_it_with"]}`' for s in meta['skipped_bases']]
+        lines.append('')
+    head = ['base', 'target', 'method', 'top-1 before', 'after cut', 'after fine-tune', 'MAC ratio', 'params (M)',
+            'wall (s)', 'seeds']
+    table = []
+    for r in payload['rows']:
+        if 'not_applicable' in r:
+            table.append([r['base'], f'{r["target"]:g}', r['method'], '', '', f'not applicable: {r["not_applicable"]}',
+                          '', '', '', len(r['seeds'])])
+            continue
+        p = r['params']
+        table.append([r['base'], f'{r["target"]:g}', r['method'], _pm(r['top1_before']), _pm(r['top1_after_surgery']),
+                      _pm(r['top1_after_finetune']),
+                      f'{r["mac_ratio"]["mean"]:.4f} (max {r["mac_ratio"]["max"]:.4f})',
+                      f'{p["mean"] / 1e6:.3f}', _pm(r['seconds'], 0), len(r['seeds'])])
+    lines += [markdown_table(head, table, left=3), '']
+    if payload['goals']:
+        lines += ['Goals (issue 5): AMAP has the best mean top-1 after fine-tuning at every target; at 70% it is '
+                  f'within {GOAL_GAP} points of the unpruned model.', '']
+        gt = []
+        for g in payload['goals']:
+            within = g.get('within_0.5_of_unpruned')
+            gt.append([g['base'], f'{g["target"]:g}', g['best_method'], 'yes' if g['amap_is_best'] else 'NO',
+                       f'{g["gap_to_unpruned"]:+.2f}', '' if within is None else ('yes' if within else 'NO')])
+        lines += [markdown_table(['base', 'target', 'best method', 'AMAP best', 'unpruned - AMAP (points)',
+                                  'within 0.5 at 70%'], gt, left=3), '']
+    if not meta['complete']:
+        lines += ['**Incomplete**: some runs failed; see `failed` in the JSON.', '']
+    return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', default=None, help="ImageFolder dataset (e.g. CIFAR-10) or 'digits'; required unless "
+                                                '--quick (which defaults to digits)')
+    p.add_argument('--bases', nargs='*', default=None, metavar='NAME=PATH',
+                   help='trained base models: amap train run folders (default: BASES_DIR/<model> for --models)')
+    p.add_argument('--bases-dir', default='~/.cache/amap-bench', help='where default bases live (%(default)s)')
+    p.add_argument('--models', nargs='*', default=None, help=f'default bases to use (default: {DEFAULT_MODELS})')
+    p.add_argument('--targets', nargs='*', type=float, default=None, help='MAC ratios (default: 0.5 0.7)')
+    p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS), help='default: all')
+    p.add_argument('--seeds', nargs='*', type=int, default=None, help='seeds (default: 0 1 2)')
+    p.add_argument('--search-epochs', type=int, default=None, help='AMAP search epochs (default 1; quick 1)')
+    p.add_argument('--finetune-epochs', type=int, default=None, help='fine-tune epochs (default 5; quick 2)')
+    p.add_argument('--batch-size', type=int, default=None, help='batch size (default 64; quick 32)')
+    p.add_argument('--train-subset', type=int, default=None, help='class-balanced training subset (default: all)')
+    p.add_argument('--val-subset', type=int, default=None, help='class-balanced evaluation subset (default: all)')
+    p.add_argument('--augment', default=None, choices=['none', 'basic', 'strong'],
+                   help="training augmentation (default 'basic'; 'none' for digits)")
+    p.add_argument('--workers', type=int, default=0, help='data loader processes (default %(default)s)')
+    p.add_argument('--work-dir', default=None, help='folder of the runs (default ~/.cache/amap-bench/quality, '
+                                                    'quick: ~/.cache/amap-bench/quality_quick)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads (default %(default)s)')
+    p.add_argument('--quick', action='store_true', help='smoke test: a quick base trained on the fly, 1 seed, '
+                                                        'target 0.7, amap + magnitude + torch_pruning_magnitude')
+    p.add_argument('--quick-base-epochs', type=int, default=8, help='training epochs of the quick base')
+    p.add_argument('--out', default=None, help='JSON output (default benchmarks/results/quality.json, quick: '
+                                               'benchmarks/results/quality_quick.json); Markdown beside it')
+    args = p.parse_args(argv)
+    q = args.quick
+    args.data = args.data or ('digits' if q else None)
+    if args.data is None:
+        p.error('--data is required (an ImageFolder dataset such as CIFAR-10, or digits)')
+    args.augment = args.augment or ('none' if args.data == 'digits' else 'basic')  # flips and crops hurt digits
+    args.targets = args.targets or ([0.7] if q else [0.5, 0.7])
+    args.methods = args.methods or (QUICK_METHODS if q else list(METHODS))
+    args.seeds = args.seeds if args.seeds else ([0] if q else [0, 1, 2])
+    args.search_epochs = args.search_epochs if args.search_epochs is not None else 1
+    args.finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if q else 5)
+    args.batch_size = args.batch_size or (32 if q else 64)
+    if q:
+        args.train_subset = args.train_subset or 960
+        args.val_subset = args.val_subset or 200
+    args.work_dir = args.work_dir or f'~/.cache/amap-bench/{"quality_quick" if q else "quality"}'
+    args.out = args.out or f'benchmarks/results/{"quality_quick" if q else "quality"}.json'
+    if any(not 0 < t < 1 for t in args.targets):
+        p.error('--targets are MAC ratios in (0, 1)')
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from importlib.metadata import version
+    tp_version = version('torch-pruning')
+
+    info = machine_info(args.threads)
+    data = {'data': str(Path(args.data).expanduser()) if args.data != 'digits' else 'digits', 'img_size': 32,
+            'batch_size': args.batch_size, 'num_workers': args.workers, 'train_subset': args.train_subset,
+            'val_subset': args.val_subset, 'augment': args.augment}
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if args.quick and not args.bases:
+        bases = {'quick_timm_deit': train_quick_base(work, data, args.quick_base_epochs, args.threads)}
+        skipped: list[dict[str, str]] = []
+    else:
+        bases, skipped = resolve_bases(args)
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for base_name, base in bases.items():
+        from amap.train import read_trained_meta
+        base_data = {**data, 'img_size': (read_trained_meta(base) or {}).get('img_size') or data['img_size']}
+        for target in args.targets:
+            for method in args.methods:
+                for seed in args.seeds:
+                    try:
+                        runs.append(one_run(args, base_name, base, target, method, seed, base_data))
+                    except Exception as e:  # one broken run must not lose the others: record it and go on
+                        _log(f'FAILED {base_name} {target:g} {method} seed {seed}: {type(e).__name__}: {e}')
+                        failed.append({'base': base_name, 'target': target, 'method': method, 'seed': seed,
+                                       'error': f'{type(e).__name__}: {e}'})
+    rows = aggregate(runs)
+    base_info = {}
+    for name, path in bases.items():
+        from amap.train import read_trained_meta
+        meta = read_trained_meta(path) or {}
+        base_info[name] = {'path': str(path), 'model': meta.get('model'), 'model_kwargs': meta.get('model_kwargs'),
+                           'epoch': meta.get('epoch'), 'step': meta.get('step'), 'metrics': meta.get('metrics'),
+                           'data': meta.get('data')}
+    payload = {
+        'meta': {'command': command_line('quality.py', argv), 'machine': info, 'loadavg_end': loadavg(),
+                 'quick': args.quick, 'complete': not failed, 'seconds': time.perf_counter() - t_start,
+                 'data': data, 'targets': args.targets, 'methods': args.methods, 'seeds': args.seeds,
+                 'budget': {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs,
+                            'baseline_finetune_epochs': args.search_epochs + args.finetune_epochs,
+                            'kd_alpha': 0.5, 'teacher': 'original'},
+                 'work_dir': str(work), 'bases': base_info, 'skipped_bases': skipped,
+                 'torch_pruning_version': tp_version},
+        'rows': rows, 'goals': goals(rows), 'runs': runs, 'failed': failed,
+    }
+    json_path, md_path = write_results(args.out, payload, render_markdown(payload))
+    _log(f'wrote {json_path} and {md_path} ({payload["meta"]["seconds"]:.0f} s)')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import AmapError
 from .pruner import Pruner
 
 __all__ = ['SearchSettings', 'Search', 'search', 'distillation_loss', 'task_loss', 'kept_by_kind']
@@ -184,8 +185,9 @@ class Search:
                     kd = distillation_loss(logits.float(), t_logits.float(), s.kd_temperature)
                     loss = (1 - self.kd_alpha) * task + self.kd_alpha * kd
             if not torch.isfinite(loss):
-                raise FloatingPointError(f'non-finite loss at search step {step}: lower the learning rate '
-                                         '(--search-lr / --indicator-lr) or disable AMP')
+                raise AmapError(f'non-finite loss ({loss.item()}) at search step {step}; the last search checkpoint '
+                                'is intact: lower the learning rate (--search-lr / --indicator-lr) or turn AMP off '
+                                '(--amp off), then --resume')
             self.scaler.scale(loss / len(micro)).backward()
             sums += torch.tensor([loss.item(), task.item(), kd.item()], dtype=torch.float64) / len(micro)
         res = lam * (pruner.macs() / self.target_macs - 1) ** 2  # once per update, outside autocast (float64)

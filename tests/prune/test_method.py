@@ -236,3 +236,20 @@ def test_gradient_accumulation_equals_one_step_on_the_union():
     for (n, a), (_, b) in zip(whole.pruner.state_dict().items(), accum.pruner.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0, msg=n)
     assert [h['loss'] for h in whole.history] == pytest.approx([h['loss'] for h in accum.history], abs=1e-5)
+
+
+def test_non_finite_loss_stops_the_search_with_the_step_and_a_hint():
+    from amap.errors import AmapError
+    from amap.prune.api import resolve_target
+    from amap.prune.search import Search, SearchSettings
+
+    pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
+    loop = Search(pruner, resolve_target(0.5, pruner.full_macs), SearchSettings(steps=3))
+    before = {k: v.clone() for k, v in pruner.model[0].state_dict().items()}
+    x, y = _loader()[0]
+    loop.train_step(x, y)
+    with pytest.raises(AmapError, match='non-finite loss .* search step 1.*learning rate'):
+        loop.train_step(torch.full_like(x, float('nan')), y)
+    assert loop.step == 1  # the failed step was not counted
+    assert any(not torch.equal(before[k], v) for k, v in pruner.model[0].state_dict().items())
+    assert all(torch.isfinite(v).all() for v in pruner.model[0].state_dict().values())  # no NaN reached the weights

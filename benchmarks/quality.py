@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import shutil
@@ -132,7 +133,7 @@ def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int
     """Train the quick base model for ``epochs`` epochs (reused when already trained)."""
     from amap.data import DataConfig
     from amap.train import TrainConfig, train
-    out = work / 'quick_base'
+    out = work / f'quick_base_{Path(data["data"]).name}_e{epochs}'
     if _base_ok(out) is None:
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -227,39 +228,66 @@ def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: i
     }
 
 
+def _settings(base: Path, target: float, method: str, seed: int, data: dict[str, Any],
+              budget: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides a run's result: a finished run is reused only when these are unchanged."""
+    from amap.train import read_trained_meta
+    meta = read_trained_meta(base) or {}
+    doc = {'base': str(base), 'base_step': meta.get('step'), 'target': target, 'method': method,
+           'options': METHODS[method], 'seed': seed, 'data': data, 'budget': budget}
+    return json.loads(json.dumps(doc))
+
+
 def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float, method: str, seed: int,
             data: dict[str, Any]) -> dict[str, Any]:
-    """The summary of one run: from its ``report.json`` when it finished before, else run it now."""
+    """The summary of one run: reused when it finished before with the same settings, else run (or continued:
+    an interrupted run with the same settings resumes) now.
+
+    ``benchmark.json`` in the run folder holds the settings (written when the run starts) and, once it finished,
+    the summary (or why the method is not applicable).
+    """
     from benchmarks.torch_pruning_baseline import NotApplicable
     out = Path(args.work_dir).expanduser() / base_name / f't{target:g}' / method / f'seed{seed}'
-    done = out / 'report.json'
+    marker = out / 'benchmark.json'
     budget = _budget(args, method)
+    settings = _settings(base, target, method, seed, data, budget)
     key = {'base': base_name, 'target': target, 'method': method, 'seed': seed, 'folder': str(out), 'budget': budget}
-    if done.is_file():
-        report = read_json(done)
-        if 'not_applicable' in report:
-            return {**key, 'not_applicable': report['not_applicable'], 'reused': True}
-        if 'top1' in report:
-            return {**key, **_summary_of(report), 'reused': True}
+    fresh = True
+    if marker.is_file():
+        doc = read_json(marker)
+        if doc.get('settings') == settings:
+            if 'not_applicable' in doc:
+                return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
+            if 'summary' in doc:
+                return {**key, **doc['summary'], 'reused': True}
+            fresh = False  # interrupted with the same settings: continue it
+        else:
+            _log(f'{out}: settings changed since the last run; running it afresh')
+    elif out.exists() and any(out.iterdir()):
+        _log(f'{out}: an earlier run of unknown settings; running it afresh')
+    if fresh and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    _log(f'run {base_name} target {target:g} {method} seed {seed} ({budget})')
+    atomic_write_json(marker, {'settings': settings})
+    _log(f'run {base_name} target {target:g} {method} seed {seed} ({budget}){"" if fresh else ", resumed"}')
     t0 = time.perf_counter()
     if METHODS[method] is None:
         try:
             report = run_torch_pruning(base, out, target, method, seed, data, budget)
         except NotApplicable as e:
             _log(f'  not applicable: {e}')
-            atomic_write_json(done, {'not_applicable': str(e)})
+            atomic_write_json(marker, {'settings': settings, 'not_applicable': str(e)})
             return {**key, 'not_applicable': str(e), 'reused': False}
-        atomic_write_json(done, report)
+        atomic_write_json(out / 'report.json', report)
     else:
         report = run_amap_pipeline(base, out, target, method, seed, data, budget)
     report.setdefault('seconds', {}).setdefault('total', time.perf_counter() - t0)
-    summary = {**key, **_summary_of(report), 'reused': False}
+    summary = _summary_of(report)
+    atomic_write_json(marker, {'settings': settings, 'summary': summary})
     _log(f'  top-1 {summary["top1"]["before"]:.2f} -> {summary["top1"]["after_surgery"]:.2f} -> '
          f'{summary["top1"]["after_finetune"]:.2f}, MAC ratio {summary["macs"]["ratio"]:.4f}, '
          f'{summary["seconds"].get("total", float("nan")):.1f} s')
-    return summary
+    return {**key, **summary, 'reused': False}
 
 
 # -------------------------------------------------------------------------------------------------------- summary
@@ -380,7 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--targets', nargs='*', type=float, default=None, help='MAC ratios (default: 0.5 0.7)')
     p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS), help='default: all')
     p.add_argument('--seeds', nargs='*', type=int, default=None, help='seeds (default: 0 1 2)')
-    p.add_argument('--search-epochs', type=int, default=None, help='AMAP search epochs (default 1; quick 1)')
+    p.add_argument('--search-epochs', type=int, default=None, help='AMAP search epochs (default 1; quick 3)')
     p.add_argument('--finetune-epochs', type=int, default=None, help='fine-tune epochs (default 5; quick 2)')
     p.add_argument('--batch-size', type=int, default=None, help='batch size (default 64; quick 32)')
     p.add_argument('--train-subset', type=int, default=None, help='class-balanced training subset (default: all)')
@@ -405,7 +433,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.targets = args.targets or ([0.7] if q else [0.5, 0.7])
     args.methods = args.methods or (QUICK_METHODS if q else list(METHODS))
     args.seeds = args.seeds if args.seeds else ([0] if q else [0, 1, 2])
-    args.search_epochs = args.search_epochs if args.search_epochs is not None else 1
+    # quick: 3 epochs of the 960-image subset = 90 search steps, about what the search needs to reach the target
+    args.search_epochs = args.search_epochs if args.search_epochs is not None else (3 if q else 1)
     args.finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if q else 5)
     args.batch_size = args.batch_size or (32 if q else 64)
     if q:

@@ -142,13 +142,26 @@ def _prune_once(base: nn.Module, ratio: float, kind: str, example: torch.Tensor,
     return model
 
 
+def _where(e: BaseException) -> str:
+    """``Type: message, in file:function`` of the innermost frame of an exception."""
+    import traceback
+    msg = str(e).splitlines()[0][:200] if str(e) else ''
+    frames = traceback.extract_tb(e.__traceback__)
+    where = ''
+    if frames:
+        f = frames[-1]
+        parts = f.filename.replace('\\', '/').split('/')
+        short = '/'.join(parts[parts.index('torch_pruning'):]) if 'torch_pruning' in parts else parts[-1]
+        where = f', in {short}:{f.name}'
+    return f'{type(e).__name__}: {msg}{where}'
+
+
 def _check_valid(model: nn.Module, example: torch.Tensor, expected: torch.Size) -> None:
     try:
         with torch.no_grad():
             out = model(example)
     except Exception as e:  # any failure of the pruned model is the reason it is not applicable
-        raise NotApplicable(f'the pruned model does not run ({type(e).__name__}: {str(e).splitlines()[0][:200]})') \
-            from None
+        raise NotApplicable(f'the pruned model does not run ({_where(e)})') from None
     if not isinstance(out, torch.Tensor) or out.shape != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise NotApplicable(f'the pruned model gives output {shape}, expected {tuple(expected)}')
@@ -193,8 +206,7 @@ def prune_to_target(model: nn.Module, target: float, input_size: tuple[int, int,
         except NotApplicable:
             raise
         except Exception as e:  # Torch-Pruning's tracing/pruning failed on this architecture
-            raise NotApplicable(f'Torch-Pruning fails ({type(e).__name__}: {str(e).splitlines()[0][:200]})') \
-                from None
+            raise NotApplicable(f'Torch-Pruning fails on this architecture ({_where(e)})') from None
         _check_valid(pruned, example, expected)
         macs = count_macs(pruned, input_size).total
         trials.append({'pruning_ratio': ratio, 'mac_ratio': macs / macs_before})
@@ -206,9 +218,10 @@ def prune_to_target(model: nn.Module, target: float, input_size: tuple[int, int,
     best, best_macs = trial(hi)
     widths = [qkv.out_features for qkv in _attention_layers(best)]
     if widths == [qkv.out_features for qkv in _attention_layers(model)]:
-        raise NotApplicable('Torch-Pruning left every attention qkv Linear at full width even at pruning_ratio '
-                            f'{hi} (only the MLPs were pruned): its dependency graph does not prune these attention '
-                            'channels, so it cannot prune the same groups as the other methods')
+        raise NotApplicable(f'Torch-Pruning pruned only the MLPs: every attention qkv Linear kept its full width even '
+                            f'at pruning_ratio {hi} (the dependency group it traces from the q/k/v channels, through '
+                            'this attention\'s matmuls, is not prunable), so it cannot prune the groups the other '
+                            'methods prune')
     if best_macs > target_macs:
         raise NotApplicable(f'pruning_ratio {hi} leaves {best_macs / macs_before:.3f} of the MACs, above the target '
                             f'{target}: the prunable groups are too small a share of the MACs')

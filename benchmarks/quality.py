@@ -23,11 +23,28 @@ whose report exists is reused, an interrupted one continues (the pipeline resume
 where it stopped. The JSON + Markdown results hold every run, the mean and spread (sample std over seeds) per (base,
 target, method), the exact command, the machine and the date.
 
+Bases: ``--bases NAME=PATH ...``, or by default ``~/.cache/amap-bench/<model>/`` for flatten_deit_micro,
+flatten_swin_micro and timm_deit_micro (a DeiT-Tiny with patch 4 and 6 blocks at 32 px); a missing or unfinished base
+is skipped with the ``amap train`` command that makes it.
+
+Cost: a run trains ``search_epochs + finetune_epochs`` epochs (plus about 8 evaluations); with CIFAR-10 (781 steps
+of 64 images per epoch) and the micro models' 0.4-1.5 s per step on one core of these machines, that is 0.5-2 hours
+per run, and the default grid is 3 bases x 2 targets x 11 methods x 3 seeds = 198 runs (Torch-Pruning is not
+applicable to the FLatten bases, 24 of them end at once). Cut it with ``--train-subset`` / ``--val-subset``, fewer
+``--seeds`` / ``--methods`` / ``--models``, and use both cores with two processes (``--shard 0/2`` and
+``--shard 1/2``), then one plain invocation collects every finished run.
+
+``--quick`` (the CI smoke test, about a minute): a small timm DeiT (2 blocks, width 96, patch 8) trained on the
+fly for 8 epochs of the embedded digits data, pruned to 70% by amap, magnitude and torch_pruning_magnitude with
+1 seed, on a 960-image training subset (30 steps per epoch): a 3-epoch search (90 steps, about what the search needs
+to reach the target) + 2 fine-tune epochs, or 5 fine-tune epochs for the baselines.
+
 Usage::
 
-    # bases: amap train run folders (default ~/.cache/amap-bench/<model>/ for the three small models)
-    python benchmarks/quality.py --data ~/data/cifar10 --out benchmarks/results/quality.json         # hours
-    python benchmarks/quality.py --quick --data digits --out /tmp/quality_quick.json                 # ~2 minutes
+    python benchmarks/quality.py --data ~/data/cifar10 --out benchmarks/results/quality.json         # days
+    python benchmarks/quality.py --data ~/data/cifar10 --train-subset 10000 --val-subset 2000 \
+        --seeds 0 1 2 --shard 0/2 --out /tmp/q0.json &                                              # + --shard 1/2
+    python benchmarks/quality.py --quick --out /tmp/quality_quick.json                               # ~1 minute
 """
 from __future__ import annotations
 
@@ -54,10 +71,10 @@ from benchmarks.common import command_line, loadavg, machine_info, markdown_tabl
 DEFAULT_MODELS = ['flatten_deit_micro', 'flatten_swin_micro', 'timm_deit_micro']
 # how each default base is trained (the command printed when its folder is missing)
 TRAIN_COMMANDS = {
-    'flatten_deit_micro': 'amap train --model flatten_deit_micro --data {data} --epochs 100 --out {out}',
-    'flatten_swin_micro': 'amap train --model flatten_swin_micro --data {data} --epochs 100 --out {out}',
+    'flatten_deit_micro': 'amap train --model flatten_deit_micro --data {data} --epochs 15 --out {out}',
+    'flatten_swin_micro': 'amap train --model flatten_swin_micro --data {data} --epochs 15 --out {out}',
     'timm_deit_micro': ('amap train --model deit_tiny_patch16_224 --model-kwargs \'{{"patch_size": 4, "depth": 6}}\' '
-                        '--img-size 32 --data {data} --epochs 100 --out {out}'),
+                        '--img-size 32 --data {data} --epochs 15 --out {out}'),
 }
 METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'amap': {},
@@ -88,7 +105,18 @@ def _is_amap(method: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------- bases
-def _base_ok(path: Path) -> str | None:
+def _train_config(path: Path) -> dict[str, Any]:
+    """The configuration an ``amap train`` run started with (first record of its ``log.jsonl``), or {}."""
+    log = path / 'log.jsonl' if path.is_dir() else path.parent / 'log.jsonl'
+    try:
+        with log.open() as f:
+            first = json.loads(f.readline() or '{}')
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return first.get('config') or {}
+
+
+def _base_ok(path: Path, allow_unfinished: bool = False) -> str | None:
     """None when ``path`` is a finished ``amap train`` run, else why not."""
     from amap.errors import AmapError
     from amap.train import read_trained_meta
@@ -100,6 +128,13 @@ def _base_ok(path: Path) -> str | None:
         return str(e)
     if meta is None:
         return f'{path} is not an amap train run (no model description)'
+    cfg = _train_config(path)
+    epochs, max_steps = cfg.get('epochs'), cfg.get('max_steps')
+    finished = (epochs is None or meta.get('epoch', 0) >= epochs or
+                (max_steps is not None and meta.get('step', 0) >= max_steps))
+    if not finished and not allow_unfinished:
+        return (f'{path} is still training or was stopped (epoch {meta.get("epoch")} of {epochs}); wait for it, '
+                f'continue it with amap train --resume, or pass --allow-unfinished')
     return None
 
 
@@ -118,7 +153,7 @@ def resolve_bases(args: argparse.Namespace) -> tuple[dict[str, Path], list[dict[
     found: dict[str, Path] = {}
     skipped: list[dict[str, str]] = []
     for name, path in wanted.items():
-        why = _base_ok(path)
+        why = _base_ok(path, args.allow_unfinished)
         if why is None:
             found[name] = path
             continue
@@ -362,6 +397,14 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f'epoch(s). Distillation from the unpruned model (kd_alpha 0.5) for everyone. Seeds: {meta["seeds"]}. '
         'Values: mean ± sample std over seeds. Top-1 in %. Wall time: whole run (load, calibrate, search/prune, '
         'fine-tune, evaluations).', '']
+    if meta['bases']:
+        lines += ['Bases:', '']
+        for name, bi in meta['bases'].items():
+            top1 = (bi.get('metrics') or {}).get('top1')
+            lines.append(f'- {name}: `{bi["model"]}` {bi["model_kwargs"]}, trained {bi["epoch"]} epoch(s) / '
+                         f'{bi["step"]} steps on `{bi["data"]}`' + (f', top-1 {top1:.2f}%' if top1 is not None else '')
+                         + f' (`{bi["path"]}`)')
+        lines.append('')
     if meta['skipped_bases']:
         lines += ['Skipped bases (not found):', '']
         lines += [f'- {s["base"]}: {s["reason"]}. Make it with `{s["make_it_with"]}`' for s in meta['skipped_bases']]
@@ -390,12 +433,25 @@ def render_markdown(payload: dict[str, Any]) -> str:
                        f'{g["gap_to_unpruned"]:+.2f}', '' if within is None else ('yes' if within else 'NO')])
         lines += [markdown_table(['base', 'target', 'best method', 'AMAP best', 'unpruned - AMAP (points)',
                                   'within 0.5 at 70%'], gt, left=3), '']
-    if not meta['complete']:
-        lines += ['**Incomplete**: some runs failed; see `failed` in the JSON.', '']
+    if payload['failed']:
+        lines += [f'**Incomplete**: {len(payload["failed"])} run(s) failed; see `failed` in the JSON.', '']
+    if meta['shard'][1] > 1:
+        lines += [f'**Partial**: shard {meta["shard"][0]}/{meta["shard"][1]} only; run once more without --shard to '
+                  'collect every run.', '']
     return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split('/'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected K/N, got {text!r}') from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f'expected 0 <= K < N, got {text!r}')
+    return k, n
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,6 +474,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=0, help='data loader processes (default %(default)s)')
     p.add_argument('--work-dir', default=None, help='folder of the runs (default ~/.cache/amap-bench/quality, '
                                                     'quick: ~/.cache/amap-bench/quality_quick)')
+    p.add_argument('--allow-unfinished', action='store_true', help='use bases whose training has not finished')
+    p.add_argument('--shard', type=_shard, default=(0, 1), metavar='K/N',
+                   help='run only every N-th run starting at K (e.g. 0/2 and 1/2 in two processes, one per core); '
+                        'then run once more without --shard to collect every finished run into one table')
     p.add_argument('--threads', type=int, default=1, help='torch threads (default %(default)s)')
     p.add_argument('--quick', action='store_true', help='smoke test: a quick base trained on the fly, 1 seed, '
                                                         'target 0.7, amap + magnitude + torch_pruning_magnitude')
@@ -466,31 +526,38 @@ def main(argv: list[str] | None = None) -> int:
         skipped: list[dict[str, str]] = []
     else:
         bases, skipped = resolve_bases(args)
+        if not bases:
+            _log('no base model found: train them first (commands above) or pass --bases NAME=PATH')
+            return 2
+    from amap.train import read_trained_meta
+    plan = [(b, t, m, s) for b in bases for t in args.targets for m in args.methods for s in args.seeds]
+    shard, shards = args.shard
+    mine = plan[shard::shards]
+    _log(f'{len(plan)} runs planned ({len(bases)} bases x {len(args.targets)} targets x {len(args.methods)} methods x '
+         f'{len(args.seeds)} seeds)' + (f'; this shard ({shard}/{shards}) runs {len(mine)}' if shards > 1 else ''))
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for base_name, base in bases.items():
-        from amap.train import read_trained_meta
+    for i, (base_name, target, method, seed) in enumerate(mine):
+        base = bases[base_name]
         base_data = {**data, 'img_size': (read_trained_meta(base) or {}).get('img_size') or data['img_size']}
-        for target in args.targets:
-            for method in args.methods:
-                for seed in args.seeds:
-                    try:
-                        runs.append(one_run(args, base_name, base, target, method, seed, base_data))
-                    except Exception as e:  # one broken run must not lose the others: record it and go on
-                        _log(f'FAILED {base_name} {target:g} {method} seed {seed}: {type(e).__name__}: {e}')
-                        failed.append({'base': base_name, 'target': target, 'method': method, 'seed': seed,
-                                       'error': f'{type(e).__name__}: {e}'})
+        _log(f'[{i + 1}/{len(mine)}] {time.perf_counter() - t_start:.0f} s elapsed')
+        try:
+            runs.append(one_run(args, base_name, base, target, method, seed, base_data))
+        except Exception as e:  # one broken run must not lose the others: record it and go on
+            _log(f'FAILED {base_name} {target:g} {method} seed {seed}: {type(e).__name__}: {e}')
+            failed.append({'base': base_name, 'target': target, 'method': method, 'seed': seed,
+                           'error': f'{type(e).__name__}: {e}'})
     rows = aggregate(runs)
     base_info = {}
     for name, path in bases.items():
-        from amap.train import read_trained_meta
         meta = read_trained_meta(path) or {}
         base_info[name] = {'path': str(path), 'model': meta.get('model'), 'model_kwargs': meta.get('model_kwargs'),
                            'epoch': meta.get('epoch'), 'step': meta.get('step'), 'metrics': meta.get('metrics'),
                            'data': meta.get('data')}
     payload = {
         'meta': {'command': command_line('quality.py', argv), 'machine': info, 'loadavg_end': loadavg(),
-                 'quick': args.quick, 'complete': not failed, 'seconds': time.perf_counter() - t_start,
+                 'quick': args.quick, 'complete': not failed and args.shard[1] == 1,
+                 'shard': list(args.shard), 'seconds': time.perf_counter() - t_start,
                  'data': data, 'targets': args.targets, 'methods': args.methods, 'seeds': args.seeds,
                  'budget': {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs,
                             'baseline_finetune_epochs': args.search_epochs + args.finetune_epochs,

@@ -377,6 +377,9 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _pm(s: dict[str, Any], digits: int = 2) -> str:
+    """``mean ± std`` (just the value for a single seed)."""
+    if s['n'] < 2:
+        return f'{s["mean"]:.{digits}f}'
     return f'{s["mean"]:.{digits}f} ± {s["std"]:.{digits}f}'
 
 

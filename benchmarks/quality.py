@@ -164,7 +164,7 @@ def resolve_bases(args: argparse.Namespace) -> tuple[dict[str, Path], list[dict[
     return found, skipped
 
 
-def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int) -> Path:
+def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int, device: str = 'auto') -> Path:
     """Train the quick base model for ``epochs`` epochs (reused when already trained)."""
     from amap.data import DataConfig
     from amap.train import TrainConfig, train
@@ -175,7 +175,7 @@ def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int
     data = {**data, 'train_subset': None}  # the base learns from all the training data
     cfg = TrainConfig(model=QUICK_BASE['model'], model_kwargs=dict(QUICK_BASE['model_kwargs']),
                       data=DataConfig(**data), epochs=epochs, lr=2e-3,
-                      warmup_epochs=1.0, out_dir=str(out), progress=False, device='cpu', seed=0)
+                      warmup_epochs=1.0, out_dir=str(out), progress=False, device=device, seed=0)
     t0 = time.perf_counter()
     train(cfg)
     _log(f'quick base trained in {time.perf_counter() - t0:.1f} s ({epochs} epochs)')
@@ -202,46 +202,50 @@ def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
-                      budget: dict[str, Any]) -> dict[str, Any]:
+                      budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
     from amap.pipeline import run
     prune = {**METHODS[method], 'seed': seed}
     res = run(checkpoint=str(base), data=data, target=target, prune=prune,
               search_epochs=budget['search_epochs'], finetune_epochs=budget['finetune_epochs'], out=str(out),
-              resume=True, latency=False, progress=False, seed=seed, device='cpu', teacher='original')
+              resume=True, latency=False, progress=False, seed=seed, device=device, teacher='original')
     return res.report
 
 
 def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
-                      budget: dict[str, Any]) -> dict[str, Any]:
-    """Torch-Pruning to the target, then the pipeline's fine-tune (same optimiser, schedule, distillation)."""
+                      budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
+    """Torch-Pruning to the target (on the CPU), then the pipeline's fine-tune (same optimiser, schedule,
+    distillation) on ``device``."""
     from amap.data import build_loaders
+    from amap.macs import count_macs, count_params
     from amap.pipeline import FINETUNE, _calibration_batches, _finetune, load_config
     from amap.prune.api import PruneConfig
     from amap.train import evaluate, load_trained
-    from amap.utils.distributed import DistInfo
+    from amap.utils.distributed import DistInfo, resolve_device
     from benchmarks.torch_pruning_baseline import prune_to_target
 
     importance = method.removeprefix('torch_pruning_')
     cfg = load_config(checkpoint=str(base), data=data, target=target, search_epochs=0,
                       finetune_epochs=budget['finetune_epochs'], out=str(out), latency=False, progress=False,
-                      seed=seed, device='cpu', teacher='original')
-    info = DistInfo()
+                      seed=seed, device=device, teacher='original')
+    info = DistInfo(device=resolve_device(device))
+    dev = info.device
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     bundle = build_loaders(cfg.data, seed=seed)
     original = load_trained(base).eval()
-    top1_before = evaluate(original, bundle.val_loader, device='cpu')['top1']
+    top1_before = evaluate(original.to(dev), bundle.val_loader, device=dev)['top1']
+    original.cpu()
     seconds['load_and_evaluate'] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    calib = _calibration_batches(bundle, seed, info, PruneConfig().calib_batches)
+    calib = _calibration_batches(bundle, seed, DistInfo(), PruneConfig().calib_batches)  # on the CPU
     size = (3, cfg.data.img_size, cfg.data.img_size)
     tp = prune_to_target(original, target, size, importance=importance, calib=calib, log=_log)
     seconds['torch_pruning'] = time.perf_counter() - t0
-    model = tp.model
-    top1_surgery = evaluate(model, bundle.val_loader, device='cpu')['top1']
-    teacher = copy.deepcopy(original).eval().requires_grad_(False)
+    model = tp.model.to(dev)
+    top1_surgery = evaluate(model, bundle.val_loader, device=dev)['top1']
+    teacher = copy.deepcopy(original).to(dev).eval().requires_grad_(False)
     t0 = time.perf_counter()
     shutil.rmtree(out / FINETUNE, ignore_errors=True)  # the structure is recomputed: never resume a stale fine-tune
     top1_final, ft_history = top1_surgery, []
@@ -249,9 +253,8 @@ def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: i
         model, ft_history, top1_final = _finetune(cfg, info, bundle, model, teacher)
     seconds['finetune'] = time.perf_counter() - t0
     seconds['total'] = time.perf_counter() - t_start
-    from amap.macs import count_macs, count_params
     model.eval()
-    macs_after = count_macs(model, size).total
+    macs_after = count_macs(model, size, device=dev).total
     return {
         'macs': {'before': tp.macs_before, 'after': macs_after, 'ratio': macs_after / tp.macs_before,
                  'target': tp.target_macs, 'target_ratio': target},
@@ -308,14 +311,14 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     t0 = time.perf_counter()
     if METHODS[method] is None:
         try:
-            report = run_torch_pruning(base, out, target, method, seed, data, budget)
+            report = run_torch_pruning(base, out, target, method, seed, data, budget, args.device)
         except NotApplicable as e:
             _log(f'  not applicable: {e}')
             atomic_write_json(marker, {'settings': settings, 'not_applicable': str(e)})
             return {**key, 'not_applicable': str(e), 'reused': False}
         atomic_write_json(out / 'report.json', report)
     else:
-        report = run_amap_pipeline(base, out, target, method, seed, data, budget)
+        report = run_amap_pipeline(base, out, target, method, seed, data, budget, args.device)
     report.setdefault('seconds', {}).setdefault('total', time.perf_counter() - t0)
     summary = _summary_of(report)
     atomic_write_json(marker, {'settings': settings, 'summary': summary})
@@ -481,6 +484,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--shard', type=_shard, default=(0, 1), metavar='K/N',
                    help='run only every N-th run starting at K (e.g. 0/2 and 1/2 in two processes, one per core); '
                         'then run once more without --shard to collect every finished run into one table')
+    p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda' (default %(default)s)")
     p.add_argument('--threads', type=int, default=1, help='torch threads (default %(default)s)')
     p.add_argument('--quick', action='store_true', help='smoke test: a quick base trained on the fly, 1 seed, '
                                                         'target 0.7, amap + magnitude + torch_pruning_magnitude')
@@ -525,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if args.quick and not args.bases:
-        bases = {'quick_timm_deit': train_quick_base(work, data, args.quick_base_epochs, args.threads)}
+        bases = {'quick_timm_deit': train_quick_base(work, data, args.quick_base_epochs, args.threads, args.device)}
         skipped: list[dict[str, str]] = []
     else:
         bases, skipped = resolve_bases(args)

@@ -94,6 +94,7 @@ QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude']
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
 GOAL_GAP = 0.5  # AMAP at 70% within this many top-1 points of the unpruned model
+SEARCH_SLACK = 0.05  # a search that ends this far above its target did not converge
 
 
 def _log(msg: str) -> None:
@@ -193,12 +194,16 @@ def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
     macs, params = report['macs'], report['params']
+    history = report.get('history') or []
     return {'top1': dict(report['top1']),
             'macs': {'before': macs['before'], 'after': macs['after'], 'ratio': macs['ratio'],
                      'target_ratio': macs.get('target_ratio')},
             'params': {'before': params['before'], 'after': params['after'],
                        'ratio': params['after'] / params['before']},
-            'seconds': dict(report.get('seconds') or {})}
+            'seconds': dict(report.get('seconds') or {}),
+            # where the AMAP search ended: far above the target, the target guarantee cut the rest from indicators
+            # that had not learned yet (a search too short for its budget)
+            'search_final_mac_ratio': history[-1].get('mac_ratio') if history else None}
 
 
 def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
@@ -355,6 +360,9 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row['params'] = _stats([r['params']['after'] for r in rs])
         row['param_ratio'] = _stats([r['params']['ratio'] for r in rs])
         row['seconds'] = _stats([r['seconds'].get('total', float('nan')) for r in rs])
+        finals = [r['search_final_mac_ratio'] for r in rs if r.get('search_final_mac_ratio') is not None]
+        if finals:
+            row['search_final_mac_ratio'] = _stats(finals)
         rows.append(row)
     return rows
 
@@ -439,6 +447,14 @@ def render_markdown(payload: dict[str, Any]) -> str:
                        f'{g["gap_to_unpruned"]:+.2f}', '' if within is None else ('yes' if within else 'NO')])
         lines += [markdown_table(['base', 'target', 'best method', 'AMAP best', 'unpruned - AMAP (points)',
                                   'within 0.5 at 70%'], gt, left=3), '']
+    short = [r for r in payload['rows'] if 'search_final_mac_ratio' in r
+             and r['search_final_mac_ratio']['max'] > r['target'] + SEARCH_SLACK]
+    if short:
+        lines += [f'**Search too short**: the AMAP search ended more than {SEARCH_SLACK} above the target (the target '
+                  'guarantee then cut the rest from indicators that had not learned yet): '
+                  + ', '.join(f'{r["base"]} {r["target"]:g} {r["method"]} (ended at '
+                              f'{r["search_final_mac_ratio"]["max"]:.3f})' for r in short)
+                  + '. Give the search more steps (--search-epochs, or a larger --train-subset).', '']
     if payload['failed']:
         lines += [f'**Incomplete**: {len(payload["failed"])} run(s) failed; see `failed` in the JSON.', '']
     if meta['shard'][1] > 1:

@@ -56,8 +56,10 @@ def test_quality_quick(tmp_path):
         assert r['seconds']['total'] > 0 and r['reused'] is False
     # every method starts from the same base, evaluated on the same data
     assert len({r['top1']['before'] for r in runs.values()}) == 1
-    # the amap search ran; the baselines got its epochs as fine-tuning instead
+    # the amap search ran, long enough to reach the target itself; the baselines got its epochs as fine-tuning
     assert runs['amap']['budget']['search_epochs'] >= 1
+    assert abs(runs['amap']['search_final_mac_ratio'] - 0.7) <= 0.05
+    assert runs['magnitude']['search_final_mac_ratio'] is None
     assert runs['magnitude']['budget']['finetune_epochs'] == budget['baseline_finetune_epochs']
     assert runs['torch_pruning_magnitude']['budget']['finetune_epochs'] == budget['baseline_finetune_epochs']
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AmapError, ConfigError
+from .errors import AmapError, ConfigError, Interrupted
 
 __all__ = ['main', 'build_parser']
 
@@ -509,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         return int(args.func(args) or 0)
+    except Interrupted as e:
+        print(f'amap: interrupted: {str(e).strip().splitlines()[0]}', file=sys.stderr, flush=True)
+        return 130
     except AmapError as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f'amap: error: {message}', file=sys.stderr, flush=True)

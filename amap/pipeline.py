@@ -31,7 +31,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .data import DataConfig, build_loaders
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted
 from .latency import measure_latency
 from .macs import count_macs, count_params
 from .prune.api import PruneConfig, finalize_structure, prepare, resolve_target, search_settings
@@ -59,6 +59,7 @@ from .train import (
     train_one_epoch,
 )
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
+from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import atomic_dir, atomic_write_bytes, read_json, read_safetensors, to_jsonable
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'run', 'load_config']
@@ -354,11 +355,18 @@ def _prepare_out(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
 # ---------------------------------------------------------------------------------------------------------- the run
 def run(config: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None, **overrides: Any) -> \
         PipelineResult:
-    """Run the pipeline (see the module docstring); under ``torchrun`` every process calls it."""
+    """Run the pipeline (see the module docstring); under ``torchrun`` every process calls it.
+
+    Raises:
+        ConfigError / ModelError / DataError / CheckpointError: invalid configuration, model, data or checkpoint.
+        Interrupted: SIGINT/SIGTERM arrived; the run stopped after a complete step and saved its state
+            (``resume=True`` continues it).
+    """
     cfg = load_config(config, **overrides)
     info = init_distributed(cfg.device)
     try:
-        return _run(cfg, info)
+        with graceful_stop():
+            return _run(cfg, info)
     finally:
         cleanup_distributed(info)
 
@@ -424,8 +432,16 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
             def on_step(lp: Search) -> None:
                 if bar is not None:
                     bar.update(1)
-                if lp.step % every == 0 and not lp.done:
+                if lp.done:
+                    return
+                if lp.step % every == 0:
                     _save_search_state(state_dir, lp, info)
+                if stop_requested():
+                    if lp.step % every != 0:
+                        _save_search_state(state_dir, lp, info)
+                    raise Interrupted(f'{stop_reason() or "stopped"} at search step {lp.step}/{steps}: state saved in '
+                                      f'{state_dir}; continue with --resume (same --out)', checkpoint=str(state_dir),
+                                      step=lp.step)
 
             def on_record(rec: dict) -> None:
                 if bar is not None:
@@ -550,6 +566,10 @@ def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
             progress=show, desc=f'fine-tune {state.epoch + 1}/{cfg.finetune_epochs}')
         if not finished:
             save_train_state(ckpt_dir, state, info=info)
+            if state.stopped:
+                raise Interrupted(f'{stop_reason() or "stopped"} at fine-tune step {state.step}: checkpoint saved in '
+                                  f'{ckpt_dir}; continue with --resume (same --out)', checkpoint=str(ckpt_dir),
+                                  step=state.step)
             break
         state.epoch += 1
         state.batch_in_epoch = 0

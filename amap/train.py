@@ -59,7 +59,7 @@ from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
 from .data import DataBundle, DataConfig, build_loaders, seed_rng
-from .errors import AmapError, CheckpointError, ConfigError, ModelError
+from .errors import AmapError, CheckpointError, ConfigError, Interrupted, ModelError
 from .utils.distributed import (
     DistInfo,
     all_gather_object,
@@ -69,6 +69,7 @@ from .utils.distributed import (
     init_distributed,
     unwrap_model,
 )
+from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import (
     JsonlWriter,
     atomic_dir,
@@ -233,6 +234,7 @@ class TrainState:
         batch_in_epoch: Batches of the current (unfinished) epoch already consumed.
         best_top1: Best top-1 so far.
         history: Evaluation records.
+        stopped: A stop request (SIGINT/SIGTERM) ended the last :func:`train_one_epoch` (not saved).
     """
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -243,6 +245,7 @@ class TrainState:
     batch_in_epoch: int = 0
     best_top1: float = float('nan')
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
 
     @property
     def module(self) -> nn.Module:
@@ -541,7 +544,8 @@ def train_one_epoch(
         desc: Progress-bar label.
 
     Returns:
-        True when the epoch ran to its end, False when ``max_steps`` stopped it.
+        True when the epoch ran to its end, False when ``max_steps`` or a stop request (SIGINT/SIGTERM, see
+        :mod:`amap.utils.interrupt`; ``state.stopped`` is then set) ended it after a complete update.
     """
     model = state.model
     model.train()
@@ -594,6 +598,10 @@ def train_one_epoch(
                 on_log(state, metrics)
             if on_update is not None:
                 on_update(state)
+            if stop_requested():
+                state.stopped = True
+                finished = False
+                break
     finally:
         bar.close()
     return finished
@@ -1007,6 +1015,7 @@ def train(
 
     Raises:
         ConfigError / ModelError / DataError / CheckpointError: invalid configuration, model, data or checkpoint.
+        Interrupted: SIGINT/SIGTERM arrived; the run stopped after a complete update and saved its checkpoint.
     """
     _validate(cfg)
     info = init_distributed(cfg.device)
@@ -1015,7 +1024,8 @@ def train(
             # DDP compares gradient strides strictly; a depthwise conv's [C, 1, k, k] weight gets a gradient whose
             # stride differs only along the size-1 dimension (same memory layout), which is harmless.
             warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            return _train(cfg, info, on_update)
+            with graceful_stop():
+                return _train(cfg, info, on_update)
     finally:
         cleanup_distributed(info)
 
@@ -1123,7 +1133,13 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
                 log_every=cfg.log_every, on_log=on_log, on_update=after_update, progress=show,
                 desc=f'epoch {state.epoch + 1}/{cfg.epochs}')
             if not finished:
-                checkpoint()  # stopped by max_steps in the middle of an epoch
+                checkpoint()  # stopped by max_steps or a signal in the middle of an epoch
+                if state.stopped:
+                    log.write({'event': 'interrupted', 'step': state.step, 'signal': stop_reason(),
+                               'time': time.time()})
+                    raise Interrupted(f'{stop_reason() or "stopped"} at step {state.step}: checkpoint saved in '
+                                      f'{ckpt_dir}; continue with --resume (same --out)',
+                                      checkpoint=str(ckpt_dir), step=state.step)
                 break
             state.epoch += 1
             state.batch_in_epoch = 0

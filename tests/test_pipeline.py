@@ -92,32 +92,52 @@ def _run_cli(args: list[str], **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 240) -> None:
+def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 240, sig: int = signal.SIGKILL) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, 'checkpoint never appeared'
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.send_signal(sig)
+    proc.wait(timeout=300)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / 'model' / 'model.safetensors'))
 
 
-@pytest.mark.parametrize('stage', ['search', 'finetune'])
-def test_resume_after_sigkill_matches_an_uninterrupted_run(trained, cifar10, tmp_path, stage):
-    extra = ['--checkpoint-every', '2', '--no-latency', '--search-steps', '12', '--finetune-epochs', '2']
-    straight = tmp_path / 'straight'
-    done = _run_cli(_prune_args(trained, cifar10, straight, *extra))
+RESUME_ARGS = ['--checkpoint-every', '2', '--no-latency', '--search-steps', '12', '--finetune-epochs', '2']
+
+
+@pytest.fixture(scope='module')
+def straight(trained, cifar10, tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must reproduce."""
+    out = tmp_path_factory.mktemp('straight')
+    done = _run_cli(_prune_args(trained, cifar10, out, *RESUME_ARGS))
     assert done.wait(timeout=600) == 0, done.stdout.read()
+    return out
+
+
+@pytest.mark.parametrize('stage,sig', [('search', 'SIGKILL'), ('finetune', 'SIGKILL'), ('search', 'SIGINT'),
+                                       ('finetune', 'SIGINT')])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(trained, cifar10, tmp_path, straight, stage, sig):
+    """SIGKILL right after a checkpoint, or Ctrl-C (which saves the state at the step it arrives: exit 130 and one
+    line naming the folder), during the search or the fine-tune; --resume then ends identical to a straight run."""
     killed = tmp_path / 'killed'
-    proc = _run_cli(_prune_args(trained, cifar10, killed, *extra))
+    proc = _run_cli(_prune_args(trained, cifar10, killed, *RESUME_ARGS))
     marker = killed / 'search_state' / 'state.json' if stage == 'search' else killed / 'finetune' / 'latest.json'
-    _kill_when(proc, marker)
+    if sig == 'SIGKILL':
+        _kill_when(proc, marker)
+    else:
+        _kill_when(proc, marker, sig=signal.SIGINT)
+        output = proc.stdout.read()
+        assert proc.returncode == 130, output
+        assert 'Traceback' not in output
+        line = [x for x in output.splitlines() if x.startswith('amap: ')]
+        folder = 'search_state' if stage == 'search' else 'finetune'
+        assert len(line) == 1 and line[0].startswith('amap: interrupted: SIGINT at ') and folder in line[0], output
     assert not (killed / 'model').exists()
-    resumed = _run_cli(_prune_args(trained, cifar10, killed, *extra, '--resume'))
+    resumed = _run_cli(_prune_args(trained, cifar10, killed, *RESUME_ARGS, '--resume'))
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     a = json.loads((straight / 'report.json').read_text())
     b = json.loads((killed / 'report.json').read_text())

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from amap.data import DataConfig, build_eval_loader
-from amap.errors import AmapError, CheckpointError, ConfigError, ModelError
+from amap.errors import AmapError, CheckpointError, ConfigError, Interrupted, ModelError
 from amap.train import (
     TrainConfig,
     TrainState,
@@ -93,6 +97,58 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, reference_run, kill_
     assert not [p for p in tmp_path.rglob('*.tmp')]
     events = [json.loads(line)['event'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert events.count('start') == 1 and events.count('resume') == 1
+
+
+def test_sigint_checkpoints_at_the_step_and_resume_is_exact(tmp_path, reference_run):
+    """A real SIGINT in the middle of epoch 2: the run finishes the update, writes a checkpoint at that very step
+    (not the periodic one), raises Interrupted naming it, and --resume ends bit-identical to the uninterrupted run."""
+    ref_dir, _ = reference_run
+
+    def interrupt(state: TrainState) -> None:
+        if state.step == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match=r'SIGINT at step 9: checkpoint saved in .*checkpoints; continue with '
+                                          r'--resume') as exc:
+        train(_tiny_cfg(tmp_path, checkpoint_every=4), on_update=interrupt)
+    assert exc.value.step == 9
+    latest = latest_train_state(tmp_path)
+    assert latest is not None and latest.name == 'step_000000009'
+    assert read_json(latest / 'state.json')['batch_in_epoch'] == 3
+    events = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert events[-1]['event'] == 'interrupted' and events[-1]['signal'] == 'SIGINT'
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    resumed = train(_tiny_cfg(tmp_path, checkpoint_every=4, resume=True))
+    assert resumed.resumed_from == 9 and resumed.steps == 18
+    _assert_same(_weights(ref_dir), _weights(tmp_path))
+
+
+def test_cli_sigint_exits_130_with_one_line_and_resumes(tmp_path):
+    """Ctrl-C on `amap train`: exit code 130, one line naming the checkpoint, no traceback; --resume finishes."""
+    args = [sys.executable, '-m', 'amap', 'train', '--data', 'digits', '--train-subset', '192', '--val-subset', '64',
+            '--batch-size', '32', '--epochs', '40', '--workers', '0', '--threads', '1', '--no-progress',
+            '--checkpoint-every', '1000', '--out', str(tmp_path)]
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'model.safetensors').exists():  # written at the end of epoch 1
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.startswith('amap:')]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith('amap: interrupted: SIGINT at step ') and 'continue with --resume' in lines[0]
+    step = int(lines[0].split('at step ')[1].split(':')[0])
+    assert 6 <= step < 240
+    latest = latest_train_state(tmp_path)
+    assert latest is not None and read_json(latest / 'state.json')['step'] == step
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and '--resume' in again.stderr  # an interrupted run is never silently restarted
+    done = subprocess.run(args + ['--resume'], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert read_json(latest_train_state(tmp_path) / 'state.json')['step'] == 240
 
 
 def test_resume_from_max_steps_stop(tmp_path, reference_run):

@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 from . import models  # noqa: F401  (registers the zoo in timm)
-from .errors import AmapError, CheckpointError, ConfigError, DataError, ModelError
+from .errors import AmapError, CheckpointError, ConfigError, DataError, Interrupted, ModelError, OutputError
 
 __version__ = '0.1.0'
 
@@ -36,7 +36,8 @@ _LAZY = {
     'plot_structure': 'amap.prune',
 }
 
-__all__ = ['AmapError', 'CheckpointError', 'ConfigError', 'DataError', 'ModelError', 'models', 'prune', *_LAZY]
+__all__ = ['AmapError', 'CheckpointError', 'ConfigError', 'DataError', 'Interrupted', 'ModelError', 'OutputError',
+           'models', 'prune', *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

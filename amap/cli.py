@@ -321,6 +321,7 @@ def _load_for_eval(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data import build_eval_loader
+    from .macs import check_input_size
     from .train import create_model, evaluate
     from .utils.distributed import cleanup_distributed, init_distributed
     if args.path and args.checkpoint and args.path != args.checkpoint:
@@ -353,6 +354,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         elif num_classes is not None and num_classes != data_classes:
             raise ConfigError(f'{args.checkpoint} predicts {num_classes} classes but {args.data} has {data_classes}; '
                               f'evaluate on the data the model was trained for')
+        trained_at = settings.get('img_size')
+        check_input_size(model, (3, img_size, img_size), fix=f'use --img-size {trained_at} (the size it was trained at)'
+                         if trained_at and trained_at != img_size else 'pass --img-size with the size it was built for')
         metrics = evaluate(model, loader, device=info.device, amp=args.amp, progress=not args.quiet)
     finally:
         cleanup_distributed(info)

@@ -21,6 +21,7 @@ what the counter realises is:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import AmapError, ConfigError
 
-__all__ = ['CATEGORIES', 'MacRecord', 'MacReport', 'count_macs', 'count_params']
+__all__ = ['CATEGORIES', 'MacRecord', 'MacReport', 'check_input_size', 'count_macs', 'count_params']
 
 aten = torch.ops.aten
 
@@ -355,6 +356,44 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+_FORWARD_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError, TypeError, NotImplementedError)
+
+
+def _input_error(model: nn.Module, size: tuple[int, ...], err: BaseException, fix: str) -> ConfigError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip('.')
+    if len(reason) > 160:
+        reason = reason[:157] + '...'
+    shape = 'x'.join(map(str, size))
+    return ConfigError(f'model {_model_name(model)} does not accept input {shape}: {reason}; {fix}')
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, input_size: tuple[int, int, int], *, fix: str = 'pass the size it was '
+                     'built for') -> None:
+    """Run one forward of a zero image of ``input_size`` (C, H, W) and turn a shape failure into one clear line.
+
+    Args:
+        model: The model (its device is used; its train/eval mode is restored).
+        input_size: ``(C, H, W)``.
+        fix: What the message tells the user to do.
+
+    Raises:
+        ConfigError: naming the model, the input size, the model's own complaint and ``fix``.
+    """
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else 'cpu')
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    except AmapError:
+        raise
+    except _FORWARD_ERRORS as err:
+        raise _input_error(model, input_size, err, fix) from err
+    finally:
+        model.train(was_training)
+
+
 def count_macs(
         model: nn.Module,
         input_size: int | Sequence[int] | None = None,
@@ -425,13 +464,8 @@ def count_macs(
                         model(x)
             except AmapError:
                 raise
-            except (RuntimeError, ValueError, AssertionError, IndexError, TypeError, NotImplementedError) as err:
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                if len(reason) > 160:
-                    reason = reason[:157] + '...'
-                shape = 'x'.join(map(str, size))
-                raise ConfigError(f'model {_model_name(model)} does not accept input {shape}: {reason}; '
-                                  'pass the size it was built for') from err
+            except _FORWARD_ERRORS as err:
+                raise _input_error(model, size, err, 'pass the size it was built for') from err
     finally:
         for h in handles:
             h.remove()

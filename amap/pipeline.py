@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import itertools
 import logging
 import math
@@ -38,6 +37,7 @@ from .prune.api import PruneConfig, finalize_structure, prepare, resolve_target,
 from .prune.artifact import load_pruned, read_pruned_config, save_pruned
 from .prune.search import Search, distillation_loss, task_loss
 from .prune.surgery import apply_surgery, describe_structure
+from .prune.target import check_target
 from .report import write_report
 from .train import (
     TrainConfig,
@@ -58,9 +58,10 @@ from .train import (
     save_train_state,
     train_one_epoch,
 )
+from .utils.config import check_keys, from_mapping
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
-from .utils.io import atomic_dir, atomic_write_bytes, read_json, read_safetensors, to_jsonable
+from .utils.io import atomic_dir, atomic_write_bytes, output_error, read_json, read_safetensors, remove_dir, to_jsonable
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'run', 'load_config']
 
@@ -78,7 +79,8 @@ class PipelineConfig:
     """One ``amap prune`` job.
 
     Attributes:
-        model: timm name of the model (ignored when ``checkpoint`` is a run of ``amap train``, which names its own).
+        model: timm name of the model; needed for official/timm weights, optional for a run of ``amap train`` (which
+            names its own; a different name is an error).
         checkpoint: The trained weights: an ``amap train`` run folder or ``model.safetensors``, or an official
             FLatten / timm checkpoint (``.pth``, ``.safetensors``) for ``model``.
         model_kwargs: Extra arguments of the model factory.
@@ -113,7 +115,7 @@ class PipelineConfig:
         progress: Progress bars on interactive terminals.
     """
 
-    model: str = 'flatten_deit_micro'
+    model: str | None = None
     checkpoint: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,14 +146,9 @@ class PipelineConfig:
 
     def prune_config(self) -> PruneConfig:
         """The pruning options as a validated :class:`PruneConfig` (target and distillation weight from here)."""
-        known = {f.name for f in dataclasses.fields(PruneConfig)}
-        for key in self.prune:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ''
-                raise ConfigError(f'prune option {key!r} is unknown{hint}')
         kd = self.kd_alpha if self.teacher == 'original' else 0.0
-        return PruneConfig(**{**self.prune, 'target': self.target, 'kd_alpha': self.prune.get('kd_alpha', kd)})
+        doc = {**self.prune, 'target': self.target, 'kd_alpha': self.prune.get('kd_alpha', kd)}
+        return from_mapping(PruneConfig, doc, where='prune options')
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(dataclasses.asdict(self))
@@ -166,21 +163,25 @@ class PipelineResult:
     out: Path
 
 
-def _check_keys(cls: type, doc: Mapping[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in doc:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            raise ConfigError(f'{where}: unknown key {key!r}{hint}')
+def _check_contained_out(out: Any, where: str) -> None:
+    """A config file may only name an output folder below the current one: a file from someone else must not make
+    AMAP write (or, with ``overwrite``, delete its own stage folders) anywhere else. ``--out`` on the command line,
+    typed by the user, may point anywhere."""
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f'{where}: out must be a folder name, got {out!r}')
+    p = Path(out)
+    if p.is_absolute() or p.expanduser() != p or '..' in p.parts:
+        raise ConfigError(f'{where}: out {out!r} leaves the current folder; a config file may only name a folder '
+                          f'below it (give --out on the command line to write elsewhere)')
 
 
 def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None,
                 **overrides: Any) -> PipelineConfig:
     """A :class:`PipelineConfig` from a config object, a mapping or a YAML file, with keyword overrides.
 
-    YAML is parsed with ``yaml.safe_load`` (no object tags); unknown or mistyped keys are errors that name the
-    closest valid key.
+    YAML is parsed with ``yaml.safe_load`` (no object tags); unknown keys are errors that name the closest valid key,
+    and values are checked against the fields' types (:mod:`amap.utils.config`). A YAML file's ``out`` must stay
+    below the current folder (no absolute path, ``~`` or ``..``) unless ``out`` is overridden (``--out``).
     """
     if isinstance(source, PipelineConfig):
         doc: dict[str, Any] = dataclasses.asdict(source)
@@ -202,6 +203,8 @@ def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike |
         if not isinstance(doc, dict):
             raise ConfigError(f'{path}: expected a mapping of options at the top level')
         where = str(path)
+        if 'out' in doc and overrides.get('out') is None:
+            _check_contained_out(doc['out'], where)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -211,16 +214,16 @@ def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike |
             doc['prune'] = {**(doc.get('prune') or {}), **value}
         else:
             doc[key] = value
-    _check_keys(PipelineConfig, doc, where)
+    check_keys(PipelineConfig, doc, where)
     data = doc.get('data') or {}
     if isinstance(data, DataConfig):
         data = dataclasses.asdict(data)
-    _check_keys(DataConfig, data, f'{where} (data)')
-    doc['data'] = DataConfig(**data)
-    try:
-        cfg = PipelineConfig(**doc)
-    except TypeError as e:
-        raise ConfigError(f'{where}: {e}') from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f'{where}: data must be a mapping of data options, got {data!r}')
+    doc['data'] = from_mapping(DataConfig, data, where=f'{where} (data)')
+    if not isinstance(doc.get('prune') or {}, Mapping):
+        raise ConfigError(f"{where}: prune must be a mapping of pruning options, got {doc['prune']!r}")
+    cfg = from_mapping(PipelineConfig, doc, where=where)
     if cfg.accum_steps < 1:
         raise ConfigError(f'{where}: accum_steps must be >= 1, got {cfg.accum_steps}')
     if cfg.teacher not in ('original', 'none'):
@@ -284,8 +287,18 @@ def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, 
                           '--model)')
     meta = read_trained_meta(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None
     if meta is not None:
+        if cfg.model and cfg.model != meta['model']:
+            raise ConfigError(f'--model {cfg.model} does not match --checkpoint {cfg.checkpoint}, which holds '
+                              f'{meta["model"]}; drop --model (an amap run names its model)')
+        trained_at = meta.get('img_size')
+        if trained_at and int(trained_at) != cfg.data.img_size:
+            raise ConfigError(f'--img-size {cfg.data.img_size} does not match the {trained_at} px --checkpoint '
+                              f'{cfg.checkpoint} was trained at; pass --img-size {trained_at}')
         model = load_trained(cfg.checkpoint)
         return model, meta['model'], dict(meta.get('model_kwargs') or {})
+    if not cfg.model:
+        raise ConfigError(f'--checkpoint {cfg.checkpoint} is not an amap train run; pass --model NAME to build its '
+                          f'architecture')
     model, kwargs = create_model(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size,
                                  model_kwargs=cfg.model_kwargs)
     load_checkpoint(model, cfg.checkpoint)
@@ -346,9 +359,8 @@ def _prepare_out(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
             raise ConfigError(f'{out} holds a previous run ({", ".join(leftovers)}); pass --resume to continue it or '
                               f'--overwrite to start afresh')
         if info.is_main:
-            import shutil
             for p in leftovers:
-                shutil.rmtree(out / p, ignore_errors=True)
+                remove_dir(out / p)
     barrier()
 
 
@@ -379,7 +391,10 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
     device = info.device
     out = Path(cfg.out)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(out, e, atomic=False) from None
     _prepare_out(cfg, out, info)
     if info.is_main:
         atomic_write_bytes(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
@@ -414,6 +429,7 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         calib = _calibration_batches(data, cfg.seed, info, pcfg.calib_batches)
         pruner = prepare(model, size, pcfg, calib)
         target_macs = resolve_target(pcfg.target, pruner.full_macs)
+        check_target(pruner, target_macs)  # before spending a search on an unreachable target
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if pcfg.criterion == 'amap':

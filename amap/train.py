@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import uuid
@@ -60,6 +59,7 @@ from tqdm.auto import tqdm
 
 from .data import DataBundle, DataConfig, build_loaders, seed_rng
 from .errors import AmapError, CheckpointError, ConfigError, Interrupted, ModelError
+from .utils.config import from_mapping
 from .utils.distributed import (
     DistInfo,
     all_gather_object,
@@ -75,8 +75,10 @@ from .utils.io import (
     atomic_dir,
     atomic_write_json,
     atomic_write_safetensors,
+    output_error,
     read_json,
     read_safetensors,
+    remove_dir,
     remove_stale_temps,
     to_jsonable,
 )
@@ -166,7 +168,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.data, Mapping):
-            self.data = _from_mapping(DataConfig, self.data, where='data')
+            self.data = from_mapping(DataConfig, self.data, where='data')
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the configuration."""
@@ -177,19 +179,9 @@ class TrainConfig:
         """Build from a (YAML/JSON) mapping; ``data`` may be a nested mapping of :class:`DataConfig` fields.
 
         Raises:
-            ConfigError: an unknown key (with the closest valid name).
+            ConfigError: an unknown key (with the closest valid name) or a value of the wrong type.
         """
-        return _from_mapping(cls, doc, where='train config')
-
-
-def _from_mapping(kind: type, doc: Mapping[str, Any], *, where: str) -> Any:
-    names = [f.name for f in dataclasses.fields(kind)]
-    for key in doc:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f'did you mean {close[0]!r}?' if close else f'valid keys: {", ".join(names)}'
-            raise ConfigError(f'{where}: unknown key {key!r}; {hint}')
-    return kind(**doc)
+        return from_mapping(cls, doc, where='train config')
 
 
 @dataclass
@@ -732,7 +724,7 @@ def _write_train_state(ckpt_dir: Path, state: TrainState, *, rngs: list[Any], ex
                                            'epoch': state.epoch, 'batch_in_epoch': state.batch_in_epoch})
     old = sorted(p for p in ckpt_dir.glob('step_*') if p.is_dir() and p.name != name)
     for p in old[:max(len(old) - (keep - 1), 0)]:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_dir(p)  # never a half-deleted step folder under a checkpoint name
     remove_stale_temps(ckpt_dir)  # left by a run killed while writing
     return ckpt_dir / name
 
@@ -951,9 +943,12 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, info: DistInfo) -> Path | None
                               f'it, --overwrite to start again, or another --out')
         barrier()  # every rank has checked before rank 0 deletes
         if previous and info.is_main:
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            remove_dir(out / CHECKPOINT_DIR)
             for name in (MODEL_FILE, MODEL_META_FILE, LOG_FILE):
-                (out / name).unlink(missing_ok=True)
+                try:
+                    (out / name).unlink(missing_ok=True)
+                except OSError as e:
+                    raise output_error(out / name, e, atomic=False) from None
     barrier()
     return resume_from
 

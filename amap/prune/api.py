@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from .pruner import Pruner
 from .search import SearchSettings, search
 from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
-from .target import apply_counts, fit_to_target, uniform_counts
+from .target import apply_counts, check_target, fit_to_target, uniform_counts
 
 __all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'finalize_structure', 'search_settings', 'resolve_target']
 
@@ -93,8 +94,7 @@ class PruneConfig:
         self.kinds = tuple(self.kinds)
         if not self.kinds or set(self.kinds) - set(GROUP_KINDS):
             raise ConfigError(f'kinds {list(self.kinds)} must be a non-empty subset of {list(GROUP_KINDS)}')
-        if self.target <= 0 or self.target == 1:
-            raise ConfigError(f'target {self.target} must be a MAC ratio in (0, 1) or an absolute MAC count > 1')
+        _check_target_value(self.target)
         if not self.head_balance and self.criterion != 'amap':
             raise ConfigError('head_balance=False is an ablation of the amap criterion only')
 
@@ -142,10 +142,17 @@ class PruneResult:
                 'config': self.config}
 
 
+def _check_target_value(target: float) -> None:
+    if not math.isfinite(target) or target <= 0:
+        raise ConfigError(f'target {target} must be a MAC ratio in (0, 1), e.g. 0.7 for 70% of the MACs')
+    if 1 <= target < 1000:
+        raise ConfigError(f'target {target:g} is not a MAC ratio in (0, 1) (e.g. 0.7 for 70% of the MACs); values '
+                          f'from 1000 up are read as an absolute MAC count')
+
+
 def resolve_target(target: float, full_macs: float) -> float:
     """MACs of a target given as a ratio in (0, 1) or as an absolute count (> 1)."""
-    if target <= 0 or target == 1:
-        raise ConfigError(f'target {target} must be a MAC ratio in (0, 1) or an absolute MAC count > 1')
+    _check_target_value(target)
     if target < 1:
         return target * full_macs
     if target >= full_macs:
@@ -268,6 +275,7 @@ def prune(
     t0 = time.perf_counter()
     pruner = prepare(model, size, cfg, calib)
     target_macs = resolve_target(cfg.target, pruner.full_macs)
+    check_target(pruner, target_macs)  # before spending a search on an unreachable target
     if cfg.criterion == 'amap':
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()

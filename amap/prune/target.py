@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from .indicator import topk_mask
 from .pruner import Pruner
 
-__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs']
+__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs', 'check_target']
 
 
 def min_macs(pruner: Pruner) -> float:
@@ -30,12 +30,14 @@ def min_macs(pruner: Pruner) -> float:
     return float(pruner.macs(counts))
 
 
-def _check_target(pruner: Pruner, target_macs: float) -> None:
+def check_target(pruner: Pruner, target_macs: float) -> None:
+    """Raise :class:`ConfigError` when ``target_macs`` is below :func:`min_macs`, saying what the minimum is."""
     low = min_macs(pruner)
     if target_macs < low:
-        raise ConfigError(f'target of {target_macs / 1e6:.1f} MMACs is below the smallest structure the constraints '
-                          f'allow ({low / 1e6:.1f} MMACs = {low / pruner.full_macs:.3f} of the model); '
-                          'raise --target or prune more group kinds')
+        raise ConfigError(f'target of {target_macs / 1e6:.3g} MMACs ({target_macs / pruner.full_macs:.3f} of the '
+                          f'model) is below the smallest structure the constraints allow ({low / 1e6:.3g} MMACs = '
+                          f'{low / pruner.full_macs:.3f} of the model); raise --target to at least '
+                          f'{math.ceil(low / pruner.full_macs * 1000) / 1000:.3f} or prune more group kinds')
 
 
 @torch.no_grad()
@@ -59,7 +61,7 @@ def fit_to_target(
     Returns:
         The final ``{key: (H,) kept counts}``; every indicator is fixed to its top channels by score.
     """
-    _check_target(pruner, target_macs)
+    check_target(pruner, target_macs)
     inds = pruner.indicators
     scores = {k: (ind.scores() if scores is None else scores[k]).detach().float().cpu() for k, ind in inds.items()}
     counts = {k: (c.clone().long().cpu()) for k, c in (counts or pruner.hard_counts()).items()}
@@ -126,7 +128,7 @@ def apply_counts(pruner: Pruner, counts: dict[str, Tensor], scores: dict[str, Te
 @torch.no_grad()
 def uniform_counts(pruner: Pruner, target_macs: float) -> dict[str, Tensor]:
     """The same kept ratio in every group (rounded up per head), the largest that meets the target."""
-    _check_target(pruner, target_macs)
+    check_target(pruner, target_macs)
 
     def counts_at(ratio: float) -> dict[str, Tensor]:
         return {k: torch.full((ind.group.num_heads,), max(ind.min_keep, math.ceil(ratio * ind.group.dim)))

@@ -293,5 +293,5 @@ def test_config_from_dict_rejects_unknown_keys():
     assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # round trip through JSON values
     with pytest.raises(ConfigError, match="unknown key 'epoch'; did you mean 'epochs'"):
         TrainConfig.from_dict({'epoch': 3})
-    with pytest.raises(ConfigError, match="data: unknown key 'batchsize'; did you mean 'batch_size'"):
+    with pytest.raises(ConfigError, match=r"train config \(data\): unknown key 'batchsize'; did you mean 'batch_size'"):
         TrainConfig.from_dict({'data': {'batchsize': 3}})

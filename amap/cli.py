@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--search-lr', type=float, default=None, help='weight learning rate during the search')
     g.add_argument('--resource-lambda', type=float, default=None, help='weight of the resource loss')
     g.add_argument('--calib-batches', type=_positive_int, default=None, help='calibration batches')
+    g.add_argument('--channel-multiple', type=_positive_int, default=None, metavar='N',
+                   help='round pruned widths to multiples of N (8 or 16 suit GEMM kernels; default 1: exact)')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
     _add_run_args(p)
     p.set_defaults(func=_cmd_prune)
@@ -395,7 +397,8 @@ def _cmd_macs(args: argparse.Namespace) -> int:
 
 _PRUNE_METHOD_KEYS = {'criterion': 'criterion', 'similarity': 'similarity', 'head_balance': 'head_balance',
                       'reweight': 'reweight', 'attn_init': 'attn_init', 'indicator_lr': 'indicator_lr',
-                      'search_lr': 'lr', 'resource_lambda': 'resource_lambda', 'calib_batches': 'calib_batches'}
+                      'search_lr': 'lr', 'resource_lambda': 'resource_lambda', 'calib_batches': 'calib_batches',
+                      'channel_multiple': 'channel_multiple'}
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

@@ -429,7 +429,7 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         calib = _calibration_batches(data, cfg.seed, info, pcfg.calib_batches)
         pruner = prepare(model, size, pcfg, calib)
         target_macs = resolve_target(pcfg.target, pruner.full_macs)
-        check_target(pruner, target_macs)  # before spending a search on an unreachable target
+        check_target(pruner, target_macs, pcfg.channel_multiple)  # before spending a search on an unreachable target
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if pcfg.criterion == 'amap':

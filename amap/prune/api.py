@@ -60,6 +60,9 @@ class PruneConfig:
         threshold: Indicator score threshold for a kept channel.
         min_keep: Channels every head keeps at least.
         fill: Let the target guarantee grow the structure back up to the target.
+        channel_multiple: Round every pruned width (heads x per-head count of q/k or v, the MLP hidden width) to a
+            multiple of this in the final structure (8 or 16 suit GEMM kernels); 1 keeps the exact MAC-optimal
+            widths. A group left unpruned keeps its full width.
         seed: Seed of everything random in the pruning.
         log_every: Search steps between history records.
     """
@@ -85,6 +88,7 @@ class PruneConfig:
     threshold: float = 0.5
     min_keep: int = 1
     fill: bool = True
+    channel_multiple: int = 1
     seed: int = 0
     log_every: int = 10
 
@@ -95,6 +99,8 @@ class PruneConfig:
         if not self.kinds or set(self.kinds) - set(GROUP_KINDS):
             raise ConfigError(f'kinds {list(self.kinds)} must be a non-empty subset of {list(GROUP_KINDS)}')
         _check_target_value(self.target)
+        if self.channel_multiple < 1:
+            raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':
             raise ConfigError('head_balance=False is an ablation of the amap criterion only')
 
@@ -186,14 +192,14 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float,
                       for k, c in pruner.hard_counts().items()}
             for ind in pruner.indicators.values():
                 ind.head_balance = True
-        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill)
+        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=cfg.channel_multiple)
         return
     scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
     if cfg.criterion == 'uniform':
-        apply_counts(pruner, uniform_counts(pruner, target_macs), scores)
+        apply_counts(pruner, uniform_counts(pruner, target_macs, cfg.channel_multiple), scores)
     else:
         full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
-        fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill)
+        fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill, multiple=cfg.channel_multiple)
 
 
 def search_settings(cfg: PruneConfig, steps: int | None = None) -> SearchSettings:
@@ -275,7 +281,7 @@ def prune(
     t0 = time.perf_counter()
     pruner = prepare(model, size, cfg, calib)
     target_macs = resolve_target(cfg.target, pruner.full_macs)
-    check_target(pruner, target_macs)  # before spending a search on an unreachable target
+    check_target(pruner, target_macs, cfg.channel_multiple)  # before spending a search on an unreachable target
     if cfg.criterion == 'amap':
         seconds['calibration'] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -21,23 +21,45 @@ from ..errors import ConfigError
 from .indicator import topk_mask
 from .pruner import Pruner
 
-__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs', 'check_target']
+__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs', 'check_target', 'channel_step']
 
 
-def min_macs(pruner: Pruner) -> float:
-    """MACs of the smallest structure the constraints allow (every head keeps ``min_keep`` channels)."""
-    counts = {k: torch.full((ind.group.num_heads,), ind.min_keep) for k, ind in pruner.indicators.items()}
+def channel_step(num_heads: int, multiple: int) -> int:
+    """Per-head channel step that keeps a balanced group's width (``num_heads x count``) a multiple of ``multiple``."""
+    return 1 if multiple <= 1 else multiple // math.gcd(num_heads, multiple)
+
+
+def _lowest(ind, multiple: int) -> int:
+    """Smallest per-head count allowed: ``min_keep`` rounded up to the channel step (all channels if that exceeds
+    the head)."""
+    step = channel_step(ind.group.num_heads, multiple)
+    return min(ind.group.dim, -(-ind.min_keep // step) * step)
+
+
+def _snap_down(c: Tensor, ind, multiple: int) -> Tensor:
+    """Counts rounded down to the channel step (a full head stays full), never below :func:`_lowest`."""
+    step = channel_step(ind.group.num_heads, multiple)
+    snapped = torch.where(c >= ind.group.dim, c, (c // step) * step)
+    return snapped.clamp(min=_lowest(ind, multiple))
+
+
+def min_macs(pruner: Pruner, multiple: int = 1) -> float:
+    """MACs of the smallest structure the constraints allow (every head keeps ``min_keep`` channels, rounded up to
+    the channel step of ``multiple``)."""
+    counts = {k: torch.full((ind.group.num_heads,), _lowest(ind, multiple)) for k, ind in pruner.indicators.items()}
     return float(pruner.macs(counts))
 
 
-def check_target(pruner: Pruner, target_macs: float) -> None:
+def check_target(pruner: Pruner, target_macs: float, multiple: int = 1) -> None:
     """Raise :class:`ConfigError` when ``target_macs`` is below :func:`min_macs`, saying what the minimum is."""
-    low = min_macs(pruner)
+    low = min_macs(pruner, multiple)
     if target_macs < low:
+        aligned = f' with widths in multiples of {multiple}' if multiple > 1 else ''
+        at_least = math.ceil(low / pruner.full_macs * 1000) / 1000
         raise ConfigError(f'target of {target_macs / 1e6:.3g} MMACs ({target_macs / pruner.full_macs:.3f} of the '
-                          f'model) is below the smallest structure the constraints allow ({low / 1e6:.3g} MMACs = '
-                          f'{low / pruner.full_macs:.3f} of the model); raise --target to at least '
-                          f'{math.ceil(low / pruner.full_macs * 1000) / 1000:.3f} or prune more group kinds')
+                          f'model) is below the smallest structure the constraints allow{aligned} '
+                          f'({low / 1e6:.3g} MMACs = {low / pruner.full_macs:.3f} of the model); raise --target '
+                          f'to at least {at_least:.3f} or prune more group kinds')
 
 
 @torch.no_grad()
@@ -48,6 +70,7 @@ def fit_to_target(
         scores: dict[str, Tensor] | None = None,
         counts: dict[str, Tensor] | None = None,
         fill: bool = True,
+        multiple: int = 1,
 ) -> dict[str, Tensor]:
     """Adjust kept counts so that MACs <= target, greedily by score per MAC, and fix the indicators' structure.
 
@@ -57,14 +80,18 @@ def fit_to_target(
         scores: ``{key: (H, d)}`` channel scores; default: the indicators' ``w * m``.
         counts: Starting ``{key: (H,) counts}``; default: the current hard structure.
         fill: Grow groups again while the target allows it.
+        multiple: Keep every pruned layer width (heads x per-head count of a balanced group; the MLP hidden width) a
+            multiple of this (GEMM kernels run faster on aligned widths); an unpruned group keeps its full width.
 
     Returns:
         The final ``{key: (H,) kept counts}``; every indicator is fixed to its top channels by score.
     """
-    check_target(pruner, target_macs)
+    check_target(pruner, target_macs, multiple)
     inds = pruner.indicators
     scores = {k: (ind.scores() if scores is None else scores[k]).detach().float().cpu() for k, ind in inds.items()}
     counts = {k: (c.clone().long().cpu()) for k, c in (counts or pruner.hard_counts()).items()}
+    if multiple > 1:
+        counts = {k: _snap_down(c, inds[k], multiple) for k, c in counts.items()}
     ranked = {k: s.sort(dim=-1, descending=True).values for k, s in scores.items()}
     cost = {a.name: pruner.adapter_macs(a, counts) for a in pruner.adapters}
     total = pruner.fixed_macs + sum(cost.values())
@@ -75,14 +102,20 @@ def fit_to_target(
             adapter = pruner.adapter_of(key)
             c = counts[key]
             H, d = ranked[key].shape
+            step = channel_step(H, multiple)
+            low = _lowest(ind, multiple)
             heads = [None] if ind.head_balance else range(H)
             for h in heads:
                 new = c.clone()
+                rows_now = c if h is None else c[h:h + 1]
+                # one step along the lattice of allowed counts (a full head is allowed even when off the lattice)
+                moved = torch.where(rows_now >= d, (d - 1) // step * step, rows_now - step) if sign < 0 else \
+                    torch.clamp(rows_now + step, max=d)
                 if h is None:
-                    new += sign
+                    new = moved
                 else:
-                    new[h] += sign
-                if (new < ind.min_keep).any() or (new > d).any():
+                    new[h] = moved[0]
+                if (new < low).any() or (new > d).any() or torch.equal(new, c):
                     continue
                 trial = dict(counts)
                 trial[key] = new
@@ -90,9 +123,9 @@ def fit_to_target(
                 delta = abs(cost[adapter.name] - new_cost)
                 if delta <= 0:
                     continue
-                idx = (torch.minimum(c, new)).clamp(max=d - 1)  # the channel index that leaves or enters
+                lo_, hi_ = torch.minimum(c, new), torch.maximum(c, new)  # the channels that leave or enter
                 rows = range(H) if h is None else [h]
-                value = float(sum(ranked[key][r, idx[r]] for r in rows))
+                value = float(sum(ranked[key][r, int(lo_[r]):int(hi_[r])].sum() for r in rows))
                 yield value / delta, key, new, new_cost
 
     while total > target_macs:
@@ -104,6 +137,9 @@ def fit_to_target(
         total += new_cost - cost[adapter.name]
         cost[adapter.name] = new_cost
         counts[key] = new
+    if total > target_macs:  # only reachable with a channel multiple (check_target covers the rest)
+        raise ConfigError(f'target of {target_macs / 1e6:.3g} MMACs cannot be met with widths in multiples of '
+                          f'{multiple}; raise the target or lower channel_multiple')
     while fill:
         fitting = [m for m in moves(+1) if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= target_macs]
         if not fitting:
@@ -126,13 +162,17 @@ def apply_counts(pruner: Pruner, counts: dict[str, Tensor], scores: dict[str, Te
 
 
 @torch.no_grad()
-def uniform_counts(pruner: Pruner, target_macs: float) -> dict[str, Tensor]:
-    """The same kept ratio in every group (rounded up per head), the largest that meets the target."""
-    check_target(pruner, target_macs)
+def uniform_counts(pruner: Pruner, target_macs: float, multiple: int = 1) -> dict[str, Tensor]:
+    """The same kept ratio in every group (rounded up per head, to the channel step of ``multiple``), the largest
+    that meets the target."""
+    check_target(pruner, target_macs, multiple)
+
+    def count(ind, ratio: float) -> int:
+        step = channel_step(ind.group.num_heads, multiple)
+        return min(ind.group.dim, max(_lowest(ind, multiple), math.ceil(ratio * ind.group.dim / step) * step))
 
     def counts_at(ratio: float) -> dict[str, Tensor]:
-        return {k: torch.full((ind.group.num_heads,), max(ind.min_keep, math.ceil(ratio * ind.group.dim)))
-                for k, ind in pruner.indicators.items()}
+        return {k: torch.full((ind.group.num_heads,), count(ind, ratio)) for k, ind in pruner.indicators.items()}
 
     lo, hi = 0.0, 1.0
     for _ in range(40):

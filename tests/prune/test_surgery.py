@@ -91,3 +91,50 @@ def test_unshared_dwc_when_heads_keep_different_v_channels(images):
     assert any(not d.shared for d in dwcs)  # random scores: heads keep different v channels
     with torch.no_grad():
         torch.testing.assert_close(model(images), masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('multiple', [8, 16])
+def test_channel_multiple_rounds_every_pruned_width(model_name, images, multiple):
+    """With channel_multiple N every pruned width (heads x per-head count, MLP hidden) is a multiple of N or the
+    full width; the target still holds and the cut is still exact and head-balanced."""
+    from amap.prune.target import channel_step, min_macs
+
+    model = build(model_name)
+    pruner = Pruner(model, (3, 32, 32))
+    _randomise(pruner)
+    full = pruner.full_macs
+    # the test models are tiny (widths of 16-64): coarse steps raise the smallest reachable structure
+    target = max(0.6, min_macs(pruner, multiple) / full + 0.05)
+    assert target < 0.9
+    counts = fit_to_target(pruner, target * full, multiple=multiple)
+    widths = {}
+    for key, ind in pruner.indicators.items():
+        c = counts[key]
+        assert bool((c == c[0]).all()), key
+        width = int(c.sum())
+        assert width % multiple == 0 or int(c[0]) == ind.group.dim, (key, width)
+        assert int(c[0]) % channel_step(ind.group.num_heads, multiple) == 0 or int(c[0]) == ind.group.dim
+        widths[key] = width
+    with torch.no_grad():
+        masked = model(images)
+    predicted = pruner.hard_macs()
+    apply_surgery(pruner)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), masked, atol=1e-5, rtol=0)
+    counted = count_macs(model, (3, 32, 32)).total
+    assert counted == pytest.approx(predicted, abs=0.5) and counted <= target * full
+    # coarser steps cost some precision, not much: the structure is filled back up close to the target
+    assert counted >= (target - 0.15) * full
+    assert any(widths[k] < ind.group.size for k, ind in pruner.indicators.items())
+
+
+def test_channel_multiple_target_below_the_aligned_minimum_is_named():
+    from amap.errors import ConfigError
+    from amap.prune.target import min_macs
+
+    pruner = Pruner(build('timm_deit'), (3, 32, 32))
+    low1, low16 = min_macs(pruner), min_macs(pruner, 16)
+    assert low16 > low1
+    with pytest.raises(ConfigError, match='below the smallest structure'):
+        fit_to_target(pruner, (low1 + low16) / 2, multiple=16)
+    fit_to_target(pruner, (low1 + low16) / 2, multiple=1)  # reachable without the alignment

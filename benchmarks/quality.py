@@ -24,8 +24,9 @@ where it stopped. The JSON + Markdown results hold every run, the mean and sprea
 target, method), the exact command, the machine and the date.
 
 Bases: ``--bases NAME=PATH ...``, or by default ``~/.cache/amap-bench/<model>/`` for flatten_deit_micro,
-flatten_swin_micro and timm_deit_micro (a DeiT-Tiny with patch 4 and 6 blocks at 32 px); a missing or unfinished base
-is skipped with the ``amap train`` command that makes it.
+flatten_swin_micro and timm_deit_micro (the DeiTs at width 96 with 3 heads of 32: flatten_deit_micro with
+``embed_dim=96``, and timm's DeiT-Tiny with patch 4, 6 blocks, width 96 and MLP ratio 2 at 32 px); a missing or
+unfinished base is skipped with the ``amap train`` command that makes it.
 
 Cost: a run trains ``search_epochs + finetune_epochs`` epochs (plus about 8 evaluations); with CIFAR-10 (781 steps
 of 64 images per epoch) and the micro models' 0.4-1.5 s per step on one core of these machines, that is 0.5-2 hours
@@ -70,11 +71,15 @@ from benchmarks.common import command_line, loadavg, machine_info, markdown_tabl
 
 DEFAULT_MODELS = ['flatten_deit_micro', 'flatten_swin_micro', 'timm_deit_micro']
 # how each default base is trained (the command printed when its folder is missing)
-TRAIN_COMMANDS = {
-    'flatten_deit_micro': 'amap train --model flatten_deit_micro --data {data} --epochs 15 --out {out}',
-    'flatten_swin_micro': 'amap train --model flatten_swin_micro --data {data} --epochs 15 --out {out}',
-    'timm_deit_micro': ('amap train --model deit_tiny_patch16_224 --model-kwargs \'{{"patch_size": 4, "depth": 6}}\' '
-                        '--img-size 32 --data {data} --epochs 15 --out {out}'),
+_RECIPE = '--batch-size 128 --lr 1e-3 --warmup-epochs 1 --label-smoothing 0.1 --workers 0 --threads 1'
+TRAIN_COMMANDS = {  # the recipes of the baselines in BENCHMARKS.md (width 96, 3 heads of 32 for the DeiTs)
+    'flatten_deit_micro': ('amap train --model flatten_deit_micro --model-kwargs '
+                           '\'{{"embed_dim": 96, "num_heads": 3}}\' '
+                           f'--data {{data}} --epochs 12 {_RECIPE} --out {{out}}'),
+    'flatten_swin_micro': f'amap train --model flatten_swin_micro --data {{data}} --epochs 12 {_RECIPE} --out {{out}}',
+    'timm_deit_micro': ('amap train --model deit_tiny_patch16_224 --model-kwargs \'{{"patch_size": 4, "depth": 6, '
+                        '"embed_dim": 96, "num_heads": 3, "mlp_ratio": 2.0}}\' --img-size 32 --data {data} '
+                        f'--epochs 18 {_RECIPE} --out {{out}}'),
 }
 METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'amap': {},

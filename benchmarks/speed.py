@@ -18,6 +18,7 @@ Usage::
     python benchmarks/speed.py --out benchmarks/results/speed.json          # small + full-size models (~20-30 min)
     python benchmarks/speed.py --quick --out /tmp/speed.json                # small models, batch 1 and 8 (minutes)
     python benchmarks/speed.py --models flatten_swin_tiny --threads 2 --profile --out /tmp/swin.json
+    python benchmarks/speed.py --channel-multiples 1 8 --out /tmp/aligned.json       # exact vs aligned widths
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ from benchmarks.common import (  # noqa: E402
 GOAL = 1.1  # latency ratio <= GOAL * MAC ratio
 
 
-def _variants(name: str, targets: list[float]) -> tuple[dict[str, torch.nn.Module], dict[str, dict], int]:
-    """The unpruned model and one magnitude-pruned copy per target, with their MACs and parameters."""
+def _variants(name: str, targets: list[float], multiples: tuple[int, ...] = (1,)) -> tuple[
+        dict[str, torch.nn.Module], dict[str, dict], int]:
+    """The unpruned model and one magnitude-pruned copy per target and channel multiple (key ``'50%'``, or
+    ``'50%/x8'`` for widths rounded to multiples of 8), with their MACs and parameters."""
     base, side = build_model(name)
     size = (3, side, side)
     macs0 = count_macs(base, size).total
@@ -64,12 +67,15 @@ def _variants(name: str, targets: list[float]) -> tuple[dict[str, torch.nn.Modul
     info = {'unpruned': {'target': 1.0, 'macs': int(macs0), 'mac_ratio': 1.0, 'params': count_params(base)}}
     loader = random_loader(2, side, 1)
     for t in targets:
-        t0 = time.perf_counter()
-        result = prune(copy.deepcopy(base), loader, t, criterion='magnitude', calib_batches=1, input_size=size)
-        key = f'{round(100 * t)}%'
-        models[key] = result.model.eval()
-        info[key] = {'target': t, 'macs': result.macs_after, 'mac_ratio': result.ratio, 'params': result.params_after,
-                     'prune_seconds': round(time.perf_counter() - t0, 2)}
+        for multiple in multiples:
+            t0 = time.perf_counter()
+            result = prune(copy.deepcopy(base), loader, t, criterion='magnitude', calib_batches=1, input_size=size,
+                           channel_multiple=multiple)
+            key = f'{round(100 * t)}%' + (f'/x{multiple}' if multiple > 1 else '')
+            models[key] = result.model.eval()
+            info[key] = {'target': t, 'channel_multiple': multiple, 'macs': result.macs_after,
+                         'mac_ratio': result.ratio, 'params': result.params_after,
+                         'prune_seconds': round(time.perf_counter() - t0, 2)}
     return models, info, side
 
 
@@ -144,10 +150,10 @@ def _profile(base: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, to
 
 
 def measure(name: str, targets: list[float], batches: list[int], backends: list[str], threads: int,
-            settings: dict[str, Any], do_profile: bool) -> dict[str, Any]:
+            settings: dict[str, Any], do_profile: bool, multiples: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """All timings of one model: ``{'model', 'input', 'variants': {...}, 'timings': [...], ...}``."""
     t_start = time.perf_counter()
-    models, info, side = _variants(name, targets)
+    models, info, side = _variants(name, targets, multiples)
     row: dict[str, Any] = {'model': name, 'input': [3, side, side], 'variants': info, 'timings': []}
     with tempfile.TemporaryDirectory(prefix='amap-speed-') as tmp:
         sessions: dict = {}
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='torch/onnxruntime intra-op threads (default 1: on cores shared with other jobs, more '
                              'threads time the OS scheduler, as every parallel op waits for its slowest thread)')
     parser.add_argument('--profile', action='store_true', help='top operators of the unpruned and most pruned model')
+    parser.add_argument('--channel-multiples', nargs='+', type=int, default=[1], metavar='N',
+                        help='also prune with widths rounded to multiples of N (e.g. 1 8: exact and aligned)')
     args = parser.parse_args(argv)
     threads = args.threads
     torch.set_num_threads(threads)
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {'rounds': 15, 'rounds_big': 7, 'sample_seconds': 0.3, 'warmup': 2, 'budget': 60.0}
     meta: dict[str, Any] = {'machine': machine_info(threads), 'command': command_line('speed.py', argv),
                             'quick': args.quick, 'targets': args.targets, 'batches': batches, 'settings': settings,
-                            'goal': f'latency ratio <= {GOAL} x MAC ratio', 'criterion': 'magnitude'}
+                            'goal': f'latency ratio <= {GOAL} x MAC ratio', 'criterion': 'magnitude',
+                            'channel_multiples': args.channel_multiples}
     rows, failed = [], []
 
     def write(done: bool) -> str:
@@ -279,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in names:
         try:
-            rows.append(measure(name, args.targets, batches, args.backends, threads, settings, args.profile))
+            rows.append(measure(name, args.targets, batches, args.backends, threads, settings, args.profile,
+                                tuple(args.channel_multiples)))
         except Exception as err:  # one broken model must not hide the others; it is reported and fails the run
             failed.append({'model': name, 'error': f'{type(err).__name__}: {err}'.splitlines()[0]})
             print(f'{name}: FAILED {failed[-1]["error"]}', file=sys.stderr, flush=True)

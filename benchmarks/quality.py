@@ -112,14 +112,21 @@ def _is_amap(method: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------- bases
 def _train_config(path: Path) -> dict[str, Any]:
-    """The configuration an ``amap train`` run started with (first record of its ``log.jsonl``), or {}."""
+    """The configuration of an ``amap train`` run (its ``log.jsonl``'s last start/resume record), or {}."""
     log = path / 'log.jsonl' if path.is_dir() else path.parent / 'log.jsonl'
+    config: dict[str, Any] = {}
     try:
         with log.open() as f:
-            first = json.loads(f.readline() or '{}')
-    except (OSError, json.JSONDecodeError):
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if record.get('event') in ('start', 'resume') and record.get('config'):
+                    config = record['config']
+    except OSError:
         return {}
-    return first.get('config') or {}
+    return config
 
 
 def _base_ok(path: Path, allow_unfinished: bool = False) -> str | None:

@@ -572,12 +572,18 @@ def main(argv: list[str] | None = None) -> int:
          f'{len(args.seeds)} seeds)' + (f'; this shard ({shard}/{shards}) runs {len(mine)}' if shards > 1 else ''))
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    from amap.errors import Interrupted
+    interrupted = None
     for i, (base_name, target, method, seed) in enumerate(mine):
         base = bases[base_name]
         base_data = {**data, 'img_size': (read_trained_meta(base) or {}).get('img_size') or data['img_size']}
         _log(f'[{i + 1}/{len(mine)}] {time.perf_counter() - t_start:.0f} s elapsed')
         try:
             runs.append(one_run(args, base_name, base, target, method, seed, base_data))
+        except Interrupted as e:  # Ctrl-C: the run saved its state; stop the benchmark, keep what is finished
+            _log(f'interrupted: {e}; run the same command again to continue')
+            interrupted = str(e)
+            break
         except Exception as e:  # one broken run must not lose the others: record it and go on
             _log(f'FAILED {base_name} {target:g} {method} seed {seed}: {type(e).__name__}: {e}')
             failed.append({'base': base_name, 'target': target, 'method': method, 'seed': seed,
@@ -591,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                            'data': meta.get('data')}
     payload = {
         'meta': {'command': command_line('quality.py', argv), 'machine': info, 'loadavg_end': loadavg(),
-                 'quick': args.quick, 'complete': not failed and args.shard[1] == 1,
+                 'quick': args.quick, 'complete': not failed and not interrupted and args.shard[1] == 1,
+                 'interrupted': interrupted,
                  'shard': list(args.shard), 'seconds': time.perf_counter() - t_start,
                  'data': data, 'targets': args.targets, 'methods': args.methods, 'seeds': args.seeds,
                  'budget': {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs,
@@ -603,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path, md_path = write_results(args.out, payload, render_markdown(payload))
     _log(f'wrote {json_path} and {md_path} ({payload["meta"]["seconds"]:.0f} s)')
-    return 1 if failed else 0
+    return 130 if interrupted else (1 if failed else 0)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..utils.io import atomic_dir, atomic_write_safetensors, read_json, read_safetensors, to_jsonable
-from .adapters import ADAPTERS
+from .adapters import ADAPTERS, Adapter
+from .groups import GROUP_KINDS
 from .surgery import set_submodule
 
 __all__ = ['save_pruned', 'load_pruned', 'read_pruned_config', 'FORMAT', 'CONFIG_NAME', 'WEIGHTS_NAME']
@@ -27,6 +28,8 @@ FORMAT = 'amap-pruned'
 VERSION = 1
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
+_CORRUPT = 'the file is corrupt or was edited by hand; re-export the model with amap.save_pruned'
+_JSON_TYPES = {str: 'a string', dict: 'an object', list: 'a list'}
 
 
 def save_pruned(
@@ -79,7 +82,8 @@ def save_pruned(
 
 
 def read_pruned_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate an artifact's ``config.json``."""
+    """Read and validate an artifact's ``config.json`` (its layout and value types; :func:`load_pruned` checks the
+    structure against the architecture)."""
     path = Path(path)
     cfg_path = path / CONFIG_NAME if path.is_dir() else path
     if not cfg_path.exists():
@@ -90,7 +94,64 @@ def read_pruned_config(path: str | os.PathLike) -> dict[str, Any]:
     for key in ('architecture', 'model_kwargs', 'structure'):
         if key not in config:
             raise CheckpointError(f'{cfg_path}: missing {key!r}; the file is incomplete or from another tool')
+    _check_type(config['architecture'], str, 'architecture', cfg_path)
+    _check_type(config['model_kwargs'], dict, 'model_kwargs', cfg_path)
+    _check_type(config['structure'], list, 'structure', cfg_path)
+    _check_type(config.get('extra', {}), dict, 'extra', cfg_path)
+    if config.get('extra', {}).get('data') is not None:
+        _check_type(config['extra']['data'], dict, 'extra.data', cfg_path)
+    for i, rec in enumerate(config['structure']):
+        _check_type(rec, dict, f'structure[{i}]', cfg_path)
+        for key, kind in (('module', str), ('adapter', str), ('widths', dict)):
+            if key not in rec:
+                raise CheckpointError(f'{cfg_path}: structure[{i}] has no {key!r}; {_CORRUPT}')
+            _check_type(rec[key], kind, f'structure[{i}].{key}', cfg_path)
+        for key in ('heads', 'indices'):  # informational (plots, reports): optional, but checked when present
+            if key in rec:
+                _check_type(rec[key], dict, f'structure[{i}].{key}', cfg_path)
     return config
+
+
+def _check_type(value: Any, kind: type, name: str, where: Path) -> None:
+    if not isinstance(value, kind):
+        raise CheckpointError(f'{where}: {name} must be {_JSON_TYPES[kind]}, not {_json_repr(value)}; {_CORRUPT}')
+
+
+def _json_repr(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + '...'
+
+
+def _check_record(rec: dict[str, Any], i: int, adapter: Adapter, where: Path) -> None:
+    """Widths, heads and kept indices of structure record ``i`` against the groups of the unpruned module."""
+    groups = {g.kind: g for g in adapter.groups()}
+    name = f'structure[{i}] ({rec["module"]})'
+    for key in ('widths', 'heads', 'indices'):
+        for kind in rec.get(key, {}):
+            if kind in GROUP_KINDS and kind not in groups:
+                raise CheckpointError(f'{where}: {name}.{key} names a {kind!r} group, which {rec["adapter"]} does not '
+                                      f'have in this module; {_CORRUPT}')
+    for kind, g in groups.items():
+        width = rec['widths'].get(kind, g.dim)
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= g.dim:
+            raise CheckpointError(f'{where}: {name}.widths.{kind} is {_json_repr(width)}; a pruned head keeps 1 to '
+                                  f'{g.dim} channels; {_CORRUPT}')
+        heads = rec.get('heads', {}).get(kind, g.num_heads)
+        if type(heads) is not int or heads != g.num_heads:
+            raise CheckpointError(f'{where}: {name}.heads.{kind} is {_json_repr(heads)}, the module has '
+                                  f'{g.num_heads} heads; {_CORRUPT}')
+        rows = rec.get('indices', {}).get(kind)
+        if rows is not None and not _valid_rows(rows, g.num_heads, g.dim):
+            raise CheckpointError(f'{where}: {name}.indices.{kind} must hold {g.num_heads} ascending lists of as many '
+                                  f'distinct channels in [0, {g.dim}) (one per head); {_CORRUPT}')
+
+
+def _valid_rows(rows: Any, heads: int, dim: int) -> bool:
+    """Whether ``rows`` holds ``heads`` equally long, non-empty ascending lists of channel indices in ``[0, dim)``
+    (their length is checked against the weights, through the widths, by :func:`load_pruned`)."""
+    return isinstance(rows, list) and len(rows) == heads and all(
+        isinstance(r, list) and r and len(r) == len(rows[0]) and all(type(j) is int for j in r)
+        and 0 <= r[0] and r[-1] < dim and all(a < b for a, b in zip(r, r[1:])) for r in rows)
 
 
 def _adapter_class(name: str, cfg_path: Path) -> type:
@@ -107,15 +168,26 @@ def build_pruned(config: dict[str, Any], *, where: Path | None = None) -> nn.Mod
     try:
         model = timm.create_model(config['architecture'], pretrained=False, **config['model_kwargs'])
     except Exception as e:  # noqa: BLE001 - reported as a one-line artifact error
-        raise CheckpointError(f'{where}: cannot build base model {config["architecture"]!r}: {e}') from None
-    for rec in config['structure']:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f'{where}: cannot build base model {config["architecture"]!r}: {reason}') from None
+    seen: set[str] = set()
+    for i, rec in enumerate(config['structure']):
+        name = rec['module']
+        if name in seen:
+            raise CheckpointError(f'{where}: structure[{i}] lists module {name!r} a second time; {_CORRUPT}')
+        seen.add(name)
         try:
-            module = model.get_submodule(rec['module'])
+            module = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f'{where}: module {rec["module"]!r} does not exist in {config["architecture"]}; '
+            raise CheckpointError(f'{where}: module {name!r} does not exist in {config["architecture"]}; '
                                   'config.json does not belong to this architecture') from None
-        adapter = _adapter_class(rec['adapter'], where)(rec['module'], module)
-        set_submodule(model, rec['module'], adapter.build(rec['widths']))
+        cls = _adapter_class(rec['adapter'], where)
+        if not name or not cls.matches(module):
+            raise CheckpointError(f'{where}: structure[{i}]: module {name!r} is a {type(module).__name__}, which '
+                                  f'{rec["adapter"]} does not handle; config.json does not belong to this architecture')
+        adapter = cls(name, module)
+        _check_record(rec, i, adapter, where)
+        set_submodule(model, name, adapter.build(rec['widths']))
     return model
 
 
@@ -123,7 +195,9 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device = 'cpu') 
     """Rebuild a pruned model saved by :func:`save_pruned` (no pickle), in eval mode.
 
     Raises:
-        CheckpointError: the folder is incomplete, or config.json and the weights disagree.
+        CheckpointError: the folder is incomplete or corrupt, config.json does not fit its base architecture (unknown
+            modules or adapters, widths outside ``1..`` the unpruned width, inconsistent heads or kept indices), or it
+            and the weights disagree.
     """
     path = Path(path)
     config = read_pruned_config(path)

@@ -29,6 +29,10 @@ class PrunedAttention(nn.Module):
         attn_drop: Attention dropout.
         proj_drop: Output dropout.
         fused_attn: Use ``F.scaled_dot_product_attention``.
+
+    ``q_norm`` / ``k_norm`` (per head, on q and k) and ``norm`` (on the attention output before ``proj``) are identities
+    unless the adapter copies them from a timm ``Attention`` built with ``qk_norm`` / ``scale_norm``; the groups they
+    normalise are then not pruned.
     """
 
     def __init__(
@@ -52,7 +56,10 @@ class PrunedAttention(nn.Module):
         self.scale = scale
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.Identity()
         self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -60,8 +67,8 @@ class PrunedAttention(nn.Module):
         B, N, _ = x.shape
         H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([H * dq, H * dq, H * dv], dim=-1)
-        return (q.reshape(B, N, H, dq).transpose(1, 2), k.reshape(B, N, H, dq).transpose(1, 2),
-                v.reshape(B, N, H, dv).transpose(1, 2))
+        q, k = self.q_norm(q.reshape(B, N, H, dq).transpose(1, 2)), self.k_norm(k.reshape(B, N, H, dq).transpose(1, 2))
+        return q, k, v.reshape(B, N, H, dv).transpose(1, 2)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool = False) -> Tensor:
         if self.fused_attn:
@@ -83,7 +90,7 @@ class PrunedAttention(nn.Module):
         q, k, v = self._split(x)
         x = self._attend(q, k, v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(self.norm(x)))
 
 
 class PrunedWindowAttention(PrunedAttention):

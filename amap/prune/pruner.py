@@ -72,6 +72,10 @@ class Pruner(nn.Module):
                     self.indicators[key] = ChannelIndicator(
                         group, head_balance=head_balance, reweight=reweight, threshold=threshold, min_keep=min_keep)
                     self._groups[key] = (adapter, group)
+        if not self.indicators:
+            present = sorted({g.kind for a in self.adapters for g in a.groups()})
+            raise ConfigError(f'{type(model).__name__} has no prunable group of kind {list(kinds)} (it has {present}); '
+                              'prune one of those kinds')
         device = next(model.parameters()).device
         self.to(device)
         self.attach()

@@ -11,6 +11,8 @@ The pruned modules keep the original softmax scale ``head_dim ** -0.5``.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
@@ -130,16 +132,27 @@ class SoftmaxAttentionAdapter(Adapter):
         target.proj = slice_linear(m.proj, cols=head_rows(kv, self.v_dim), col_scale=self._fold('v', keep))
         return target
 
+    def _full_keep(self, kind: str, keep: Keep) -> Tensor:
+        if kind in keep:
+            return keep[kind]
+        d = self.qk_dim if kind == 'qk' else self.v_dim  # all channels, also of a group that is not prunable
+        return torch.arange(d).expand(self.num_heads, d)
+
     def _widths(self, keep: Keep) -> tuple[int, int]:
         return self._full_keep('qk', keep).shape[1], self._full_keep('v', keep).shape[1]
 
     def build(self, widths: dict[str, int]) -> nn.Module:
         m = self.module
-        return PrunedAttention(
+        new = PrunedAttention(
             self.in_dim, self.num_heads, widths.get('qk', self.qk_dim), widths.get('v', self.v_dim),
             scale=float(m.scale), qkv_bias=m.qkv.bias is not None, proj_bias=m.proj.bias is not None,
             dim_out=self.out_dim, attn_drop=m.attn_drop.p, proj_drop=m.proj_drop.p,
             fused_attn=bool(getattr(m, 'fused_attn', True)))
+        for name in ('q_norm', 'k_norm', 'norm'):  # qk_norm / scale_norm: their groups are not pruned (groups())
+            norm = getattr(m, name, None)
+            if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+                setattr(new, name, copy.deepcopy(norm))
+        return new
 
     def shrink(self, keep: Keep) -> nn.Module:
         dq, dv = self._widths(keep)

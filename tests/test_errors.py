@@ -82,29 +82,24 @@ def test_target_below_the_smallest_structure_names_the_minimum_before_searching(
     assert main(_prune(run_dir, out, '--target', str(minimum), '--overwrite', '-q')) == 0
 
 
-def test_config_file_unknown_and_mistyped_keys(tmp_path):
+@pytest.mark.parametrize('text,message', [
+    ('serch_steps: 3\n', r"c\.yaml: unknown key 'serch_steps'; did you mean 'search_steps'\?"),
+    ('data:\n  batchsize: 3\n', r"\(data\): unknown key 'batchsize'; did you mean 'batch_size'\?"),
+    ('prune:\n  simlarity: false\n', r"prune options: unknown key 'simlarity'; did you mean 'similarity'\?"),
+    ('target: fast\n', r"c\.yaml: target must be a number, got 'fast'"),
+    ('search_steps: 2.5\n', 'search_steps must be an integer or null, got 2.5'),
+    ('prune:\n  head_balance: "no"\n', "head_balance must be true/false, got 'no'"),
+    ('data: digits\n', 'data must be a mapping'),
+])
+def test_config_file_unknown_and_mistyped_keys(tmp_path, text, message):
     cfg = tmp_path / 'c.yaml'
-    cfg.write_text('serch_steps: 3\n')
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'serch_steps'; did you mean 'search_steps'\?"):
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_config(cfg)
-    cfg.write_text('data:\n  batchsize: 3\n')
-    with pytest.raises(ConfigError, match=r"\(data\): unknown key 'batchsize'; did you mean 'batch_size'\?"):
-        load_config(cfg)
-    cfg.write_text('prune:\n  simlarity: false\n')
-    with pytest.raises(ConfigError, match=r"prune options: unknown key 'simlarity'; did you mean 'similarity'\?"):
-        load_config(cfg)
-    cfg.write_text('target: fast\n')
-    with pytest.raises(ConfigError, match=r"c\.yaml: target must be a number, got 'fast'"):
-        load_config(cfg)
-    cfg.write_text('search_steps: 2.5\n')
-    with pytest.raises(ConfigError, match='search_steps must be an integer or null, got 2.5'):
-        load_config(cfg)
-    cfg.write_text('prune:\n  head_balance: "no"\n')
-    with pytest.raises(ConfigError, match="head_balance must be true/false, got 'no'"):
-        load_config(cfg)
-    cfg.write_text('data: digits\n')
-    with pytest.raises(ConfigError, match='data must be a mapping'):
-        load_config(cfg)
+
+
+def test_config_file_harmless_mismatches_are_converted(tmp_path):
+    cfg = tmp_path / 'c.yaml'
     # PyYAML reads 1e-3 (no dot) as a string: accepted as the number it means; an int where a float goes too
     cfg.write_text('finetune_lr: 1e-3\ntarget: 0.5\nkd_alpha: 1\nprune:\n  kinds: [qk, v]\n')
     loaded = load_config(cfg)

@@ -554,14 +554,11 @@ def test_disk_full_writing_json_keeps_previous_file(tmp_path, monkeypatch, fault
     assert _read_version('json', path) == 1
 
 
-@pytest.mark.parametrize('fault', ['first_file', 'second_file', 'fsync', 'swap'])
-def test_disk_full_replacing_a_folder_keeps_previous_folder(tmp_path, monkeypatch, fault):
-    target = tmp_path / 'artifact'
-    _write_version('dir', target, 1)
-    before = _snapshot(tmp_path)
-    if fault == 'first_file':
+def _fail_folder_write(monkeypatch, fault: str) -> None:
+    """Make a folder write fail with ENOSPC at one point: a text file, a safetensors file, fsync, or the swap."""
+    if fault == 'text':
         _fail_text_writes(monkeypatch)
-    elif fault == 'second_file':
+    elif fault == 'safetensors':
         _fail_safetensors(monkeypatch)
     elif fault == 'fsync':
         _fail_fsync(monkeypatch)
@@ -569,6 +566,14 @@ def test_disk_full_replacing_a_folder_keeps_previous_folder(tmp_path, monkeypatc
         def exchange(a: Path, b: Path) -> bool:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(b))
         monkeypatch.setattr(io_mod, '_exchange', exchange)
+
+
+@pytest.mark.parametrize('fault', ['first_file', 'second_file', 'fsync', 'swap'])
+def test_disk_full_replacing_a_folder_keeps_previous_folder(tmp_path, monkeypatch, fault):
+    target = tmp_path / 'artifact'
+    _write_version('dir', target, 1)
+    before = _snapshot(tmp_path)
+    _fail_folder_write(monkeypatch, {'first_file': 'text', 'second_file': 'safetensors'}.get(fault, fault))
     with pytest.raises(OutputError) as info:
         _write_version('dir', target, 2)
     _assert_output_error(info.value, target, *DISK_FULL)
@@ -725,16 +730,7 @@ def test_disk_full_in_save_pruned_keeps_previous_artifact(tmp_path, monkeypatch,
     art = tmp_path / 'art'
     save_pruned(model, art, architecture='flatten_deit_nano', model_kwargs={'num_classes': 10}, structure=structure)
     before = _snapshot(tmp_path)
-    if fault == 'config.json':
-        _fail_text_writes(monkeypatch)
-    elif fault == 'model.safetensors':
-        _fail_safetensors(monkeypatch)
-    elif fault == 'fsync':
-        _fail_fsync(monkeypatch)
-    else:
-        def exchange(a: Path, b: Path) -> bool:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(b))
-        monkeypatch.setattr(io_mod, '_exchange', exchange)
+    _fail_folder_write(monkeypatch, {'config.json': 'text', 'model.safetensors': 'safetensors'}.get(fault, fault))
     with pytest.raises(OutputError) as info:
         save_pruned(model, art, architecture='flatten_deit_nano', model_kwargs={'num_classes': 10},
                     structure=structure, extra={'new': True})

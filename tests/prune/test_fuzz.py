@@ -35,17 +35,24 @@ FUZZ = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 # ---------------------------------------------------------------------------------------------------- architectures
 
 
-@st.composite
-def vit_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
-    """timm ``VisionTransformer``: random heads, head widths, depth, grid, pooling, prefix tokens, and the q/k, output
-    and MLP norms that make a group unprunable."""
+def _deit_like(draw) -> tuple[dict[str, Any], int]:
+    """Arguments shared by the ViT-shaped families: heads, head width, grid, depth, MLP ratio, pooling."""
     heads, head_dim = draw(st.integers(1, 4)), draw(st.sampled_from([1, 2, 3, 4, 8]))
     img = draw(st.sampled_from([8, 16, 24, 32]))
     pool, cls = draw(st.sampled_from([('token', True), ('avg', False), ('avg', True)]))
     kwargs = dict(img_size=img, patch_size=draw(st.sampled_from([p for p in (4, 8) if img % p == 0])),
                   embed_dim=heads * head_dim, depth=draw(st.integers(1, 3)), num_heads=heads,
                   mlp_ratio=draw(st.sampled_from([1.0, 1.5, 2.0, 4.0])), num_classes=draw(st.integers(2, 10)),
-                  qkv_bias=draw(st.booleans()), global_pool=pool, class_token=cls, reg_tokens=draw(st.integers(0, 2)))
+                  global_pool=pool, class_token=cls)
+    return kwargs, img
+
+
+@st.composite
+def vit_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
+    """timm ``VisionTransformer``: random heads, head widths, depth, grid, pooling, prefix tokens, and the q/k, output
+    and MLP norms that make a group unprunable."""
+    kwargs, img = _deit_like(draw)
+    kwargs.update(qkv_bias=draw(st.booleans()), reg_tokens=draw(st.integers(0, 2)))
     norm = draw(st.sampled_from([None, None, None, 'qk_norm', 'scale_attn_norm', 'scale_mlp_norm']))
     if norm:  # q/k norms make qk unprunable, an output norm v, an MLP norm the MLP (kept exactly by surgery)
         kwargs[norm] = True
@@ -55,13 +62,8 @@ def vit_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
 @st.composite
 def flatten_deit_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
     """``flatten_deit_nano`` with random heads, widths, depth, grid and DWC kernel."""
-    heads, head_dim = draw(st.integers(1, 4)), draw(st.sampled_from([1, 2, 3, 4, 8]))
-    img = draw(st.sampled_from([8, 16, 24, 32]))
-    pool, cls = draw(st.sampled_from([('token', True), ('avg', False), ('avg', True)]))
-    kwargs = dict(img_size=img, patch_size=draw(st.sampled_from([p for p in (4, 8) if img % p == 0])),
-                  embed_dim=heads * head_dim, depth=draw(st.integers(1, 3)), num_heads=heads,
-                  mlp_ratio=draw(st.sampled_from([1.0, 1.5, 2.0, 4.0])), num_classes=draw(st.integers(2, 10)),
-                  kernel_size=draw(st.sampled_from([3, 5])), global_pool=pool, class_token=cls)
+    kwargs, img = _deit_like(draw)
+    kwargs['kernel_size'] = draw(st.sampled_from([3, 5]))
     return 'flatten_deit_nano', kwargs, (3, img, img)
 
 

@@ -293,6 +293,10 @@ def _settings(base: Path, target: float, method: str, seed: int, data: dict[str,
     return json.loads(json.dumps(doc))
 
 
+class NotRun(Exception):
+    """With ``--collect``: the run has no finished result."""
+
+
 def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float, method: str, seed: int,
             data: dict[str, Any]) -> dict[str, Any]:
     """The summary of one run: reused when it finished before with the same settings, else run (or continued:
@@ -320,6 +324,8 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
             _log(f'{out}: settings changed since the last run; running it afresh')
     elif out.exists() and any(out.iterdir()):
         _log(f'{out}: an earlier run of unknown settings; running it afresh')
+    if args.collect:
+        raise NotRun(f'{base_name} {target:g} {method} seed {seed} has not finished (--collect runs nothing)')
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,6 +475,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
                   + '. Give the search more steps (--search-epochs, or a larger --train-subset).', '']
     if payload['failed']:
         lines += [f'**Incomplete**: {len(payload["failed"])} run(s) failed; see `failed` in the JSON.', '']
+    if meta.get('not_run'):
+        lines += [f'**Not run** ({len(meta["not_run"])} of the grid, collected with --collect): '
+                  + ', '.join(f'{r["base"]} {r["target"]:g} {r["method"]} seed {r["seed"]}' for r in meta['not_run'])
+                  + '.', '']
     if meta['shard'][1] > 1:
         lines += [f'**Partial**: shard {meta["shard"][0]}/{meta["shard"][1]} only; run once more without --shard to '
                   'collect every run.', '']
@@ -508,6 +518,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=0, help='data loader processes (default %(default)s)')
     p.add_argument('--work-dir', default=None, help='folder of the runs (default ~/.cache/amap-bench/quality, '
                                                     'quick: ~/.cache/amap-bench/quality_quick)')
+    p.add_argument('--collect', action='store_true', help='run nothing: gather the finished runs of the grid into '
+                   'one result (e.g. after sharded or separate invocations)')
     p.add_argument('--allow-unfinished', action='store_true', help='use bases whose training has not finished')
     p.add_argument('--shard', type=_shard, default=(0, 1), metavar='K/N',
                    help='run only every N-th run starting at K (e.g. 0/2 and 1/2 in two processes, one per core); '
@@ -574,12 +586,16 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[dict[str, Any]] = []
     from amap.errors import Interrupted
     interrupted = None
+    not_run: list[dict[str, Any]] = []
     for i, (base_name, target, method, seed) in enumerate(mine):
         base = bases[base_name]
         base_data = {**data, 'img_size': (read_trained_meta(base) or {}).get('img_size') or data['img_size']}
         _log(f'[{i + 1}/{len(mine)}] {time.perf_counter() - t_start:.0f} s elapsed')
         try:
             runs.append(one_run(args, base_name, base, target, method, seed, base_data))
+        except NotRun as e:
+            _log(f'not run: {e}')
+            not_run.append({'base': base_name, 'target': target, 'method': method, 'seed': seed})
         except Interrupted as e:  # Ctrl-C: the run saved its state; stop the benchmark, keep what is finished
             _log(f'interrupted: {e}; run the same command again to continue')
             interrupted = str(e)
@@ -597,8 +613,9 @@ def main(argv: list[str] | None = None) -> int:
                            'data': meta.get('data')}
     payload = {
         'meta': {'command': command_line('quality.py', argv), 'machine': info, 'loadavg_end': loadavg(),
-                 'quick': args.quick, 'complete': not failed and not interrupted and args.shard[1] == 1,
-                 'interrupted': interrupted,
+                 'quick': args.quick,
+                 'complete': not failed and not interrupted and not not_run and args.shard[1] == 1,
+                 'interrupted': interrupted, 'not_run': not_run,
                  'shard': list(args.shard), 'seconds': time.perf_counter() - t_start,
                  'data': data, 'targets': args.targets, 'methods': args.methods, 'seeds': args.seeds,
                  'budget': {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs,

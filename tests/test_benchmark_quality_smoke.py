@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK_METHODS = {'amap', 'magnitude', 'torch_pruning_magnitude'}
 
 
-def _run(out: Path, work: Path) -> tuple[dict, str]:
+def _run(out: Path, work: Path, *extra: str) -> tuple[dict, str]:
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'quality.py'), '--quick', '--data', 'digits',
-                           '--out', str(out), '--work-dir', str(work)],
+                           '--out', str(out), '--work-dir', str(work), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=420, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.with_suffix('.md').is_file()
@@ -80,3 +80,9 @@ def test_quality_quick(tmp_path):
     again, _ = _run(out, work)
     assert all(r['reused'] for r in again['runs'])
     assert {r['method']: r['top1'] for r in again['runs']} == {m: r['top1'] for m, r in runs.items()}
+    # --collect gathers what finished and starts nothing: a method never run is listed as not run
+    collected, _ = _run(tmp_path / 'collected.json', work, '--methods', 'amap', 'magnitude', 'random', '--collect')
+    assert {r['method'] for r in collected['runs']} == {'amap', 'magnitude'}
+    assert collected['meta']['not_run'] == [{'base': 'quick_timm_deit', 'target': 0.7, 'method': 'random', 'seed': 0}]
+    assert collected['meta']['complete'] is False and not (work / 'quick_timm_deit' / 't0.7' / 'random').exists()
+    assert 'Not run' in (tmp_path / 'collected.md').read_text()

@@ -22,13 +22,12 @@ import torch.distributed as dist
 
 __all__ = ['graceful_stop', 'request_stop', 'stop_requested']
 
-_flag = {'stop': False, 'signal': ''}
+_reason = {'why': ''}  # what asked for the stop ('SIGINT', ...); empty while none did
 
 
 def request_stop(reason: str = 'stop requested') -> None:
     """Ask the running loop to checkpoint and stop at its next step boundary (what the first SIGINT does)."""
-    _flag['stop'] = True
-    _flag['signal'] = reason
+    _reason['why'] = reason or 'stop requested'
 
 
 def stop_requested(*, synchronize: bool = True) -> bool:
@@ -37,7 +36,7 @@ def stop_requested(*, synchronize: bool = True) -> bool:
     Args:
         synchronize: Agree across DDP ranks (a collective: every rank must call it at the same step).
     """
-    stop = _flag['stop']
+    stop = bool(_reason['why'])
     if synchronize and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         backend = dist.get_backend()
         device = torch.device('cuda', torch.cuda.current_device()) if backend == 'nccl' else torch.device('cpu')
@@ -49,7 +48,7 @@ def stop_requested(*, synchronize: bool = True) -> bool:
 
 def stop_reason() -> str:
     """What asked for the stop (e.g. ``'SIGINT'``); empty when none did."""
-    return _flag['signal']
+    return _reason['why']
 
 
 @contextlib.contextmanager
@@ -64,11 +63,11 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) ->
     previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: Any) -> None:
-        if _flag['stop']:
+        if _reason['why']:
             raise KeyboardInterrupt
         request_stop(signal.Signals(signum).name)
 
-    _flag['stop'], _flag['signal'] = False, ''
+    _reason['why'] = ''
     for sig in signals:
         previous[sig] = signal.signal(sig, handler)
     try:
@@ -76,4 +75,4 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) ->
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _flag['stop'], _flag['signal'] = False, ''
+        _reason['why'] = ''

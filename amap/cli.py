@@ -489,13 +489,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record: ``main()`` may run many times in one process (tests,
+    notebooks) with stderr replaced in between, and a handler bound to a closed stream prints a logging traceback."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet or _rank() != 0 else logging.INFO
     root = logging.getLogger('amap')
-    if not any(getattr(h, '_amap_cli', False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter('%(message)s'))
-        handler._amap_cli = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False

@@ -3,9 +3,13 @@
 An adapter wraps one module of a known type and exposes
 
 * its prunable :class:`~amap.prune.groups.ChannelGroup` s;
-* gates: hooks that multiply each group's channels by the indicator's mask (and reweight) during the search, at a
-  place where removing the channel is *exact* (the masked model and the sliced model compute the same function);
-* recording: the same hooks hand the activations at the gate to a recorder (similarity weights, initialisation);
+* gates: during the search each group's channels are multiplied by the indicator's mask (and reweight) at a place
+  where removing the channel is *exact* (the masked model and the sliced model compute the same function). Where the
+  channel is a row or column of a Linear, the factor scales the *weight* (:meth:`Adapter.gate_linear`), which costs
+  O(weights) per step instead of O(batch x tokens x channels) for scaling the activation and its gradient; only
+  FLatten's qk mask, applied after the focusing function, acts on activations;
+* recording: the gates hand the activations at the gate, ungated, to a recorder (similarity weights,
+  initialisation);
 * its MACs as an analytic, differentiable function of the channels kept per head;
 * surgery: a physically smaller replacement module with the reweights folded in, and the same structure without
   weights (to rebuild a saved pruned model).
@@ -14,16 +18,18 @@ The pruner has no per-model code; supporting a new attention type means writing 
 """
 from __future__ import annotations
 
+import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..groups import ChannelGroup
 from ..indicator import ChannelIndicator
 
-__all__ = ['Adapter', 'Recorder', 'Keep', 'slice_linear']
+__all__ = ['Adapter', 'Recorder', 'Keep', 'slice_linear', 'row_factor']
 
 # recorder(group_key, activation (..., h * d) head-major, role, first_head): role is 'q' / 'k' for qk groups, else the
 # kind; the activation may cover only heads first_head .. first_head + h - 1 of the group (e.g. one CSwin branch)
@@ -66,6 +72,23 @@ def slice_linear(
         if b is not None:
             out.bias.copy_(b)
     return out
+
+
+def row_factor(size: int, parts: list[tuple[int, Tensor | None]]) -> Tensor | None:
+    """A ``(size,)`` factor that is ``factor`` from each ``(offset, factor)`` part on and one elsewhere (None when every
+    part is None)."""
+    parts = sorted((o, f) for o, f in parts if f is not None)
+    if not parts:
+        return None
+    pieces, at = [], 0
+    for offset, f in parts:
+        if offset > at:
+            pieces.append(f.new_ones(offset - at))
+        pieces.append(f)
+        at = offset + f.numel()
+    if at < size:
+        pieces.append(parts[-1][1].new_ones(size - at))
+    return torch.cat(pieces)
 
 
 class Adapter(ABC):
@@ -129,6 +152,41 @@ class Adapter(ABC):
         if self.tokens is None and isinstance(x, Tensor):
             self.tokens = x.shape[-2] if x.dim() >= 3 else 1
             self.batch_rows = x.shape[0]
+
+    def gate_linear(
+            self,
+            linear: nn.Linear,
+            *,
+            rows: Callable[[], Tensor | None] | None = None,
+            cols: Callable[[], Tensor | None] | None = None,
+            record: Callable[[Tensor, Tensor], None] | None = None,
+    ) -> None:
+        """Gate a Linear through its weights until :meth:`detach`.
+
+        ``linear`` computes ``x @ (W * cols)^T * rows`` (bias times ``rows``): exactly what scaling its input
+        channels by ``cols()`` and its outputs by ``rows()`` computes, at the cost of scaling the weight. A factor
+        callable may return None (no factor). While a recorder is set, ``record(input, ungated output)`` runs first.
+        One call per Linear: a second one replaces the first.
+        """
+        adapter = self
+
+        def forward(module: nn.Linear, x: Tensor) -> Tensor:
+            if adapter.recorder is not None and record is not None:
+                with torch.no_grad():
+                    record(x, F.linear(x, module.weight, module.bias))
+            w, b = module.weight, module.bias
+            c = cols() if cols is not None else None
+            if c is not None:
+                w = w * c
+            r = rows() if rows is not None else None
+            if r is not None:
+                w = w * r.unsqueeze(1)
+                b = b * r if b is not None else None
+            return F.linear(x, w, b)
+
+        # bound to the Linear (a deep copy rebinds to the copy's weights); removed again by detach
+        linear.forward = types.MethodType(forward, linear)
+        self._restore.append(lambda: linear.__dict__.pop('forward', None))
 
     def scale(self, kind: str) -> Tensor | None:
         """The flattened channel factor (mask x reweight) of a group, or None when the group is not gated."""

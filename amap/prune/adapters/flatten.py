@@ -7,9 +7,11 @@ Where the gates act (all exact):
   before the norm-preserving power -- a zeroed channel adds nothing to the norms nor to the products, exactly as if
   it had been sliced away; the reweight scales the q rows of the projection (before the ReLU, which commutes with a
   positive scale) and folds into them;
-* ``qk`` of softmax attention: on the q and k rows of the projection output (as for timm);
-* ``v``: on the input of ``proj`` (each output channel depends on its own v channel only, through the attention,
-  the DWC and LePE alike); the reweight folds into ``proj``'s columns.
+* ``qk`` of softmax attention: on the q and k rows of the projection (as for timm);
+* ``v``: on the input columns of ``proj`` (each output channel depends on its own v channel only, through the
+  attention, the DWC and LePE alike); the reweight folds into them.
+
+Except the linear-attention qk mask, every gate scales projection weights, not activations (``Adapter.gate_linear``).
 
 Surgery slices the projections, ``scale`` and ``positional_encoding`` with the qk channels, the DWC and LePE with the
 v channels. When the heads of a layer keep different v channels, the shared DWC is un-shared (one depthwise kernel
@@ -18,6 +20,7 @@ per kept channel, copied from the shared bank): same MACs, same function.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +30,7 @@ from ...models import flatten_cswin, flatten_deit, flatten_pvt, flatten_swin
 from ...models.attention import HeadDWC
 from ..groups import ChannelGroup
 from . import register_adapter
-from .base import Adapter, Keep, full_counts, head_rows, row_norms, slice_linear
+from .base import Adapter, Keep, full_counts, head_rows, row_factor, row_norms, slice_linear
 
 __all__ = ['FocusedLinearAttentionAdapter', 'FLattenSoftmaxAdapter', 'CSWinBlockAdapter']
 
@@ -154,45 +157,35 @@ class _ProjectionAttentionAdapter(Adapter):
         if 'qk' in self.indicators:
             self._install_qk()
         if 'v' in self.indicators:
-            self._handles.append(self.owner.proj.register_forward_pre_hook(self._gate_v))
+            self.gate_linear(self.owner.proj, cols=lambda: self.scale('v'), record=lambda x, out: self.record('v', x))
 
     def _install_qk(self) -> None:
-        """Softmax attention: gate the q and k rows of the projection outputs (q rows also reweighted)."""
-        seg = self.segments()
-        n = self.num_heads * self.qk_dim
-        if seg['q'].linear == seg['k'].linear:
-            self._handles.append(getattr(self.owner, seg['q'].linear).register_forward_hook(self._gate_fused_qk))
-        else:
-            self._handles.append(getattr(self.owner, seg['q'].linear).register_forward_hook(
-                lambda mod, args, out: self._gate_rows(out, 0, n, 'q')))
-            self._handles.append(getattr(self.owner, seg['k'].linear).register_forward_hook(
-                lambda mod, args, out: self._gate_rows(out, 0, n, 'k')))
+        """Softmax attention: gate the q and k rows of the projections (q rows also reweighted), recording both."""
+        self._gate_qk_rows(q=self._q_factor, k=lambda: self.mask('qk'), record=True)
 
-    def _gate_fused_qk(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        n = self.num_heads * self.qk_dim
-        return self._gate_rows(self._gate_rows(out, 0, n, 'q'), n, 2 * n, 'k')
-
-    def _gate_rows(self, out: Tensor, start: int, end: int, role: str) -> Tensor:
-        part = out[..., start:end]
-        self.record('qk', part, role)
-        factor = self.mask('qk')
-        if role == 'q' and self.reweight('qk') is not None:
-            factor = factor * self.reweight('qk')
-        return torch.cat([out[..., :start], part * factor, out[..., end:]], dim=-1)
-
-    def _reweight_q_rows(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        """Linear attention: the qk reweight scales the q rows of the projection (the mask acts at ``qk_gate``)."""
+    def _q_factor(self) -> Tensor:
         rw = self.reweight('qk')
-        if rw is None:
-            return out
-        n = self.num_heads * self.qk_dim
-        start = self.segments()['q'].offset
-        return torch.cat([out[..., :start], out[..., start:start + n] * rw, out[..., start + n:]], dim=-1)
+        return self.mask('qk') if rw is None else self.mask('qk') * rw
 
-    def _gate_v(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        self.record('v', x)
-        return (x * self.scale('v'),) + args[1:]
+    def _gate_qk_rows(self, *, q: Callable[[], Tensor | None], k: Callable[[], Tensor | None] | None,
+                      record: bool) -> None:
+        """Scale the q rows by ``q()`` and the k rows by ``k()`` (when given) in whichever projections hold them."""
+        seg, n = self.segments(), self.num_heads * self.qk_dim
+        parts: dict[str, list[tuple[str, int, Callable[[], Tensor | None]]]] = {}
+        for role, factor in (('q', q), ('k', k)):
+            if factor is not None:
+                parts.setdefault(seg[role].linear, []).append((role, seg[role].offset, factor))
+        for name, ps in parts.items():
+            linear = getattr(self.owner, name)
+
+            def rows(linear: nn.Linear = linear, ps: list = ps) -> Tensor | None:
+                return row_factor(linear.out_features, [(offset, f()) for _, offset, f in ps])
+
+            def rec(x: Tensor, out: Tensor, ps: list = ps) -> None:
+                for role, offset, _ in ps:
+                    self.record('qk', out[..., offset:offset + n], role)
+
+            self.gate_linear(linear, rows=rows, record=rec if record else None)
 
     # ------------------------------------------------------------------------------------------------------- MACs
     def _dims(self, kept: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -299,11 +292,12 @@ class FocusedLinearAttentionAdapter(_ProjectionAttentionAdapter):
             self.rows['dwc'] = v.shape[0] * height * width
 
     def _install_qk(self) -> None:
+        """Linear attention: the mask acts after the focusing function (``qk_gate``, on activations); the reweight
+        scales the q rows of the projection."""
         gate = _QKGate(self, 0, self.num_heads)
         self.module.qk_gate = gate
         self._restore.append(lambda: setattr(self.module, 'qk_gate', nn.Identity()))
-        self._handles.append(getattr(self.module, self.segments()['q'].linear).register_forward_hook(
-            self._reweight_q_rows))
+        self._gate_qk_rows(q=lambda: self.reweight('qk'), k=None, record=False)
 
     def widths_of(self, keep: Keep) -> dict[str, int | bool]:
         out = super().widths_of(keep)
@@ -388,7 +382,7 @@ class CSWinBlockAdapter(_ProjectionAttentionAdapter):
         for i, attn in enumerate(self.module.attns):
             attn.qk_gate = _QKGate(self, i * bh, bh)
             self._restore.append(lambda a=attn: setattr(a, 'qk_gate', nn.Identity()))
-        self._handles.append(self.module.qkv.register_forward_hook(self._reweight_q_rows))
+        self._gate_qk_rows(q=lambda: self.reweight('qk'), k=None, record=False)
 
     def _matmul_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
         L = self.rows['qkv']

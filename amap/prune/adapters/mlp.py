@@ -2,7 +2,7 @@
 ``fc1`` and the activation (PVTv2's ``fc1 -> dwconv -> act -> fc2``).
 
 The hidden units form one group with a single "head". The gate and the reweight act on the input of ``fc2`` (after
-the activation), so removing a unit is exact; the reweight folds into ``fc2``'s columns.
+the activation), so removing a unit is exact; they scale ``fc2``'s weight columns, where the reweight then folds.
 """
 from __future__ import annotations
 
@@ -48,12 +48,8 @@ class MlpAdapter(Adapter):
 
     def _install(self) -> None:
         if 'mlp' in self.indicators:
-            self._handles.append(self.module.fc2.register_forward_pre_hook(self._gate))
-
-    def _gate(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        self.record('mlp', x)
-        return (x * self.scale('mlp'),) + args[1:]
+            self.gate_linear(self.module.fc2, cols=lambda: self.scale('mlp'),
+                             record=lambda x, out: self.record('mlp', x))
 
     def macs(self, kept: dict[str, Tensor]) -> Tensor:
         d = (kept['mlp'] if 'mlp' in kept else full_counts(1, self.hidden, kept)).sum()

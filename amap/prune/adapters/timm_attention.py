@@ -2,10 +2,12 @@
 
 Where the gates act (all exact):
 
-* ``qk``: on the q and k rows of the qkv projection output (a zero q/k channel adds nothing to ``q . k``); the
-  reweight scales the q rows only and folds into them;
-* ``v``: on the input of ``proj`` (each output channel of a head depends on its own v channel only); the reweight
-  folds into ``proj``'s columns.
+* ``qk``: on the q and k rows of the qkv projection (a zero q/k channel adds nothing to ``q . k``); the reweight
+  scales the q rows only and folds into them;
+* ``v``: on the input columns of ``proj`` (each output channel of a head depends on its own v channel only); the
+  reweight folds into them.
+
+Both scale the weights (:meth:`~amap.prune.adapters.base.Adapter.gate_linear`), not the activations.
 
 The pruned modules keep the original softmax scale ``head_dim ** -0.5``.
 """
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from ..groups import ChannelGroup
 from ..modules import PrunedAttention, PrunedWindowAttention
-from .base import Adapter, Keep, full_counts, head_rows, row_norms, slice_linear
+from .base import Adapter, Keep, full_counts, head_rows, row_factor, row_norms, slice_linear
 
 __all__ = ['SoftmaxAttentionAdapter', 'WindowAttentionAdapter']
 
@@ -72,24 +74,22 @@ class SoftmaxAttentionAdapter(Adapter):
 
     # ------------------------------------------------------------------------------------------------------ gates
     def _install(self) -> None:
+        m, n = self.module, self.num_heads * self.qk_dim
         if 'qk' in self.indicators:
-            self._handles.append(self.module.qkv.register_forward_hook(self._gate_qk))
+            self.gate_linear(m.qkv, rows=lambda: row_factor(m.qkv.out_features, [(0, self._q_factor()),
+                                                                                  (n, self.mask('qk'))]),
+                             record=self._record_qk)
         if 'v' in self.indicators:
-            self._handles.append(self.module.proj.register_forward_pre_hook(self._gate_v))
+            self.gate_linear(m.proj, cols=lambda: self.scale('v'), record=lambda x, out: self.record('v', x))
 
-    def _gate_qk(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        n = self.num_heads * self.qk_dim
-        q, k, v = out[..., :n], out[..., n:2 * n], out[..., 2 * n:]
-        self.record('qk', q, 'q')
-        self.record('qk', k, 'k')
-        mask = self.mask('qk')
+    def _q_factor(self) -> Tensor:
         rw = self.reweight('qk')
-        return torch.cat([q * (mask if rw is None else mask * rw), k * mask, v], dim=-1)
+        return self.mask('qk') if rw is None else self.mask('qk') * rw
 
-    def _gate_v(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        self.record('v', x)
-        return (x * self.scale('v'),) + args[1:]
+    def _record_qk(self, x: Tensor, out: Tensor) -> None:
+        n = self.num_heads * self.qk_dim
+        self.record('qk', out[..., :n], 'q')
+        self.record('qk', out[..., n:2 * n], 'k')
 
     # ------------------------------------------------------------------------------------------------------- MACs
     def _attention_macs(self, dq: Tensor, dv: Tensor) -> Tensor:

@@ -184,6 +184,8 @@ def measure_steps(base: nn.Module, size: tuple[int, int, int], loader: list, cfg
     out['overhead_search_vs_plain_kd'] = modes['search']['cpu_ms'] / modes['plain_kd']['cpu_ms'] - 1
     out['memory_overhead_search_vs_plain'] = modes['search']['total_peak_mb'] / modes['plain']['total_peak_mb'] - 1
     out['goal_met'] = bool(modes['search']['overhead_vs_plain'] < GOAL)
+    # the search's own machinery (gates, indicators, resource loss), without the teacher forward of distillation
+    out['goal_met_without_kd'] = bool(modes['search_no_kd']['overhead_vs_plain'] < GOAL)
     return out
 
 
@@ -274,7 +276,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     mach = meta['machine']
     head = ['model', 'batch'] + [f'{m} ms (CPU ms)' for m in MODES] + [
         'search vs plain', 'search vs plain_kd', 'gates only (search_no_kd vs plain)',
-        f'goal < {100 * GOAL:.0f}%']
+        f'goal < {100 * GOAL:.0f}%: search / without KD']
     lines = []
     for r in rows:
         s = r['steps']
@@ -282,7 +284,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append([r['model'], r['batch'], *(f"{m[k]['ms']:.0f} ({m[k]['cpu_ms']:.0f})" for k in MODES),
                       f"{100 * m['search']['overhead_vs_plain']:+.1f}%",
                       f"{100 * s['overhead_search_vs_plain_kd']:+.1f}%",
-                      f"{100 * m['search_no_kd']['overhead_vs_plain']:+.1f}%", 'yes' if s['goal_met'] else 'NO'])
+                      f"{100 * m['search_no_kd']['overhead_vs_plain']:+.1f}%",
+                      ' / '.join('yes' if m[k]['overhead_vs_plain'] < GOAL else 'NO'
+                                 for k in ('search', 'search_no_kd'))])
     mem_head = ['model'] + [f'{k} peak MB (state + step)' for k in MODES] + ['search vs plain']
     mem = [[r['model'], *(f"{r['steps']['modes'][k]['total_peak_mb']:.0f} ({r['steps']['modes'][k]['state_mb']:.0f} + "
                           f"{r['steps']['modes'][k]['step_peak_mb']:.0f})" for k in MODES),

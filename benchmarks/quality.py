@@ -87,6 +87,11 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'amap_no_head_balance': {'head_balance': False},
     'amap_no_reweight': {'reweight': False},
     'amap_no_attn_init': {'attn_init': False},
+    # variants measured once (BENCHMARKS.md): the search's weight LR raised to the fine-tune LR, a 4x smaller
+    # indicator LR (the structure forms later in the search), widths rounded to multiples of 8 (faster GEMMs)
+    'amap_lr2e-4': {'lr': 2e-4},
+    'amap_ind_lr5e-3': {'indicator_lr': 5e-3},
+    'amap_multiple8': {'channel_multiple': 8},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -95,6 +100,7 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'torch_pruning_taylor': None,
 }
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude']
+VARIANTS = ['amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
@@ -506,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--bases-dir', default='~/.cache/amap-bench', help='where default bases live (%(default)s)')
     p.add_argument('--models', nargs='*', default=None, help=f'default bases to use (default: {DEFAULT_MODELS})')
     p.add_argument('--targets', nargs='*', type=float, default=None, help='MAC ratios (default: 0.5 0.7)')
-    p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS), help='default: all')
+    p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS), help='default: all but VARIANTS')
     p.add_argument('--seeds', nargs='*', type=int, default=None, help='seeds (default: 0 1 2)')
     p.add_argument('--search-epochs', type=int, default=None, help='AMAP search epochs (default 1; quick 3)')
     p.add_argument('--finetune-epochs', type=int, default=None, help='fine-tune epochs (default 5; quick 2)')
@@ -538,7 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error('--data is required (an ImageFolder dataset such as CIFAR-10, or digits)')
     args.augment = args.augment or ('none' if args.data == 'digits' else 'basic')  # flips and crops hurt digits
     args.targets = args.targets or ([0.7] if q else [0.5, 0.7])
-    args.methods = args.methods or (QUICK_METHODS if q else list(METHODS))
+    args.methods = args.methods or (QUICK_METHODS if q else [m for m in METHODS if m not in VARIANTS])
     args.seeds = args.seeds if args.seeds else ([0] if q else [0, 1, 2])
     # quick: 3 epochs of the 960-image subset = 90 search steps, about what the search needs to reach the target
     args.search_epochs = args.search_epochs if args.search_epochs is not None else (3 if q else 1)

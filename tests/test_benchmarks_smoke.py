@@ -93,6 +93,7 @@ def test_cost_quick(tmp_path):
     assert modes['plain_kd']['state_mb'] > modes['plain']['state_mb']
     assert modes['search']['state_mb'] > modes['plain_kd']['state_mb']
     assert steps['goal_met'] == (modes['search']['overhead_vs_plain'] < 0.15)
+    assert steps['goal_met_without_kd'] == (modes['search_no_kd']['overhead_vs_plain'] < 0.15)
     cal = row['calibration']
     assert cal['calib_images'] == 8
     assert set(cal['phases']) == {'pruner', 'attn_init', 'similarity', 'eval_forward'}

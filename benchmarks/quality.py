@@ -88,10 +88,12 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'amap_no_reweight': {'reweight': False},
     'amap_no_attn_init': {'attn_init': False},
     # variants measured once (BENCHMARKS.md): the search's weight LR raised to the fine-tune LR, a 4x smaller
-    # indicator LR (the structure forms later in the search), widths rounded to multiples of 8 (faster GEMMs)
+    # indicator LR (the structure forms later in the search), widths rounded to multiples of 8 (faster GEMMs), the
+    # attention-difference init on [0.75, 1] (with similarity weights >= 0.7 no channel starts below the threshold)
     'amap_lr2e-4': {'lr': 2e-4},
     'amap_ind_lr5e-3': {'indicator_lr': 5e-3},
     'amap_multiple8': {'channel_multiple': 8},
+    'amap_init_low0.75': {'attn_init_low': 0.75},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -100,7 +102,7 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'torch_pruning_taylor': None,
 }
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude']
-VARIANTS = ['amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8']  # not in the default grid
+VARIANTS = ['amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

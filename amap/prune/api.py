@@ -47,6 +47,9 @@ class PruneConfig:
             mismatch); the physical model is then balanced afterwards, each head keeping the layer's mean count.
         reweight: Learn a reweight scale per kept channel, folded into the weights at surgery (section 6).
         attn_init: Initialise linear-attention indicators from the attention difference (section 5).
+        attn_init_low: Initial indicator of a layer's least important linear-attention channel (the most important
+            gets 1). Times a similarity weight of ``1 - similarity_beta``, a value below ``threshold / (1 -
+            similarity_beta)`` gates channels off before the search has seen a gradient.
         calib_batches: Batches of the loader used for calibration (similarity, initialisation, Taylor).
         search_steps: Steps of the search loop (AMAP only).
         lr: Weight learning rate during the search (0 freezes the weights).
@@ -75,6 +78,7 @@ class PruneConfig:
     head_balance: bool = True
     reweight: bool = True
     attn_init: bool = True
+    attn_init_low: float = 0.55
     calib_batches: int = 8
     search_steps: int = 200
     lr: float = 5e-5
@@ -99,6 +103,8 @@ class PruneConfig:
         if not self.kinds or set(self.kinds) - set(GROUP_KINDS):
             raise ConfigError(f'kinds {list(self.kinds)} must be a non-empty subset of {list(GROUP_KINDS)}')
         _check_target_value(self.target)
+        if not 0 < self.attn_init_low <= 1:
+            raise ConfigError(f'attn_init_low must be in (0, 1], got {self.attn_init_low}')
         if self.channel_multiple < 1:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':
@@ -174,7 +180,7 @@ def prepare(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig
                     reweight=cfg.reweight and cfg.criterion == 'amap', threshold=cfg.threshold, min_keep=cfg.min_keep)
     if cfg.criterion == 'amap':
         if cfg.attn_init:
-            attention_difference_init(pruner, calib[0][0], seed=cfg.seed)
+            attention_difference_init(pruner, calib[0][0], low=cfg.attn_init_low, seed=cfg.seed)
         if cfg.similarity:
             calibrate_similarity(pruner, (x for x, _ in calib), beta=cfg.similarity_beta)
     return pruner

@@ -137,6 +137,23 @@ def test_softmax_and_mlp_groups_are_not_attention_initialised():
     pruner = prepare(build('timm_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
     assert all(torch.equal(ind.m, torch.ones_like(ind.m)) for ind in pruner.indicators.values())
 
+def test_attn_init_low_sets_the_range_and_can_keep_every_channel_at_step_zero():
+    calib = _calib()
+    default = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(), calib)
+    raised = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(attn_init_low=0.75), calib)
+    linear = [k for k, g in raised.groups().items() if g.linear_attention]
+    assert linear
+    for key in linear:
+        m = raised.indicators[key].m
+        assert m.min().item() == pytest.approx(0.75) and m.max().item() == pytest.approx(1.0)
+        assert default.indicators[key].m.min().item() == pytest.approx(0.55)
+    # with similarity weights >= 0.7, [0.75, 1] keeps every channel at step 0; the default [0.55, 1] does not
+    assert all(bool(raised.indicators[k].hard_mask().all()) for k in linear)
+    assert not all(bool(default.indicators[k].hard_mask().all()) for k in linear)
+    with pytest.raises(ConfigError, match='attn_init_low'):
+        PruneConfig(attn_init_low=0.0)
+
+
 # --------------------------------------------------------------------------------------------------- prune() API
 
 

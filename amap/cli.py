@@ -208,9 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform'),
                    help='amap (default) or a baseline importance criterion under the same constraints')
     for name, text in (('similarity', 'channel-similarity weights'), ('head-balance', 'head balance'),
-                       ('reweight', 'reweight module'), ('attn-init', 'linear-attention initialisation')):
+                       ('reweight', 'reweight module')):
         g.add_argument(f'--no-{name}', dest=name.replace('-', '_'), action='store_false', default=None,
                        help=f'switch off the {text}')
+    g.add_argument('--attn-init', action=argparse.BooleanOptionalAction, default=None,
+                   help='initialise linear-attention indicators from the attention difference (default: off; it '
+                        'cost accuracy in BENCHMARKS.md)')
+    g.add_argument('--attn-init-low', type=float, default=None,
+                   help='initial indicator of the least important channel under --attn-init (default 0.55)')
     g.add_argument('--kinds', default=None, help="group kinds to prune, comma-separated (default: 'qk,v,mlp')")
     g.add_argument('--indicator-lr', type=float, default=None, help='indicator learning rate')
     g.add_argument('--search-lr', type=float, default=None, help='weight learning rate during the search')
@@ -398,7 +403,7 @@ def _cmd_macs(args: argparse.Namespace) -> int:
 _PRUNE_METHOD_KEYS = {'criterion': 'criterion', 'similarity': 'similarity', 'head_balance': 'head_balance',
                       'reweight': 'reweight', 'attn_init': 'attn_init', 'indicator_lr': 'indicator_lr',
                       'search_lr': 'lr', 'resource_lambda': 'resource_lambda', 'calib_batches': 'calib_batches',
-                      'channel_multiple': 'channel_multiple'}
+                      'channel_multiple': 'channel_multiple', 'attn_init_low': 'attn_init_low'}
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ For each trained base model (``amap train`` run folders), each MAC target and ea
 same pipeline budget is spent -- same data, same distillation from the unpruned model (``kd_alpha`` 0.5), same
 number of training epochs -- and top-1 is measured before pruning, right after the cut and after fine-tuning:
 
-* ``amap``: the full method; ``amap_no_similarity``, ``amap_no_head_balance``, ``amap_no_reweight``,
-  ``amap_no_attn_init``: one component switched off (:class:`amap.prune.PruneConfig` switches);
+* ``amap``: the method as shipped; ``amap_no_similarity``, ``amap_no_head_balance``, ``amap_no_reweight``: one
+  component switched off; ``amap_attn_init``: the attention-difference initialisation of linear attention switched
+  on (off by default since these measurements; :class:`amap.prune.PruneConfig` switches);
 * ``magnitude`` (L1), ``taylor``, ``random``, ``uniform`` (per-layer ratio): the engine's baseline criteria, under the
   same groups, head balance and target guarantee;
 * ``torch_pruning_magnitude`` / ``torch_pruning_taylor``: Torch-Pruning's MetaPruner with GroupMagnitudeImportance /
@@ -86,14 +87,16 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'amap_no_similarity': {'similarity': False},
     'amap_no_head_balance': {'head_balance': False},
     'amap_no_reweight': {'reweight': False},
-    'amap_no_attn_init': {'attn_init': False},
+    'amap_attn_init': {'attn_init': True},
     # variants measured once (BENCHMARKS.md): the search's weight LR raised to the fine-tune LR, a 4x smaller
     # indicator LR (the structure forms later in the search), widths rounded to multiples of 8 (faster GEMMs), the
     # attention-difference init on [0.75, 1] (with similarity weights >= 0.7 no channel starts below the threshold)
+    # and on [0.95, 1] (a tie-breaker)
     'amap_lr2e-4': {'lr': 2e-4},
     'amap_ind_lr5e-3': {'indicator_lr': 5e-3},
     'amap_multiple8': {'channel_multiple': 8},
-    'amap_init_low0.75': {'attn_init_low': 0.75},
+    'amap_init_low0.75': {'attn_init': True, 'attn_init_low': 0.75},
+    'amap_init_low0.95': {'attn_init': True, 'attn_init_low': 0.95},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -102,7 +105,8 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'torch_pruning_taylor': None,
 }
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude']
-VARIANTS = ['amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75']  # not in the default grid
+VARIANTS = ['amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
+            'amap_init_low0.95']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

@@ -46,7 +46,11 @@ class PruneConfig:
             (ablation), channels are gated one by one and heads drift to different counts (the paper's channel
             mismatch); the physical model is then balanced afterwards, each head keeping the layer's mean count.
         reweight: Learn a reweight scale per kept channel, folded into the weights at surgery (section 6).
-        attn_init: Initialise linear-attention indicators from the attention difference (section 5).
+        attn_init: Initialise linear-attention indicators from the attention difference (section 5). Off by
+            default: measured on FLatten-DeiT (BENCHMARKS.md), every variant of it ended below the search started
+            from ``m = 1`` (-4.9 / -4.9 points at 50% / 70% MACs with ``attn_init_low`` 0.55, -0.5 / -0.1 with
+            0.95): Adam moves every indicator at about the same rate, so channels started lower are cut first,
+            whatever the task gradient says, and the linear-attention groups start lower than the MLPs.
         attn_init_low: Initial indicator of a layer's least important linear-attention channel (the most important
             gets 1). Times a similarity weight of ``1 - similarity_beta``, a value below ``threshold / (1 -
             similarity_beta)`` gates channels off before the search has seen a gradient.
@@ -77,7 +81,7 @@ class PruneConfig:
     similarity_beta: float = 0.3
     head_balance: bool = True
     reweight: bool = True
-    attn_init: bool = True
+    attn_init: bool = False
     attn_init_low: float = 0.55
     calib_batches: int = 8
     search_steps: int = 200

@@ -257,7 +257,7 @@ def measure(name: str, batch: int, target: float, rounds: int, calib_batches: in
     t_start = time.perf_counter()
     base, side = build_model(name)
     size = (3, side, side)
-    cfg = PruneConfig(criterion='amap', target=target, calib_batches=calib_batches)
+    cfg = PruneConfig(criterion='amap', target=target, calib_batches=calib_batches, attn_init=True)  # every component
     loader = random_loader(batch, side, max(1, calib_batches))
     row: dict[str, Any] = {'model': name, 'input': list(size), 'batch': batch, 'target': target}
     row['steps'] = measure_steps(base, size, loader, cfg, target, rounds)

@@ -159,21 +159,25 @@ class Adapter(ABC):
             *,
             rows: Callable[[], Tensor | None] | None = None,
             cols: Callable[[], Tensor | None] | None = None,
-            record: Callable[[Tensor, Tensor], None] | None = None,
+            record_in: Callable[[Tensor], None] | None = None,
+            record_out: Callable[[Tensor], None] | None = None,
     ) -> None:
         """Gate a Linear through its weights until :meth:`detach`.
 
         ``linear`` computes ``x @ (W * cols)^T * rows`` (bias times ``rows``): exactly what scaling its input
         channels by ``cols()`` and its outputs by ``rows()`` computes, at the cost of scaling the weight. A factor
-        callable may return None (no factor). While a recorder is set, ``record(input, ungated output)`` runs first.
-        One call per Linear: a second one replaces the first.
+        callable may return None (no factor). While a recorder is set, ``record_in(input)`` and ``record_out(ungated
+        output)`` see what activation gates would have seen. One call per Linear: a second one replaces the first.
         """
         adapter = self
 
         def forward(module: nn.Linear, x: Tensor) -> Tensor:
-            if adapter.recorder is not None and record is not None:
-                with torch.no_grad():
-                    record(x, F.linear(x, module.weight, module.bias))
+            if adapter.recorder is not None:
+                if record_in is not None:
+                    record_in(x)
+                if record_out is not None:
+                    with torch.no_grad():
+                        record_out(F.linear(x, module.weight, module.bias))
             w, b = module.weight, module.bias
             c = cols() if cols is not None else None
             if c is not None:

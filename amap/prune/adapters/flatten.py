@@ -157,7 +157,7 @@ class _ProjectionAttentionAdapter(Adapter):
         if 'qk' in self.indicators:
             self._install_qk()
         if 'v' in self.indicators:
-            self.gate_linear(self.owner.proj, cols=lambda: self.scale('v'), record=lambda x, out: self.record('v', x))
+            self.gate_linear(self.owner.proj, cols=lambda: self.scale('v'), record_in=lambda x: self.record('v', x))
 
     def _install_qk(self) -> None:
         """Softmax attention: gate the q and k rows of the projections (q rows also reweighted), recording both."""
@@ -181,11 +181,11 @@ class _ProjectionAttentionAdapter(Adapter):
             def rows(linear: nn.Linear = linear, ps: list = ps) -> Tensor | None:
                 return row_factor(linear.out_features, [(offset, f()) for _, offset, f in ps])
 
-            def rec(x: Tensor, out: Tensor, ps: list = ps) -> None:
+            def rec(out: Tensor, ps: list = ps) -> None:
                 for role, offset, _ in ps:
                     self.record('qk', out[..., offset:offset + n], role)
 
-            self.gate_linear(linear, rows=rows, record=rec if record else None)
+            self.gate_linear(linear, rows=rows, record_out=rec if record else None)
 
     # ------------------------------------------------------------------------------------------------------- MACs
     def _dims(self, kept: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

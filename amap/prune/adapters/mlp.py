@@ -48,8 +48,7 @@ class MlpAdapter(Adapter):
 
     def _install(self) -> None:
         if 'mlp' in self.indicators:
-            self.gate_linear(self.module.fc2, cols=lambda: self.scale('mlp'),
-                             record=lambda x, out: self.record('mlp', x))
+            self.gate_linear(self.module.fc2, cols=lambda: self.scale('mlp'), record_in=lambda x: self.record('mlp', x))
 
     def macs(self, kept: dict[str, Tensor]) -> Tensor:
         d = (kept['mlp'] if 'mlp' in kept else full_counts(1, self.hidden, kept)).sum()

@@ -78,15 +78,15 @@ class SoftmaxAttentionAdapter(Adapter):
         if 'qk' in self.indicators:
             self.gate_linear(m.qkv, rows=lambda: row_factor(m.qkv.out_features, [(0, self._q_factor()),
                                                                                   (n, self.mask('qk'))]),
-                             record=self._record_qk)
+                             record_out=self._record_qk)
         if 'v' in self.indicators:
-            self.gate_linear(m.proj, cols=lambda: self.scale('v'), record=lambda x, out: self.record('v', x))
+            self.gate_linear(m.proj, cols=lambda: self.scale('v'), record_in=lambda x: self.record('v', x))
 
     def _q_factor(self) -> Tensor:
         rw = self.reweight('qk')
         return self.mask('qk') if rw is None else self.mask('qk') * rw
 
-    def _record_qk(self, x: Tensor, out: Tensor) -> None:
+    def _record_qk(self, out: Tensor) -> None:
         n = self.num_heads * self.qk_dim
         self.record('qk', out[..., :n], 'q')
         self.record('qk', out[..., n:2 * n], 'k')

@@ -77,7 +77,7 @@ def slice_linear(
 def row_factor(size: int, parts: list[tuple[int, Tensor | None]]) -> Tensor | None:
     """A ``(size,)`` factor that is ``factor`` from each ``(offset, factor)`` part on and one elsewhere (None when every
     part is None)."""
-    parts = sorted((o, f) for o, f in parts if f is not None)
+    parts = sorted(((o, f) for o, f in parts if f is not None), key=lambda part: part[0])
     if not parts:
         return None
     pieces, at = [], 0
@@ -169,10 +169,8 @@ class Adapter(ABC):
         callable may return None (no factor). While a recorder is set, ``record_in(input)`` and ``record_out(ungated
         output)`` see what activation gates would have seen. One call per Linear: a second one replaces the first.
         """
-        adapter = self
-
         def forward(module: nn.Linear, x: Tensor) -> Tensor:
-            if adapter.recorder is not None:
+            if self.recorder is not None:
                 if record_in is not None:
                     record_in(x)
                 if record_out is not None:
@@ -191,6 +189,12 @@ class Adapter(ABC):
         # bound to the Linear (a deep copy rebinds to the copy's weights); removed again by detach
         linear.forward = types.MethodType(forward, linear)
         self._restore.append(lambda: linear.__dict__.pop('forward', None))
+
+    def qk_row_factors(self) -> dict[str, Tensor]:
+        """Softmax attention's qk gate as row factors, the mask computed once: q rows by mask x reweight, k rows by
+        the mask."""
+        mask, rw = self.mask('qk'), self.reweight('qk')
+        return {'q': mask if rw is None else mask * rw, 'k': mask}
 
     def scale(self, kind: str) -> Tensor | None:
         """The flattened channel factor (mask x reweight) of a group, or None when the group is not gated."""

@@ -161,28 +161,25 @@ class _ProjectionAttentionAdapter(Adapter):
 
     def _install_qk(self) -> None:
         """Softmax attention: gate the q and k rows of the projections (q rows also reweighted), recording both."""
-        self._gate_qk_rows(q=self._q_factor, k=lambda: self.mask('qk'), record=True)
+        self._gate_qk_rows(self.qk_row_factors, roles=('q', 'k'), record=True)
 
-    def _q_factor(self) -> Tensor:
-        rw = self.reweight('qk')
-        return self.mask('qk') if rw is None else self.mask('qk') * rw
-
-    def _gate_qk_rows(self, *, q: Callable[[], Tensor | None], k: Callable[[], Tensor | None] | None,
+    def _gate_qk_rows(self, factors: Callable[[], dict[str, Tensor | None]], *, roles: tuple[str, ...],
                       record: bool) -> None:
-        """Scale the q rows by ``q()`` and the k rows by ``k()`` (when given) in whichever projections hold them."""
+        """Scale the rows of each role in ``roles`` (``'q'``, ``'k'``) by ``factors()[role]``, in whichever
+        projections hold them (``factors`` is called once per projection and forward)."""
         seg, n = self.segments(), self.num_heads * self.qk_dim
-        parts: dict[str, list[tuple[str, int, Callable[[], Tensor | None]]]] = {}
-        for role, factor in (('q', q), ('k', k)):
-            if factor is not None:
-                parts.setdefault(seg[role].linear, []).append((role, seg[role].offset, factor))
+        parts: dict[str, list[tuple[str, int]]] = {}
+        for role in roles:
+            parts.setdefault(seg[role].linear, []).append((role, seg[role].offset))
         for name, ps in parts.items():
             linear = getattr(self.owner, name)
 
             def rows(linear: nn.Linear = linear, ps: list = ps) -> Tensor | None:
-                return row_factor(linear.out_features, [(offset, f()) for _, offset, f in ps])
+                f = factors()
+                return row_factor(linear.out_features, [(offset, f[role]) for role, offset in ps])
 
             def rec(out: Tensor, ps: list = ps) -> None:
-                for role, offset, _ in ps:
+                for role, offset in ps:
                     self.record('qk', out[..., offset:offset + n], role)
 
             self.gate_linear(linear, rows=rows, record_out=rec if record else None)
@@ -297,7 +294,7 @@ class FocusedLinearAttentionAdapter(_ProjectionAttentionAdapter):
         gate = _QKGate(self, 0, self.num_heads)
         self.module.qk_gate = gate
         self._restore.append(lambda: setattr(self.module, 'qk_gate', nn.Identity()))
-        self._gate_qk_rows(q=lambda: self.reweight('qk'), k=None, record=False)
+        self._gate_qk_rows(lambda: {'q': self.reweight('qk')}, roles=('q',), record=False)
 
     def widths_of(self, keep: Keep) -> dict[str, int | bool]:
         out = super().widths_of(keep)
@@ -382,7 +379,7 @@ class CSWinBlockAdapter(_ProjectionAttentionAdapter):
         for i, attn in enumerate(self.module.attns):
             attn.qk_gate = _QKGate(self, i * bh, bh)
             self._restore.append(lambda a=attn: setattr(a, 'qk_gate', nn.Identity()))
-        self._gate_qk_rows(q=lambda: self.reweight('qk'), k=None, record=False)
+        self._gate_qk_rows(lambda: {'q': self.reweight('qk')}, roles=('q',), record=False)
 
     def _matmul_macs(self, dq: Tensor, dv: Tensor) -> Tensor:
         L = self.rows['qkv']

@@ -76,15 +76,13 @@ class SoftmaxAttentionAdapter(Adapter):
     def _install(self) -> None:
         m, n = self.module, self.num_heads * self.qk_dim
         if 'qk' in self.indicators:
-            self.gate_linear(m.qkv, rows=lambda: row_factor(m.qkv.out_features, [(0, self._q_factor()),
-                                                                                  (n, self.mask('qk'))]),
-                             record_out=self._record_qk)
+            def rows() -> Tensor | None:
+                f = self.qk_row_factors()
+                return row_factor(m.qkv.out_features, [(0, f['q']), (n, f['k'])])
+
+            self.gate_linear(m.qkv, rows=rows, record_out=self._record_qk)
         if 'v' in self.indicators:
             self.gate_linear(m.proj, cols=lambda: self.scale('v'), record_in=lambda x: self.record('v', x))
-
-    def _q_factor(self) -> Tensor:
-        rw = self.reweight('qk')
-        return self.mask('qk') if rw is None else self.mask('qk') * rw
 
     def _record_qk(self, out: Tensor) -> None:
         n = self.num_heads * self.qk_dim

@@ -89,7 +89,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, threads: int | None = None) -> 
                        f'{threads}: the tiny model gains little from more, and a busy machine with more '
                        'threads than free cores slows down many-fold)' if threads else "torch's default)"))
     p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
-                   help='float16 mixed precision (auto: on for CUDA only)')
+                   help='mixed precision: float16 on CUDA, bfloat16 on the CPU (auto: on for CUDA only)')
     p.add_argument('--quiet', '-q', action='store_true', help='only warnings and the result')
 
 

@@ -54,6 +54,7 @@ from .train import (
     latest_train_state,
     load_train_state,
     load_trained,
+    make_scaler,
     read_trained_meta,
     save_train_state,
     train_one_epoch,
@@ -552,7 +553,7 @@ def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
     use_amp = amp_enabled(cfg.amp, device)
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, updates_per_epoch=max(1, data.steps_per_epoch // cfg.accum_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = make_scaler(device, use_amp)
     wrapped = model
     if info.distributed:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'

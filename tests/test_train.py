@@ -234,7 +234,7 @@ def test_out_dir_and_resume_guards(tmp_path, reference_run):
     with pytest.raises(ModelError, match='did you mean flatten_deit_nano'):
         train(_tiny_cfg(tmp_path, model='flaten_deit_nano'))
     with pytest.raises(ConfigError, match='amp'):
-        train(_tiny_cfg(tmp_path, amp='on', device='cpu'))
+        train(_tiny_cfg(tmp_path, amp='fast', device='cpu'))
     with pytest.raises(CheckpointError):
         load_trained(tmp_path)
 
@@ -295,3 +295,14 @@ def test_config_from_dict_rejects_unknown_keys():
         TrainConfig.from_dict({'epoch': 3})
     with pytest.raises(ConfigError, match=r"train config \(data\): unknown key 'batchsize'; did you mean 'batch_size'"):
         TrainConfig.from_dict({'data': {'batchsize': 3}})
+
+
+def test_amp_on_the_cpu_is_bfloat16_without_loss_scaling():
+    """amp='on' on the CPU: bfloat16 autocast (matmuls run in bfloat16) and a disabled GradScaler."""
+    from amap.train import _autocast, amp_enabled, make_scaler
+    cpu = torch.device('cpu')
+    assert amp_enabled('on', cpu) and not amp_enabled('auto', cpu) and not amp_enabled('off', cpu)
+    with _autocast(cpu, True):
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+    assert not make_scaler(cpu, True).is_enabled()

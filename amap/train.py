@@ -85,7 +85,8 @@ from .utils.io import (
 
 __all__ = [
     'TrainConfig', 'TrainResult', 'TrainState', 'train', 'evaluate', 'train_one_epoch', 'create_model',
-    'build_optimizer', 'build_scheduler', 'build_criterion', 'default_loss_fn', 'amp_enabled', 'make_scaler', 'save_train_state',
+    'build_optimizer', 'build_scheduler', 'build_criterion', 'default_loss_fn', 'amp_enabled', 'make_scaler',
+    'save_train_state',
     'load_train_state', 'latest_train_state', 'save_trained', 'load_trained', 'read_trained_meta',
     'unknown_model_message', 'MODEL_FILE', 'MODEL_META_FILE', 'LOG_FILE', 'CHECKPOINT_DIR',
 ]

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from amap.prune.api import PruneConfig, prepare  # noqa: E402
-from amap.prune.init import attention_difference_init  # noqa: E402
+from amap.prune.attn_init import attention_difference_init  # noqa: E402
 from amap.prune.pruner import Pruner  # noqa: E402
 from amap.prune.search import Search, SearchSettings, distillation_loss, task_loss  # noqa: E402
 from amap.prune.similarity import calibrate_similarity  # noqa: E402

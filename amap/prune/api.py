@@ -19,9 +19,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..macs import count_macs, count_params
+from .attn_init import attention_difference_init
 from .criteria import CRITERIA, criterion_scores
 from .groups import GROUP_KINDS
-from .init import attention_difference_init
 from .pruner import Pruner
 from .search import SearchSettings, search
 from .similarity import calibrate_similarity

@@ -140,18 +140,18 @@ def _check_record(rec: dict[str, Any], i: int, adapter: Adapter, where: Path) ->
         if type(heads) is not int or heads != g.num_heads:
             raise CheckpointError(f'{where}: {name}.heads.{kind} is {_json_repr(heads)}, the module has '
                                   f'{g.num_heads} heads; {_CORRUPT}')
-        rows = rec.get('indices', {}).get(kind)
-        if rows is not None and not _valid_rows(rows, g.num_heads, g.dim):
+        indices = rec.get('indices', {}).get(kind)
+        if indices is not None and not _valid_indices(indices, g.num_heads, g.dim):
             raise CheckpointError(f'{where}: {name}.indices.{kind} must hold {g.num_heads} ascending lists of as many '
                                   f'distinct channels in [0, {g.dim}) (one per head); {_CORRUPT}')
 
 
-def _valid_rows(rows: Any, heads: int, dim: int) -> bool:
-    """Whether ``rows`` holds ``heads`` equally long, non-empty ascending lists of channel indices in ``[0, dim)``
+def _valid_indices(indices: Any, heads: int, dim: int) -> bool:
+    """Whether ``indices`` holds ``heads`` equally long, non-empty ascending lists of channel indices in ``[0, dim)``
     (their length is checked against the weights, through the widths, by :func:`load_pruned`)."""
-    return isinstance(rows, list) and len(rows) == heads and all(
-        isinstance(r, list) and r and len(r) == len(rows[0]) and all(type(j) is int for j in r)
-        and 0 <= r[0] and r[-1] < dim and all(a < b for a, b in zip(r, r[1:])) for r in rows)
+    return isinstance(indices, list) and len(indices) == heads and all(
+        isinstance(h, list) and h and len(h) == len(indices[0]) and all(type(j) is int for j in h)
+        and 0 <= h[0] and h[-1] < dim and all(a < b for a, b in zip(h, h[1:])) for h in indices)
 
 
 def _adapter_class(name: str, cfg_path: Path) -> type:

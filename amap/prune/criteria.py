@@ -38,14 +38,14 @@ def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> d
     """``sum over batches of |dL/db|`` with the gates fully open (``m = 1``, straight-through gradient)."""
     model = pruner.model[0]
     inds = pruner.indicators
-    saved = {k: (ind.m.detach().clone(), ind.weight.clone()) for k, ind in inds.items()}
+    saved = {k: (ind.m.detach().clone(), ind.similarity_weight.clone()) for k, ind in inds.items()}
     acc = {k: torch.zeros_like(ind.m) for k, ind in inds.items()}
     was_training = model.training
     model.eval()
     try:
         for ind in inds.values():
             ind.m.data.fill_(1.0)
-            ind.weight.fill_(1.0)
+            ind.similarity_weight.fill_(1.0)
         for x, y in batches:
             for ind in inds.values():
                 ind.m.grad = None
@@ -56,7 +56,7 @@ def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> d
     finally:
         for k, ind in inds.items():
             ind.m.data.copy_(saved[k][0])
-            ind.weight.copy_(saved[k][1])
+            ind.similarity_weight.copy_(saved[k][1])
             ind.m.grad = None
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -65,15 +65,21 @@ class ChannelIndicator(nn.Module):
         shape = (group.num_heads, group.dim)
         value = init if isinstance(init, Tensor) else torch.full(shape, float(init))
         self.m = nn.Parameter(value.detach().clone().float().reshape(shape))
-        self.register_buffer('weight', torch.ones(shape))
+        self.register_buffer('similarity_weight', torch.ones(shape))
         self.reweight = nn.Parameter(torch.ones(shape)) if reweight else None
         # A fixed structure (set after the search or by a baseline criterion); None while searching.
         self.register_buffer('fixed', torch.empty(0), persistent=True)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # search states written before the buffer was renamed hold the similarity weights as ``weight``
+        if prefix + 'weight' in state_dict and prefix + 'similarity_weight' not in state_dict:
+            state_dict[prefix + 'similarity_weight'] = state_dict.pop(prefix + 'weight')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ----------------------------------------------------------------------------------------------- scores & masks
     def scores(self) -> Tensor:
         """``s = w * m``, shape ``(H, d)``."""
-        return self.weight * self.m
+        return self.similarity_weight * self.m
 
     @torch.no_grad()
     def counts(self, scores: Tensor | None = None) -> Tensor:

@@ -166,20 +166,20 @@ class Pruner(nn.Module):
         """``{module name: {kind: LongTensor (H, k)}}`` kept channel indices; requires head-balanced masks."""
         out: dict[str, dict[str, Tensor]] = {}
         for key, (adapter, group) in self._groups.items():
-            rows = self.indicators[key].keep_indices()
-            widths = {r.numel() for r in rows}
+            indices = self.indicators[key].keep_indices()
+            widths = {i.numel() for i in indices}
             if len(widths) != 1:
                 raise ConfigError(f'heads of {group.key} keep different channel counts {sorted(widths)}: '
                                   'a physical model needs head balance (or pad_heads=True in surgery)')
-            out.setdefault(adapter.name, {})[group.kind] = torch.stack(rows)
+            out.setdefault(adapter.name, {})[group.kind] = torch.stack(indices)
         return out
 
     @torch.no_grad()
     def structure(self) -> list[dict]:
         """Per group: module, kind, heads, original and kept channels per head."""
-        rows = []
+        records = []
         for key, (_, group) in self._groups.items():
             counts = self.indicators[key].hard_mask().sum(-1).long().tolist()
-            rows.append({'module': group.module, 'kind': group.kind, 'heads': group.num_heads, 'dim': group.dim,
+            records.append({'module': group.module, 'kind': group.kind, 'heads': group.num_heads, 'dim': group.dim,
                          'kept': counts})
-        return rows
+        return records

@@ -96,5 +96,5 @@ def calibrate_similarity(pruner: Pruner, batches: Iterable[Tensor], *, beta: flo
     for key, ind in pruner.indicators.items():
         w = weights.get(groups[key].key)
         if w is not None:
-            ind.weight.copy_(w.to(ind.weight.device))
+            ind.similarity_weight.copy_(w.to(ind.similarity_weight.device))
     return weights

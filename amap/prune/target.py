@@ -107,10 +107,10 @@ def fit_to_target(
             heads = [None] if ind.head_balance else range(H)
             for h in heads:
                 new = c.clone()
-                rows_now = c if h is None else c[h:h + 1]
+                counts_now = c if h is None else c[h:h + 1]
                 # one step along the lattice of allowed counts (a full head is allowed even when off the lattice)
-                moved = torch.where(rows_now >= d, (d - 1) // step * step, rows_now - step) if sign < 0 else \
-                    torch.clamp(rows_now + step, max=d)
+                moved = torch.where(counts_now >= d, (d - 1) // step * step, counts_now - step) if sign < 0 else \
+                    torch.clamp(counts_now + step, max=d)
                 if h is None:
                     new = moved
                 else:
@@ -124,8 +124,8 @@ def fit_to_target(
                 if delta <= 0:
                     continue
                 lo_, hi_ = torch.minimum(c, new), torch.maximum(c, new)  # the channels that leave or enter
-                rows = range(H) if h is None else [h]
-                value = float(sum(ranked[key][r, int(lo_[r]):int(hi_[r])].sum() for r in rows))
+                changed_heads = range(H) if h is None else [h]
+                value = float(sum(ranked[key][r, int(lo_[r]):int(hi_[r])].sum() for r in changed_heads))
                 yield value / delta, key, new, new_cost
 
     while total > target_macs:

@@ -10,9 +10,9 @@ from conftest import build
 from amap.errors import ConfigError
 from amap.prune import PruneConfig, prune
 from amap.prune.api import prepare
+from amap.prune.attn_init import focus, qk_attention_difference, v_output_difference
 from amap.prune.groups import ChannelGroup
 from amap.prune.indicator import ChannelIndicator
-from amap.prune.init import focus, qk_attention_difference, v_output_difference
 from amap.prune.similarity import GramRecorder, similarity_weights
 
 # ----------------------------------------------------------------------------------------------- similarity weights
@@ -85,11 +85,21 @@ def test_head_balance_keeps_equal_counts():
 def test_straight_through_gradient_reaches_the_indicator():
     group = ChannelGroup('blk', 'mlp', num_heads=1, dim=3)
     ind = ChannelIndicator(group, init=torch.tensor([[0.9, 0.2, 0.7]]))
-    ind.weight.copy_(torch.tensor([[1.0, 1.0, 0.5]]))
+    ind.similarity_weight.copy_(torch.tensor([[1.0, 1.0, 0.5]]))
     mask = ind.mask()
     assert mask.tolist() == [[1.0, 0.0, 0.0]]  # s = w * m = [0.9, 0.2, 0.35]
     (mask * torch.tensor([[1.0, 2.0, 3.0]])).sum().backward()
     torch.testing.assert_close(ind.m.grad, torch.tensor([[1.0, 2.0, 1.5]]))  # d/dm = upstream * w
+
+
+def test_indicator_reads_state_saved_before_the_similarity_weight_rename():
+    group = ChannelGroup('blk', 'mlp', num_heads=1, dim=3)
+    old = {'m': torch.full((1, 3), 0.8), 'weight': torch.tensor([[1.0, 0.7, 0.9]]), 'fixed': torch.empty(0),
+           'reweight': torch.ones(1, 3)}
+    ind = ChannelIndicator(group)
+    ind.load_state_dict(old)
+    assert ind.similarity_weight.tolist() == [[1.0, 0.699999988079071, 0.8999999761581421]]
+    assert 'similarity_weight' in ind.state_dict() and 'weight' not in ind.state_dict()
 
 # ----------------------------------------------------------------------------------------------- ablation switches
 
@@ -100,7 +110,7 @@ def _calib():
 
 
 def _state(pruner):
-    return {k: (ind.m.detach().clone(), ind.weight.clone(), ind.reweight is not None, ind.head_balance)
+    return {k: (ind.m.detach().clone(), ind.similarity_weight.clone(), ind.reweight is not None, ind.head_balance)
             for k, ind in pruner.indicators.items()}
 
 

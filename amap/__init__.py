@@ -30,6 +30,7 @@ _LAZY = {
     'train': 'amap.train',
     'evaluate': 'amap.train',
     'PruneConfig': 'amap.prune',
+    'SearchSettings': 'amap.prune',
     'PruneResult': 'amap.prune',
     'save_pruned': 'amap.prune',
     'load_pruned': 'amap.prune',

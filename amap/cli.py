@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import AmapError, ConfigError, Interrupted
+from .utils.config import json_dict, positive_int
 
 __all__ = ['main', 'build_parser']
 
@@ -33,63 +34,41 @@ DEMO_EPOCHS = 25
 
 
 # ---------------------------------------------------------------------------------------------------------- arguments
-_EXAMPLE = '\'{"drop_path_rate": 0.1}\''
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({e.msg}): {text!r}; e.g. {_EXAMPLE}') from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'must be a JSON object such as {_EXAMPLE}, got {text!r}')
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} must be >= 1')
-    return value
-
-
 def _add_data_args(p: argparse.ArgumentParser, *, training: bool) -> None:
     g = p.add_argument_group('data')
     g.add_argument('--data', default='digits',
                    help="ImageNet-layout folder (train/<class>/*, val/<class>/* or test/) or 'digits' (embedded "
                         "default; default: %(default)s)")
-    g.add_argument('--img-size', type=_positive_int, default=None,
+    g.add_argument('--img-size', type=positive_int, default=None,
                    help='input side in pixels (default: 32 for training; the checkpoint\'s for eval)')
-    g.add_argument('--batch-size', '-b', type=_positive_int, default=128 if training else None,
+    g.add_argument('--batch-size', '-b', type=positive_int, default=128 if training else None,
                    help='batch size per process' + (' (default: %(default)s)' if training else ''))
     g.add_argument('--workers', '-j', type=int, default=2, help='data loader processes (default: %(default)s)')
     g.add_argument('--interpolation', default=None, help='resize interpolation (default: bicubic)')
     if training:
-        g.add_argument('--eval-batch-size', type=_positive_int, default=None, help='default: 2 x --batch-size')
+        g.add_argument('--eval-batch-size', type=positive_int, default=None, help='default: 2 x --batch-size')
         g.add_argument('--augment', default='basic', choices=('none', 'basic', 'strong'),
                        help='training augmentation (default: %(default)s)')
         g.add_argument('--randaugment', default=None, metavar='SPEC', help="timm RandAugment, e.g. 'rand-m9-mstd0.5'")
         g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (default: off)')
         g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (default: off)')
-        g.add_argument('--train-subset', type=_positive_int, default=None, help='train on a class-balanced subset')
-        g.add_argument('--val-subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
+        g.add_argument('--train-subset', type=positive_int, default=None, help='train on a class-balanced subset')
+        g.add_argument('--val-subset', type=positive_int, default=None, help='evaluate on a class-balanced subset')
     else:
         g.add_argument('--split', default='val', choices=('val', 'test', 'train'),
                        help="split to evaluate ('val' falls back to test/; default: %(default)s)")
-        g.add_argument('--subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
+        g.add_argument('--subset', type=positive_int, default=None, help='evaluate on a class-balanced subset')
 
 
-def _add_run_args(p: argparse.ArgumentParser, *, threads: int | None = None) -> None:
-    p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
-    p.add_argument('--threads', type=_positive_int, default=threads,
+def _add_run_args(p: argparse.ArgumentParser, *, threads: int | None = None, device: bool = True) -> None:
+    if device:
+        p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
+        p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
+                       help='mixed precision: float16 on CUDA, bfloat16 on the CPU (auto: on for CUDA only)')
+    p.add_argument('--threads', type=positive_int, default=threads,
                    help='CPU threads per process for torch (default: ' + (
                        f'{threads}: the tiny model gains little from more, and a busy machine with more '
                        'threads than free cores slows down many-fold)' if threads else "torch's default)"))
-    p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
-                   help='mixed precision: float16 on CUDA, bfloat16 on the CPU (auto: on for CUDA only)')
     p.add_argument('--quiet', '-q', action='store_true', help='only warnings and the result')
 
 
@@ -107,17 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument('--version', action='version', version=f'amap {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for add in (_add_train, _add_eval, _add_macs, _add_prune, _add_report, _add_export, _add_demo):
+        add(sub)
+    return parser
 
-    # train
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser('train', help='train a model (timm registry, FLatten zoo included)',
                        description='Train a model; writes OUT/model.safetensors + model.json, checkpoints and '
                                    'log.jsonl. Under torchrun it trains with DDP.')
     p.add_argument('--model', '-m', default=DEMO_MODEL, help='timm model name (default: %(default)s)')
-    p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON',
+    p.add_argument('--model-kwargs', type=json_dict, default={}, metavar='JSON',
                    help='extra model arguments as a JSON object, e.g. \'{"drop_path_rate": 0.1}\'')
     _add_data_args(p, training=True)
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=_positive_int, default=10, help='default: %(default)s')
+    g.add_argument('--epochs', type=positive_int, default=10, help='default: %(default)s')
     g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (default: %(default)s)')
     g.add_argument('--weight-decay', '--wd', type=float, default=0.05, help='default: %(default)s')
     g.add_argument('--warmup-epochs', type=float, default=1.0, help='default: %(default)s')
@@ -127,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--sched', default='cosine', help='timm scheduler name, stepped per update (default: %(default)s)')
     g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm (default: off)')
     g.add_argument('--label-smoothing', '--smoothing', type=float, default=0.0, help='default: %(default)s')
-    g.add_argument('--accum-steps', type=_positive_int, default=1, help='batches per optimizer update')
+    g.add_argument('--accum-steps', type=positive_int, default=1, help='batches per optimizer update')
     g.add_argument('--seed', type=int, default=0, help='default: %(default)s')
-    g.add_argument('--max-steps', type=_positive_int, default=None, help='stop after this many updates')
+    g.add_argument('--max-steps', type=positive_int, default=None, help='stop after this many updates')
     g = p.add_argument_group('output')
     g.add_argument('--out', '-o', default='runs/train', help='output folder (default: %(default)s)')
     g.add_argument('--resume', nargs='?', const=True, default=False, metavar='DIR',
@@ -143,31 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=_cmd_train)
 
-    # eval
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser('eval', help='evaluate a checkpoint (ours, official FLatten, or timm)',
                        description='Evaluate a checkpoint: a run folder or model.safetensors written by amap train '
                                    '(--model optional), or an official FLatten / timm checkpoint (--model required).')
     p.add_argument('path', nargs='?', default=None, metavar='CHECKPOINT', help='same as --checkpoint')
     p.add_argument('--checkpoint', '-c', default=None, metavar='FILE', help='checkpoint file or amap run folder')
     p.add_argument('--model', '-m', default=None, help='timm model name (needed for foreign checkpoints)')
-    p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON', help='extra model arguments')
+    p.add_argument('--model-kwargs', type=json_dict, default={}, metavar='JSON', help='extra model arguments')
     _add_data_args(p, training=False)
     p.add_argument('--json', action='store_true', help='print the metrics as JSON')
     _add_run_args(p)
     p.set_defaults(func=_cmd_eval)
 
-    # macs
+
+def _add_macs(sub: Any) -> None:
     p = sub.add_parser('macs', help='count multiply-accumulates (per-module table)',
                        description='Count the MACs of one image through MODEL (a timm name or an amap run folder).')
     p.add_argument('model', metavar='MODEL', help='timm model name or amap run folder / model.safetensors')
-    p.add_argument('--img-size', type=_positive_int, default=None, help="input side (default: the model's)")
-    p.add_argument('--num-classes', type=_positive_int, default=None, help="classifier outputs (default: model's)")
-    p.add_argument('--model-kwargs', type=_json_dict, default={}, metavar='JSON', help='extra model arguments')
-    p.add_argument('--depth', type=_positive_int, default=2, help='module-name depth of the table (default: 2)')
+    p.add_argument('--img-size', type=positive_int, default=None, help="input side (default: the model's)")
+    p.add_argument('--num-classes', type=positive_int, default=None, help="classifier outputs (default: model's)")
+    p.add_argument('--model-kwargs', type=json_dict, default={}, metavar='JSON', help='extra model arguments')
+    p.add_argument('--depth', type=positive_int, default=2, help='module-name depth of the table (default: 2)')
     p.add_argument('--json', action='store_true', help='print the report as JSON')
     p.set_defaults(func=_cmd_macs)
 
-    # prune
+
+def _add_prune(sub: Any) -> None:
+    """Every flag but --config, --threads and --quiet is a field of PipelineConfig (or of the PruneConfig and
+    SearchSettings nested in it): name, type, choices, help and default come from there."""
+    from .pipeline import CLI_OPTIONS, PipelineConfig
+    from .utils.config import add_dataclass_arguments
     p = sub.add_parser('prune', help='prune a trained model to a MAC target (search, surgery, fine-tune, report)',
                        description='Prune a trained model: calibrate, search the indicators under the MAC target, cut '
                                    'a physically smaller model, fine-tune it with distillation from the original, '
@@ -175,81 +165,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    'report.json/report.md and plots. Every option can come from --config YAML; flags '
                                    'given on the command line win. Under torchrun it runs with DDP.')
     p.add_argument('--config', default=None, metavar='YAML', help='options as YAML (keys as in PipelineConfig)')
-    p.add_argument('--model', '-m', default=None, help='timm model name (not needed for an amap train run)')
-    p.add_argument('--checkpoint', '-c', default=None, metavar='FILE',
-                   help='amap train run folder / model.safetensors, or an official FLatten / timm checkpoint')
-    p.add_argument('--model-kwargs', type=_json_dict, default=None, metavar='JSON', help='extra model arguments')
-    p.add_argument('--data', default=None, help="ImageNet-layout folder or 'digits'")
-    p.add_argument('--img-size', type=_positive_int, default=None, help='input side in pixels (default: 32)')
-    p.add_argument('--batch-size', '-b', type=_positive_int, default=None, help='batch size per process')
-    p.add_argument('--workers', '-j', type=int, default=None, help='data loader processes')
-    p.add_argument('--train-subset', type=_positive_int, default=None, help='train on a class-balanced subset')
-    p.add_argument('--val-subset', type=_positive_int, default=None, help='evaluate on a class-balanced subset')
-    p.add_argument('--target', '-t', type=float, default=None,
-                   help='MAC target: ratio in (0, 1) of the original, or absolute MACs (default: 0.7)')
-    p.add_argument('--out', '-o', default=None, help='output folder (default: runs/prune)')
-    p.add_argument('--search-epochs', type=float, default=None, help='search length in epochs (default: 1)')
-    p.add_argument('--search-steps', type=_positive_int, default=None, help='search length in steps')
-    p.add_argument('--finetune-epochs', type=int, default=None, help='fine-tuning epochs (default: 5)')
-    p.add_argument('--finetune-lr', type=float, default=None, help='fine-tuning peak learning rate')
-    p.add_argument('--max-finetune-steps', type=_positive_int, default=None, help='stop the fine-tune early')
-    p.add_argument('--teacher', choices=('original', 'none'), default=None,
-                   help='distil from the original model (default) or not')
-    p.add_argument('--kd-alpha', type=float, default=None, help='weight of the distillation loss (default: 0.5)')
-    p.add_argument('--checkpoint-every', type=int, default=None, help='steps between checkpoints (0: auto)')
-    p.add_argument('--accum-steps', type=_positive_int, default=None, help='gradient accumulation (batches/update)')
-    p.add_argument('--resume', action='store_true', default=None, help='continue the run in --out')
-    p.add_argument('--overwrite', action='store_true', default=None, help='replace a previous run in --out')
-    p.add_argument('--seed', type=int, default=None)
-    p.add_argument('--no-latency', dest='latency', action='store_false', default=None,
-                   help='skip the latency measurement')
-    g = p.add_argument_group('method (ablations and baselines)')
-    g.add_argument('--criterion', default=None,
-                   choices=('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform'),
-                   help='amap (default) or a baseline importance criterion under the same constraints')
-    for name, text in (('similarity', 'channel-similarity weights'), ('head-balance', 'head balance'),
-                       ('reweight', 'reweight module')):
-        g.add_argument(f'--no-{name}', dest=name.replace('-', '_'), action='store_false', default=None,
-                       help=f'switch off the {text}')
-    g.add_argument('--attn-init', action=argparse.BooleanOptionalAction, default=None,
-                   help='initialise linear-attention indicators from the attention difference (default: off; it '
-                        'cost accuracy in BENCHMARKS.md)')
-    g.add_argument('--attn-init-low', type=float, default=None,
-                   help='initial indicator of the least important channel under --attn-init (default 0.55)')
-    g.add_argument('--kinds', default=None, help="group kinds to prune, comma-separated (default: 'qk,v,mlp')")
-    g.add_argument('--indicator-lr', type=float, default=None, help='indicator learning rate')
-    g.add_argument('--search-lr', type=float, default=None, help='weight learning rate during the search')
-    g.add_argument('--resource-lambda', type=float, default=None, help='weight of the resource loss')
-    g.add_argument('--calib-batches', type=_positive_int, default=None, help='calibration batches')
-    g.add_argument('--channel-multiple', type=_positive_int, default=None, metavar='N',
-                   help='round pruned widths to multiples of N (8 or 16 suit GEMM kernels; default 1: exact)')
-    g.add_argument('--no-progress', action='store_true', help='no progress bar')
-    _add_run_args(p)
+    add_dataclass_arguments(p, PipelineConfig, options=CLI_OPTIONS)
+    _add_run_args(p, device=False)
     p.set_defaults(func=_cmd_prune)
 
-    # report
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser('report', help='re-render the report of a prune run',
                        description='Re-render OUT/report.md and the plots from OUT/report.json and print it.')
     p.add_argument('out', metavar='DIR', help='output folder of amap prune')
     p.set_defaults(func=_cmd_report)
 
-    # export
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser('export', help='export a pruned model to ONNX',
                        description='Export a pruned model (a folder written by amap prune / amap.save_pruned) to '
                                    'ONNX, and check onnxruntime reproduces the PyTorch outputs when installed.')
     p.add_argument('path', metavar='DIR', help='pruned model folder (OUT/model of amap prune)')
     p.add_argument('--onnx', required=True, metavar='FILE', help='output .onnx file')
-    p.add_argument('--img-size', type=_positive_int, default=None, help="input side (default: the model's)")
-    p.add_argument('--opset', type=_positive_int, default=None, help="ONNX opset (default: torch's)")
+    p.add_argument('--img-size', type=positive_int, default=None, help="input side (default: the model's)")
+    p.add_argument('--opset', type=positive_int, default=None, help="ONNX opset (default: torch's)")
     p.set_defaults(func=_cmd_export)
 
-    # demo
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser('demo', help='train, prune to 60%% of the MACs, fine-tune and report, on embedded data',
                        description='Train a small FLatten Transformer on the embedded digits data (no download), '
                                    'prune it to 60%% of its MACs, fine-tune it and print the report table.')
     p.add_argument('--out', '-o', default='runs/demo', help='output folder (default: %(default)s)')
     p.add_argument('--model', '-m', default=DEMO_MODEL, help='default: %(default)s')
-    p.add_argument('--epochs', type=_positive_int, default=DEMO_EPOCHS, help='default: %(default)s')
+    p.add_argument('--epochs', type=positive_int, default=DEMO_EPOCHS, help='default: %(default)s')
     p.add_argument('--target', '-t', type=float, default=0.6, help='MAC target ratio (default: %(default)s)')
     p.add_argument('--search-epochs', type=float, default=2.0, help='default: %(default)s')
     p.add_argument('--finetune-epochs', type=int, default=5, help='default: %(default)s')
@@ -258,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     _add_run_args(p, threads=1)
     p.set_defaults(func=_cmd_demo)
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------------------- commands
@@ -400,33 +344,10 @@ def _cmd_macs(args: argparse.Namespace) -> int:
     return 0
 
 
-_PRUNE_METHOD_KEYS = {'criterion': 'criterion', 'similarity': 'similarity', 'head_balance': 'head_balance',
-                      'reweight': 'reweight', 'attn_init': 'attn_init', 'indicator_lr': 'indicator_lr',
-                      'search_lr': 'lr', 'resource_lambda': 'resource_lambda', 'calib_batches': 'calib_batches',
-                      'channel_multiple': 'channel_multiple', 'attn_init_low': 'attn_init_low'}
-
-
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import load_config, run
-    data = {k: v for k, v in (('data', args.data), ('img_size', args.img_size), ('batch_size', args.batch_size),
-                              ('num_workers', args.workers), ('train_subset', args.train_subset),
-                              ('val_subset', args.val_subset)) if v is not None}
-    method = {dst: getattr(args, src) for src, dst in _PRUNE_METHOD_KEYS.items() if getattr(args, src) is not None}
-    if args.kinds:
-        method['kinds'] = tuple(k.strip() for k in args.kinds.split(',') if k.strip())
-    overrides = {
-        'model': args.model, 'checkpoint': args.checkpoint, 'model_kwargs': args.model_kwargs, 'target': args.target,
-        'out': args.out, 'search_epochs': args.search_epochs, 'search_steps': args.search_steps,
-        'finetune_epochs': args.finetune_epochs, 'finetune_lr': args.finetune_lr,
-        'max_finetune_steps': args.max_finetune_steps, 'teacher': args.teacher, 'kd_alpha': args.kd_alpha,
-        'checkpoint_every': args.checkpoint_every, 'accum_steps': args.accum_steps, 'resume': args.resume,
-        'overwrite': args.overwrite,
-        'seed': args.seed, 'latency': args.latency, 'device': args.device if args.device != 'auto' else None,
-        'amp': args.amp if args.amp != 'auto' else None, 'progress': False if args.no_progress else None,
-        'data': data or None, 'prune': method or None,
-    }
-    cfg = load_config(args.config, **overrides)
-    result = run(cfg)
+    from .pipeline import PipelineConfig, load_config, run
+    from .utils.config import given_options
+    result = run(load_config(args.config, **given_options(args, PipelineConfig)))
     if _rank() == 0:
         from .report import format_report
         print(format_report(result.report))

@@ -1,5 +1,7 @@
-"""``amap prune`` end to end: load -> evaluate -> calibrate -> search -> surgery -> fine-tune -> evaluate -> save ->
-report, from one :class:`PipelineConfig` (a YAML file, CLI flags, or Python).
+"""``amap prune`` end to end: load -> calibrate -> search -> cut -> fine-tune -> report (:func:`_run`, top-down), from
+one :class:`PipelineConfig` (a YAML file, CLI flags, or Python). The pruning stages are those of
+:class:`~amap.prune.staged.StagedPruning`, which :func:`amap.prune` drives too; the pipeline adds the data, the
+fine-tune, the evaluations and the report around them.
 
 Runs the same on one CPU and under ``torchrun --nproc_per_node N`` (DDP): every rank computes the same indicators and
 masks (gradients of weights, indicators and reweights are averaged over ranks at every search step), metrics are
@@ -33,11 +35,10 @@ from .data import DataConfig, build_loaders
 from .errors import ConfigError, Interrupted
 from .latency import measure_latency
 from .macs import count_macs, count_params
-from .prune.api import PruneConfig, finalize_structure, prepare, resolve_target, search_settings
-from .prune.artifact import load_pruned, read_pruned_config, save_pruned
+from .prune.artifact import save_pruned
+from .prune.config import PruneConfig, SearchSettings, nest_search_options
 from .prune.search import Search, distillation_loss, task_loss
-from .prune.surgery import apply_surgery, describe_structure
-from .prune.target import check_target
+from .prune.staged import CutModel, StagedPruning, load_cut
 from .report import write_report
 from .train import (
     TrainConfig,
@@ -59,12 +60,12 @@ from .train import (
     save_train_state,
     train_one_epoch,
 )
-from .utils.config import check_keys, from_mapping
+from .utils.config import check_keys, check_value, deep_merge, from_mapping
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import atomic_dir, atomic_write_bytes, output_error, read_json, read_safetensors, remove_dir, to_jsonable
 
-__all__ = ['PipelineConfig', 'PipelineResult', 'run', 'load_config']
+__all__ = ['PipelineConfig', 'PipelineResult', 'CLI_OPTIONS', 'run', 'load_config']
 
 _logger = logging.getLogger(__name__)
 
@@ -77,37 +78,36 @@ CONFIG_FILE = 'config.yaml'
 
 @dataclass
 class PipelineConfig:
-    """One ``amap prune`` job.
+    """One ``amap prune`` job. The ``amap prune`` flags, their help and defaults are read off these fields (and those
+    of :class:`~amap.prune.PruneConfig` and its :class:`~amap.prune.SearchSettings`; see :data:`CLI_OPTIONS`).
 
     Attributes:
         model: timm name of the model; needed for official/timm weights, optional for a run of ``amap train`` (which
             names its own; a different name is an error).
         checkpoint: The trained weights: an ``amap train`` run folder or ``model.safetensors``, or an official
             FLatten / timm checkpoint (``.pth``, ``.safetensors``) for ``model``.
-        model_kwargs: Extra arguments of the model factory.
+        model_kwargs: Extra arguments of the model factory, as a JSON object.
         data: Data source, augmentation and batch size (per process).
-        target: MAC target: ratio in (0, 1) or absolute MACs.
-        prune: Options of the pruning method (:class:`amap.prune.PruneConfig` fields: criterion, similarity,
-            head_balance, reweight, attn_init, indicator_lr, ...); ``search_steps`` there is overridden by
-            ``search_epochs`` unless ``search_steps`` is set here.
+        prune: The pruning method (:class:`amap.prune.PruneConfig`): MAC target, criterion, switches, and ``search``,
+            the search loop's settings (its ``kd_alpha`` also weighs the fine-tune's distillation).
         search_epochs: Length of the search in epochs of the training data.
-        search_steps: Length of the search in steps (overrides ``search_epochs``).
+        search_steps: Length of the search in steps (overrides search_epochs).
         finetune_epochs: Fine-tuning epochs after surgery (0: none).
         finetune_lr: Peak fine-tuning learning rate.
         finetune_min_lr: Final fine-tuning learning rate (cosine).
-        finetune_warmup_epochs: Fine-tuning warm-up.
+        finetune_warmup_epochs: Fine-tuning warm-up epochs.
         weight_decay: Fine-tuning weight decay.
-        clip_grad: Gradient clipping in the fine-tune.
-        teacher: ``'original'`` (distil from the unpruned model, in the search and the fine-tune) or ``'none'``.
-        kd_alpha: Weight of the distillation loss.
+        clip_grad: Gradient-norm clipping in the fine-tune.
+        teacher: Distil from the original model (original), in the search and the fine-tune, or not (none).
         out: Output folder.
-        resume: Continue the run in ``out`` from its last checkpoint.
-        overwrite: Replace a previous run in ``out``.
+        resume: Continue the run in out from its last checkpoint.
+        overwrite: Replace a previous run in out.
         checkpoint_every: Search steps between search checkpoints (and fine-tune updates between fine-tune
             checkpoints, besides every epoch end); 0 = automatic (about 10 per search).
         seed: Seed of everything.
-        device: ``'auto'``, ``'cpu'``, ``'cuda'``.
-        amp: ``'auto'`` (float16 autocast + loss scaling on CUDA only), ``'on'``, ``'off'``; search and fine-tune.
+        device: auto (CUDA when present), cpu, cuda or cuda:N.
+        amp: Mixed precision in the search and the fine-tune: float16 on CUDA, bfloat16 on the CPU (auto: on for
+            CUDA only).
         accum_steps: Gradient accumulation: batches per optimiser update, in the search and the fine-tune (a
             step's global batch is ``batch_size x processes x accum_steps``).
         latency: Measure CPU (and CUDA) latency before/after for the report.
@@ -116,43 +116,58 @@ class PipelineConfig:
         progress: Progress bars on interactive terminals.
     """
 
-    model: str | None = None
-    checkpoint: str | None = None
+    model: str | None = field(default=None, metadata={'flags': ('--model', '-m')})
+    checkpoint: str | None = field(default=None, metadata={'flags': ('--checkpoint', '-c'), 'metavar': 'FILE'})
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
-    target: float = 0.7
-    prune: dict[str, Any] = field(default_factory=dict)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     search_epochs: float = 1.0
-    search_steps: int | None = None
+    search_steps: int | None = field(default=None, metadata={'min': 1})
     finetune_epochs: int = 5
     finetune_lr: float = 2e-4
     finetune_min_lr: float = 1e-6
     finetune_warmup_epochs: float = 0.0
-    weight_decay: float = 0.05
-    clip_grad: float | None = 5.0
-    teacher: str = 'original'
-    kd_alpha: float = 0.5
-    out: str = 'runs/prune'
+    weight_decay: float = field(default=0.05, metadata={'flags': ('--finetune-weight-decay',)})
+    clip_grad: float | None = field(default=5.0, metadata={'flags': ('--finetune-clip-grad',)})
+    teacher: str = field(default='original', metadata={'choices': ('original', 'none')})
+    out: str = field(default='runs/prune', metadata={'flags': ('--out', '-o')})
     resume: bool = False
     overwrite: bool = False
-    checkpoint_every: int = 0
+    checkpoint_every: int = field(default=0, metadata={'min': 0, 'metavar': 'STEPS'})
     seed: int = 0
     device: str = 'auto'
-    amp: str = 'auto'
-    accum_steps: int = 1
+    amp: str = field(default='auto', metadata={'choices': ('auto', 'on', 'off')})
+    accum_steps: int = field(default=1, metadata={'min': 1})
     latency: bool = True
-    latency_rounds: int = 15
-    max_finetune_steps: int | None = None
+    latency_rounds: int = field(default=15, metadata={'min': 1})
+    max_finetune_steps: int | None = field(default=None, metadata={'min': 1})
     progress: bool = True
 
+    @property
+    def kd_alpha(self) -> float:
+        """Weight of the distillation loss, in the search and the fine-tune (``prune.search.kd_alpha``)."""
+        return self.prune.search.kd_alpha
+
     def prune_config(self) -> PruneConfig:
-        """The pruning options as a validated :class:`PruneConfig` (target and distillation weight from here)."""
-        kd = self.kd_alpha if self.teacher == 'original' else 0.0
-        doc = {**self.prune, 'target': self.target, 'kd_alpha': self.prune.get('kd_alpha', kd)}
-        return from_mapping(PruneConfig, doc, where='prune options')
+        """The pruning options (:attr:`prune`)."""
+        return self.prune
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(dataclasses.asdict(self))
+
+
+# the data options `amap prune` takes on the command line, and the flags that differ from the field names
+CLI_OPTIONS: dict[str, dict[str, Any]] = {
+    'data': {'only': ('data', 'img_size', 'batch_size', 'num_workers', 'train_subset', 'val_subset')},
+    'data.img_size': {'min': 1},
+    'data.batch_size': {'flags': ('--batch-size', '-b'), 'min': 1},
+    'data.num_workers': {'flags': ('--workers', '-j'), 'min': 0},
+    'data.train_subset': {'min': 1},
+    'data.val_subset': {'min': 1},
+}
+
+# options that configs written before ``prune`` held them kept at the top level (read into ``prune``)
+_TOP_LEVEL_PRUNE_KEYS = ('target', 'kd_alpha')
 
 
 @dataclass
@@ -178,59 +193,83 @@ def _check_contained_out(out: Any, where: str) -> None:
 
 def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None,
                 **overrides: Any) -> PipelineConfig:
-    """A :class:`PipelineConfig` from a config object, a mapping or a YAML file, with keyword overrides.
+    """A :class:`PipelineConfig` from a config object, a mapping or a YAML file, with keyword overrides (nested
+    mappings override section by section, e.g. ``prune={'search': {'lr': 0}}``).
 
     YAML is parsed with ``yaml.safe_load`` (no object tags); unknown keys are errors that name the closest valid key,
     and values are checked against the fields' types (:mod:`amap.utils.config`). A YAML file's ``out`` must stay
-    below the current folder (no absolute path, ``~`` or ``..``) unless ``out`` is overridden (``--out``).
+    below the current folder (no absolute path, ``~`` or ``..``) unless ``out`` is overridden (``--out``). Older
+    layouts are read too: ``target`` and ``kd_alpha`` at the top level, and the search settings directly in
+    ``prune`` (``lr``, ``indicator_lr``, ...).
     """
-    if isinstance(source, PipelineConfig):
-        doc: dict[str, Any] = dataclasses.asdict(source)
-        where = 'config'
-    elif source is None:
-        doc, where = {}, 'config'
-    elif isinstance(source, Mapping):
-        doc, where = dict(source), 'config'
-    else:
-        import yaml
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f'config file {path} not found')
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]}); only plain YAML is accepted') \
-                from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f'{path}: expected a mapping of options at the top level')
-        where = str(path)
-        if 'out' in doc and overrides.get('out') is None:
-            _check_contained_out(doc['out'], where)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == 'data' and isinstance(value, Mapping):
-            doc['data'] = {**(doc.get('data') or {}), **value}
-        elif key == 'prune' and isinstance(value, Mapping):
-            doc['prune'] = {**(doc.get('prune') or {}), **value}
-        else:
-            doc[key] = value
-    check_keys(PipelineConfig, doc, where)
+    doc, where = _read_source(source)
+    if isinstance(source, (str, os.PathLike)) and 'out' in doc and overrides.get('out') is None:
+        _check_contained_out(doc['out'], where)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    doc = deep_merge(_current_layout(doc, where), _current_layout(overrides, 'config'))
+    check_keys(PipelineConfig, doc, where, aliases=_TOP_LEVEL_PRUNE_KEYS)
     data = doc.get('data') or {}
     if isinstance(data, DataConfig):
         data = dataclasses.asdict(data)
     if not isinstance(data, Mapping):
         raise ConfigError(f'{where}: data must be a mapping of data options, got {data!r}')
     doc['data'] = from_mapping(DataConfig, data, where=f'{where} (data)')
-    if not isinstance(doc.get('prune') or {}, Mapping):
-        raise ConfigError(f"{where}: prune must be a mapping of pruning options, got {doc['prune']!r}")
+    doc['prune'] = from_mapping(PruneConfig, doc.get('prune') or {}, where=f'{where}, prune options')
+    if doc['prune'].search.steps is not None:
+        raise ConfigError(f'{where}: the search length of amap prune is search_steps or search_epochs (top level), '
+                          f'not prune.search.steps')
     cfg = from_mapping(PipelineConfig, doc, where=where)
     if cfg.accum_steps < 1:
         raise ConfigError(f'{where}: accum_steps must be >= 1, got {cfg.accum_steps}')
     if cfg.teacher not in ('original', 'none'):
         raise ConfigError(f"{where}: teacher must be 'original' or 'none', got {cfg.teacher!r}")
-    cfg.prune_config()  # validates the pruning options and the target
     return cfg
+
+
+def _read_source(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None) -> tuple[dict, str]:
+    """The options of ``source`` as a mapping, and how to name it in errors."""
+    if isinstance(source, PipelineConfig):
+        return dataclasses.asdict(source), 'config'
+    if source is None or isinstance(source, Mapping):
+        return dict(source or {}), 'config'
+    import yaml
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f'config file {path} not found')
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]}); only plain YAML is accepted') from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f'{path}: expected a mapping of options at the top level')
+    return doc, str(path)
+
+
+def _current_layout(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``doc`` with the older layouts' keys where they are now: the one place that maps old key names.
+
+    ``target`` and ``kd_alpha`` at the top level go into ``prune`` (where ``prune`` does not set them itself);
+    flat search settings in ``prune`` go into ``prune.search`` (:func:`amap.prune.config.nest_search_options`).
+    Values are checked under the names they were given by.
+    """
+    doc = dict(doc)
+    prune = doc.get('prune')
+    if isinstance(prune, PruneConfig):
+        prune = dataclasses.asdict(prune)
+    if not isinstance(prune or {}, Mapping):
+        raise ConfigError(f'{where}: prune must be a mapping of pruning options, got {prune!r}')
+    prune = nest_search_options(prune or {}, where=f'{where}, prune options')
+    search = prune.get('search') or {}
+    search = dataclasses.asdict(search) if isinstance(search, SearchSettings) else dict(search)
+    if 'target' in doc:
+        prune.setdefault('target', check_value(PruneConfig, 'target', doc.pop('target'), where))
+    if 'kd_alpha' in doc:
+        search.setdefault('kd_alpha', check_value(SearchSettings, 'kd_alpha', doc.pop('kd_alpha'), where))
+    if search:
+        prune['search'] = search
+    if prune or 'prune' in doc:
+        doc['prune'] = prune
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -385,11 +424,59 @@ def run(config: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = 
 
 
 def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
-    import yaml
-
+    """load -> calibrate -> search -> cut -> fine-tune -> report, each stage resumed where a previous run stopped."""
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    device = info.device
+    device, size = info.device, (3, cfg.data.img_size, cfg.data.img_size)
+    out = _open_out(cfg, info)
+    torch.manual_seed(cfg.seed)
+
+    # load the trained model and measure it
+    t0 = time.perf_counter()
+    data = build_loaders(cfg.data, distributed=info.distributed, seed=cfg.seed)
+    original, arch, arch_kwargs = _load_model(cfg, data.num_classes)
+    original.to(device).eval()
+    before = {'macs': count_macs(original, size, device=device).total, 'params': count_params(original),
+              'top1': evaluate(original, data.val_loader, device=device)['top1']}
+    seconds['load_and_evaluate'] = time.perf_counter() - t0
+    teacher = copy.deepcopy(original).eval().requires_grad_(False) if cfg.teacher == 'original' else None
+
+    # calibrate -> search -> cut (the stages of StagedPruning), or the cut model a previous run saved
+    cut = _prune(cfg, info, data, original, teacher, size, base=(arch, arch_kwargs), seconds=seconds)
+    model = cut.model.to(device)
+    top1_surgery = evaluate(model, data.val_loader, device=device)['top1']
+
+    # fine-tune
+    t0 = time.perf_counter()
+    model, ft_history, top1_final = _finetune(cfg, info, data, model, teacher) if cfg.finetune_epochs > 0 else \
+        (model, [], top1_surgery)
+    seconds['finetune'] = time.perf_counter() - t0
+    model.eval()
+
+    # report (rank 0 writes it with the final model)
+    macs_after = count_macs(model, size, device=device).total
+    report: dict[str, Any] = {
+        'model': arch, 'model_kwargs': arch_kwargs, 'checkpoint': cfg.checkpoint,
+        'macs': {'before': before['macs'], 'after': macs_after, 'ratio': macs_after / before['macs'],
+                 'target': cut.target_macs, 'target_ratio': cut.target_macs / before['macs']},
+        'params': {'before': before['params'], 'after': count_params(model)},
+        'top1': {'before': before['top1'], 'after_surgery': top1_surgery, 'after_finetune': top1_final},
+        'world_size': info.world_size,
+        'structure': cut.structure, 'history': cut.history, 'finetune_history': ft_history,
+        'config': cfg.to_dict(),
+    }
+    if info.is_main:
+        _write_results(cfg, out, data, original, model, report, base=(arch, arch_kwargs), seconds=seconds)
+        seconds['total'] = time.perf_counter() - t_start
+        write_report(out, report)
+    barrier()
+    return PipelineResult(model=model, report=report, out=out)
+
+
+def _open_out(cfg: PipelineConfig, info: DistInfo) -> Path:
+    """The output folder, created, checked for a previous run (see :func:`_prepare_out`), with the config saved."""
+    import yaml
+
     out = Path(cfg.out)
     if info.is_main:
         try:
@@ -399,132 +486,104 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
     _prepare_out(cfg, out, info)
     if info.is_main:
         atomic_write_bytes(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    pcfg = cfg.prune_config()
-    torch.manual_seed(cfg.seed)
+    return out
 
+
+def _prune(cfg: PipelineConfig, info: DistInfo, data: Any, original: nn.Module, teacher: nn.Module | None,
+           size: tuple[int, int, int], *, base: tuple[str, dict[str, Any]], seconds: dict[str, float]) -> CutModel:
+    """The pruning stages on a copy of ``original``; the cut model is saved in ``out/pruned_init``, and a run
+    resumed after that stage loads it from there."""
+    folder = Path(cfg.out) / PRUNED_INIT
+    if cfg.resume and (folder / 'config.json').exists():
+        return load_cut(folder, device=info.device)
     t0 = time.perf_counter()
-    data = build_loaders(cfg.data, distributed=info.distributed, seed=cfg.seed)
-    original, arch, arch_kwargs = _load_model(cfg, data.num_classes)
-    original.to(device).eval()
-    size = (3, cfg.data.img_size, cfg.data.img_size)
-    macs_before = count_macs(original, size, device=device).total
-    params_before = count_params(original)
-    top1_before = evaluate(original, data.val_loader, device=device)['top1']
-    seconds['load_and_evaluate'] = time.perf_counter() - t0
-    teacher = copy.deepcopy(original).eval() if cfg.teacher == 'original' else None
-    if teacher is not None:
-        teacher.requires_grad_(False)
-
-    # ------------------------------------------------------------------------------------------ calibrate + search
-    t0 = time.perf_counter()
-    history: list[dict] = []
-    init_dir = out / PRUNED_INIT
-    if cfg.resume and (init_dir / 'config.json').exists():
-        model = load_pruned(init_dir, device=device)
-        init_cfg = read_pruned_config(init_dir)
-        structure = init_cfg['structure']
-        history = init_cfg['extra'].get('history', [])
-        target_macs = init_cfg['extra']['target_macs']
-    else:
-        model = copy.deepcopy(original)
-        calib = _calibration_batches(data, cfg.seed, info, pcfg.calib_batches)
-        pruner = prepare(model, size, pcfg, calib)
-        target_macs = resolve_target(pcfg.target, pruner.full_macs)
-        check_target(pruner, target_macs, pcfg.channel_multiple)  # before spending a search on an unreachable target
-        seconds['calibration'] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if pcfg.criterion == 'amap':
-            steps = cfg.search_steps or max(1, math.ceil(cfg.search_epochs * data.steps_per_epoch / cfg.accum_steps))
-            settings = dataclasses.replace(search_settings(pcfg, steps), accum_steps=cfg.accum_steps,
-                                           amp=amp_enabled(cfg.amp, device))
-            loop = Search(pruner, target_macs, settings, teacher=teacher, device=device,
-                          grad_sync=_average_grads if info.distributed else None,
-                          reduce=_mean_over_ranks if info.distributed else None)
-            state_dir = out / SEARCH_STATE
-            if cfg.resume and (state_dir / 'state.json').exists():
-                _load_search_state(state_dir, loop)
-            every = cfg.checkpoint_every or max(1, steps // 10)
-            bar = _progress(cfg, info, total=steps, initial=loop.step, desc='search')
-
-            def on_step(lp: Search) -> None:
-                if bar is not None:
-                    bar.update(1)
-                if lp.done:
-                    return
-                if lp.step % every == 0:
-                    _save_search_state(state_dir, lp, info)
-                if stop_requested():
-                    if lp.step % every != 0:
-                        _save_search_state(state_dir, lp, info)
-                    raise Interrupted(f'{stop_reason() or "stopped"} at search step {lp.step}/{steps}: state saved in '
-                                      f'{state_dir}; continue with --resume (same --out)', checkpoint=str(state_dir),
-                                      step=lp.step)
-
-            def on_record(rec: dict) -> None:
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", macs=f"{rec['mac_ratio']:.3f}",
-                                    kept=rec['kept'].get('qk', 0) + rec['kept'].get('v', 0))
-                elif info.is_main:
-                    _logger.info('search step %d/%d: loss %.4f, MAC ratio %.4f (target %.3f)', rec['step'] + 1,
-                                 steps, rec['loss'], rec['mac_ratio'], rec['target_ratio'])
-
-            loop.run(data.train_loader, steps_per_epoch=data.steps_per_epoch, progress=on_record, on_step=on_step)
-            if bar is not None:
-                bar.close()
-            history = loop.history
-            seconds['search'] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        finalize_structure(pruner, pcfg, target_macs, calib)
-        structure = describe_structure(pruner)
-        _check_ranks_agree(structure, info)
-        apply_surgery(pruner)
-        if info.is_main:
-            save_pruned(model, init_dir, architecture=arch, model_kwargs=arch_kwargs, structure=structure,
-                        extra={'history': history, 'target_macs': target_macs})
-        barrier()
-        seconds['surgery'] = time.perf_counter() - t0
-    model.to(device)
-    top1_surgery = evaluate(model, data.val_loader, device=device)['top1']
-
-    # ---------------------------------------------------------------------------------------------- fine-tune
-    t0 = time.perf_counter()
-    ft_history: list[dict] = []
-    top1_final = top1_surgery
-    if cfg.finetune_epochs > 0:
-        model, ft_history, top1_final = _finetune(cfg, info, data, model, teacher)
-    seconds['finetune'] = time.perf_counter() - t0
-    model.eval()
-
-    # ------------------------------------------------------------------------------------------- save + report
-    macs_after = count_macs(model, size, device=device).total
-    report: dict[str, Any] = {
-        'model': arch, 'model_kwargs': arch_kwargs, 'checkpoint': cfg.checkpoint,
-        'macs': {'before': macs_before, 'after': macs_after, 'ratio': macs_after / macs_before,
-                 'target': target_macs, 'target_ratio': target_macs / macs_before},
-        'params': {'before': params_before, 'after': count_params(model)},
-        'top1': {'before': top1_before, 'after_surgery': top1_surgery, 'after_finetune': top1_final},
-        'world_size': info.world_size,
-        'structure': structure, 'history': history, 'finetune_history': ft_history,
-        'config': cfg.to_dict(),
-    }
+    calib = _calibration_batches(data, cfg.seed, info, cfg.prune.calib_batches)  # identical on every rank
+    seconds['calibration'] = time.perf_counter() - t0
+    job = StagedPruning(copy.deepcopy(original), size, cfg.prune)
+    job.prepare()
+    job.calibrate(calib)
+    _search(cfg, info, data, job, teacher)
+    job.finalize()
+    _check_ranks_agree(job.cut(), info)
     if info.is_main:
-        t0 = time.perf_counter()
-        if cfg.latency:
-            report['latency'] = {'cpu': _latency(original, model, size, 'cpu', cfg.latency_rounds)}
-            if torch.cuda.is_available():
-                report['latency']['cuda'] = _latency(original, model, size, device, cfg.latency_rounds)
-        seconds['latency'] = time.perf_counter() - t0
-        seconds['total'] = time.perf_counter() - t_start
-        report['seconds'] = seconds
-        data_info = {'img_size': cfg.data.img_size, 'mean': list(data.mean), 'std': list(data.std),
-                     'interpolation': cfg.data.interpolation, 'num_classes': data.num_classes,
-                     'class_names': list(data.class_names)}
-        save_pruned(model, out / FINAL, architecture=arch, model_kwargs=arch_kwargs, structure=structure,
-                    extra={'top1': report['top1'], 'macs': report['macs'], 'params': report['params'],
-                           'data': data_info})
-        write_report(out, report)
+        job.save_cut(folder, architecture=base[0], model_kwargs=base[1])
     barrier()
-    return PipelineResult(model=model, report=report, out=out)
+    for stage, s in job.seconds.items():
+        seconds[stage] = seconds.get(stage, 0.0) + s
+    return job.result()
+
+
+def _search(cfg: PipelineConfig, info: DistInfo, data: Any, job: StagedPruning, teacher: nn.Module | None) -> None:
+    """The search stage over ``search_steps`` (or ``search_epochs``), checkpointed in ``out/search_state``."""
+    steps = cfg.search_steps or max(1, math.ceil(cfg.search_epochs * data.steps_per_epoch / cfg.accum_steps))
+    checkpoints = _SearchCheckpoints(cfg, info, steps)
+    job.search(data.train_loader, teacher=teacher, device=info.device,
+               grad_sync=_average_grads if info.distributed else None,
+               reduce=_mean_over_ranks if info.distributed else None, restore=checkpoints.restore,
+               steps_per_epoch=data.steps_per_epoch, progress=checkpoints.on_record, on_step=checkpoints.on_step,
+               steps=steps, accum_steps=cfg.accum_steps, amp=amp_enabled(cfg.amp, info.device))
+    checkpoints.close()
+
+
+class _SearchCheckpoints:
+    """The search loop's state in ``out/search_state``: loaded on ``--resume``, saved every ``checkpoint_every``
+    steps and when a stop is requested (then the run ends with :class:`Interrupted`); progress shown on the way."""
+
+    def __init__(self, cfg: PipelineConfig, info: DistInfo, steps: int) -> None:
+        self.cfg, self.info, self.steps = cfg, info, steps
+        self.folder = Path(cfg.out) / SEARCH_STATE
+        self.every = cfg.checkpoint_every or max(1, steps // 10)
+        self.bar = None
+
+    def restore(self, loop: Search) -> None:
+        if self.cfg.resume and (self.folder / 'state.json').exists():
+            _load_search_state(self.folder, loop)
+        self.bar = _progress(self.cfg, self.info, total=self.steps, initial=loop.step, desc='search')
+
+    def on_step(self, loop: Search) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if loop.done:
+            return
+        if loop.step % self.every == 0:
+            _save_search_state(self.folder, loop, self.info)
+        if stop_requested():
+            if loop.step % self.every != 0:
+                _save_search_state(self.folder, loop, self.info)
+            raise Interrupted(f'{stop_reason() or "stopped"} at search step {loop.step}/{self.steps}: state saved in '
+                              f'{self.folder}; continue with --resume (same --out)', checkpoint=str(self.folder),
+                              step=loop.step)
+
+    def on_record(self, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", macs=f"{rec['mac_ratio']:.3f}",
+                                 kept=rec['kept'].get('qk', 0) + rec['kept'].get('v', 0))
+        elif self.info.is_main:
+            _logger.info('search step %d/%d: loss %.4f, MAC ratio %.4f (target %.3f)', rec['step'] + 1, self.steps,
+                         rec['loss'], rec['mac_ratio'], rec['target_ratio'])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_results(cfg: PipelineConfig, out: Path, data: Any, original: nn.Module, model: nn.Module,
+                   report: dict[str, Any], *, base: tuple[str, dict[str, Any]], seconds: dict[str, float]) -> None:
+    """Rank 0: the latency measurement and the final artifact ``out/model`` (the report then gets ``seconds``)."""
+    t0 = time.perf_counter()
+    size = (3, cfg.data.img_size, cfg.data.img_size)
+    if cfg.latency:
+        report['latency'] = {'cpu': _latency(original, model, size, 'cpu', cfg.latency_rounds)}
+        if torch.cuda.is_available():
+            report['latency']['cuda'] = _latency(original, model, size, next(model.parameters()).device,
+                                                 cfg.latency_rounds)
+    seconds['latency'] = time.perf_counter() - t0
+    report['seconds'] = seconds
+    data_info = {'img_size': cfg.data.img_size, 'mean': list(data.mean), 'std': list(data.std),
+                 'interpolation': cfg.data.interpolation, 'num_classes': data.num_classes,
+                 'class_names': list(data.class_names)}
+    save_pruned(model, out / FINAL, architecture=base[0], model_kwargs=base[1], structure=report['structure'],
+                extra={'top1': report['top1'], 'macs': report['macs'], 'params': report['params'], 'data': data_info})
 
 
 def _latency(original: nn.Module, pruned: nn.Module, size: tuple[int, int, int], device: Any,

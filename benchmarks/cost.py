@@ -144,11 +144,8 @@ class Step:
 
 
 def _settings(cfg: PruneConfig) -> SearchSettings:
-    """The search settings :func:`amap.prune.prune` derives from a config."""
-    return SearchSettings(steps=cfg.search_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          indicator_lr=cfg.indicator_lr, reweight_lr=cfg.reweight_lr,
-                          resource_lambda=cfg.resource_lambda, lambda_warmup=cfg.lambda_warmup, kd_alpha=cfg.kd_alpha,
-                          kd_temperature=cfg.kd_temperature, log_every=cfg.log_every, train_weights=cfg.lr > 0)
+    """The search settings :func:`amap.prune.prune` uses with a config."""
+    return cfg.search
 
 
 def _mb(n: float) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,27 +21,57 @@ from torch import Tensor, nn
 from ..errors import AmapError
 from .pruner import Pruner
 
-__all__ = ['SearchSettings', 'Search', 'search', 'distillation_loss', 'task_loss', 'kept_by_kind']
+__all__ = ['DEFAULT_STEPS', 'SearchSettings', 'Search', 'search', 'distillation_loss', 'task_loss', 'kept_by_kind']
+
+
+DEFAULT_STEPS = 200
 
 
 @dataclass
 class SearchSettings:
-    """Hyper-parameters of the search loop (see :class:`amap.prune.api.PruneConfig` for the user-facing options)."""
+    """Settings of the search loop: the one declaration of each (``PruneConfig.search``, the ``amap prune`` flags and
+    the ``prune: search:`` section of its YAML all come from these fields).
 
-    steps: int = 200
-    lr: float = 5e-5
-    weight_decay: float = 0.05
+    Attributes:
+        steps: Search length in optimiser steps (null: 200). ``amap prune`` sets it from its ``search_steps`` or
+            ``search_epochs``, lengths in steps or epochs of its data.
+        lr: Weight learning rate during the search (0 freezes the weights).
+        weight_decay: Weight decay of the weights during the search.
+        indicator_lr: Indicator learning rate.
+        reweight_lr: Reweight learning rate.
+        resource_lambda: Final weight of the resource loss.
+        lambda_warmup: Fraction of the search over which the resource weight ramps up.
+        kd_alpha: Weight of the distillation loss (0: none); ``amap prune`` also fine-tunes with it.
+        kd_temperature: Distillation temperature.
+        clip_grad: Gradient-norm clipping of the weights during the search (null: none).
+        log_every: Search steps between history records.
+        accum_steps: Batches per optimiser step (``amap prune`` sets it from its own ``accum_steps``).
+        amp: Float16 autocast with loss scaling on CUDA (``amap prune`` sets it from its own ``amp``).
+    """
+
+    steps: int | None = field(default=None, metadata={'cli': False})
+    lr: float = field(default=5e-5, metadata={'flags': ('--search-lr',)})
+    weight_decay: float = field(default=0.05, metadata={'flags': ('--search-weight-decay',)})
     indicator_lr: float = 0.02
     reweight_lr: float = 1e-3
     resource_lambda: float = 5.0
     lambda_warmup: float = 0.3
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
-    clip_grad: float | None = 5.0
-    log_every: int = 10
-    train_weights: bool = True
-    accum_steps: int = 1
-    amp: bool = False
+    clip_grad: float | None = field(default=5.0, metadata={'flags': ('--search-clip-grad',)})
+    log_every: int = field(default=10, metadata={'min': 1})
+    accum_steps: int = field(default=1, metadata={'cli': False})
+    amp: bool = field(default=False, metadata={'cli': False})
+
+    @property
+    def train_weights(self) -> bool:
+        """Whether the search trains the weights (``lr > 0``) besides the indicators and reweights."""
+        return self.lr > 0
+
+    @property
+    def total_steps(self) -> int:
+        """``steps``, or the default length when it is not set."""
+        return DEFAULT_STEPS if self.steps is None else self.steps
 
 
 def task_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -143,12 +173,12 @@ class Search:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.settings.steps
+        return self.step >= self.settings.total_steps
 
     def lam(self, step: int) -> float:
         """Resource-loss weight at ``step`` (linear ramp over the first ``lambda_warmup`` of the steps)."""
         s = self.settings
-        return s.resource_lambda * min(1.0, (step + 1) / max(1, math.ceil(s.lambda_warmup * s.steps)))
+        return s.resource_lambda * min(1.0, (step + 1) / max(1, math.ceil(s.lambda_warmup * s.total_steps)))
 
     def train_step(self, x: Tensor | list[tuple[Tensor, Tensor]], y: Tensor | None = None) -> dict | None:
         """One search step (one optimiser update); returns the history record when one is logged at this step.
@@ -209,7 +239,7 @@ class Search:
             for p in self.rw_params:
                 p.clamp_(min=1e-2)
         self.step += 1
-        if step % s.log_every == 0 or step == s.steps - 1:
+        if step % s.log_every == 0 or step == s.total_steps - 1:
             with torch.no_grad():
                 hard = pruner.hard_macs()
                 logged = torch.cat([sums, res.detach().double().cpu().reshape(1)]).to(self.device)
@@ -242,7 +272,7 @@ class Search:
             progress: Called with every logged record.
             on_step: Called after every step (e.g. to checkpoint).
         """
-        until = self.settings.steps if until is None else min(until, self.settings.steps)
+        until = self.settings.total_steps if until is None else min(until, self.settings.total_steps)
         per_epoch = steps_per_epoch or len(loader)
         accum = max(1, self.settings.accum_steps)
         batches = _epoch_batches(loader, self.step * accum, per_epoch)

@@ -4,24 +4,33 @@ Unknown keys are errors naming the closest valid key; values are checked against
 fast`` is an error, not a crash at step 1) and the harmless mismatches are converted: an integer where a float is
 expected, a list where a tuple is expected, and a number PyYAML left as a string (``lr: 1e-3`` is a string in
 YAML 1.1, which wants ``1.0e-3``).
+
+The same dataclasses make the command line: :func:`add_dataclass_arguments` adds one flag per field (name, type,
+choices and help from the field and the class docstring), :func:`given_options` reads back what was typed.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import inspect
+import json
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ['check_keys', 'check_values', 'from_mapping']
+__all__ = ['check_keys', 'check_values', 'check_value', 'from_mapping', 'deep_merge', 'field_docs', 'json_dict',
+           'int_at_least', 'positive_int', 'comma_list', 'add_dataclass_arguments', 'given_options']
 
 
-def check_keys(kind: type, doc: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`ConfigError` for the first key of ``doc`` that is not a field of dataclass ``kind``."""
-    names = [f.name for f in dataclasses.fields(kind)]
+def check_keys(kind: type, doc: Mapping[str, Any], where: str, *, aliases: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` for the first key of ``doc`` that is not a field of dataclass ``kind`` (``aliases``:
+    other accepted names, e.g. older ones, also offered as suggestions)."""
+    names = [f.name for f in dataclasses.fields(kind)] + list(aliases)
     for key in doc:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -96,18 +105,19 @@ def check_values(kind: type, doc: Mapping[str, Any], where: str) -> dict[str, An
     Raises:
         ConfigError: a value of the wrong type, naming the key, the expected type and the value.
     """
-    hints = typing.get_type_hints(kind)
-    out: dict[str, Any] = {}
-    for key, value in doc.items():
-        tp = hints.get(key, Any)
-        if isinstance(value, Mapping) and dataclasses.is_dataclass(tp):  # a nested section, e.g. ``data``
-            out[key] = from_mapping(tp, value, where=f'{where} ({key})')
-            continue
-        got = _convert(value, tp)
-        if got is _NO:
-            raise ConfigError(f'{where}: {key} must be {_describe(tp)}, got {value!r}')
-        out[key] = got
-    return out
+    return {key: check_value(kind, key, value, where) for key, value in doc.items()}
+
+
+def check_value(kind: type, name: str, value: Any, where: str, *, key: str | None = None) -> Any:
+    """``value`` checked against (and converted to) the annotation of field ``name`` of ``kind``; an error names
+    it ``key`` (default: ``name``), the name the user wrote."""
+    tp = typing.get_type_hints(kind).get(name, Any)
+    if isinstance(value, Mapping) and dataclasses.is_dataclass(tp):  # a nested section, e.g. ``data``
+        return from_mapping(tp, value, where=f'{where} ({key or name})')
+    got = _convert(value, tp)
+    if got is _NO:
+        raise ConfigError(f'{where}: {key or name} must be {_describe(tp)}, got {value!r}')
+    return got
 
 
 def from_mapping(kind: type, doc: Mapping[str, Any], *, where: str) -> Any:
@@ -117,3 +127,134 @@ def from_mapping(kind: type, doc: Mapping[str, Any], *, where: str) -> Any:
         return kind(**check_values(kind, doc, where))
     except (TypeError, ValueError) as e:
         raise ConfigError(f'{where}: {e}') from None
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update``, section by section (a mapping in both is merged, anything else replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def field_docs(kind: type) -> dict[str, str]:
+    """The first sentence of each field's entry in the ``Args:`` / ``Attributes:`` section of ``kind``'s docstring
+    (Google style): the help text of its flag, written once."""
+    entries: dict[str, str] = {}
+    name, inside = None, False
+    for line in (inspect.getdoc(kind) or '').splitlines():
+        if line.strip() in ('Args:', 'Attributes:'):
+            inside = True
+        elif inside and line and not line.startswith(' '):
+            inside = False
+        elif inside and (m := re.match(r'    (\w+)(?: \(.*?\))?: (.*)', line)):
+            name = m[1]
+            entries[name] = m[2]
+        elif inside and name and line.strip():
+            entries[name] += ' ' + line.strip()
+    return {k: re.split(r'(?<=\.)\s+(?=[A-Z])', v.replace('``', ''), maxsplit=1)[0] for k, v in entries.items()}
+
+
+_EXAMPLE = '\'{"drop_path_rate": 0.1}\''
+
+
+def json_dict(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e.msg}): {text!r}; e.g. {_EXAMPLE}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'must be a JSON object such as {_EXAMPLE}, got {text!r}')
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'{value} must be >= {low}')
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated names."""
+    return tuple(k.strip() for k in text.split(',') if k.strip())
+
+
+def _arg_type(tp: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """argparse keywords for a field of type ``tp`` (``X | None`` is read as ``X``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    origin = typing.get_origin(tp) or tp
+    if tp is bool:
+        return {'action': argparse.BooleanOptionalAction}
+    if origin in (tuple, list):
+        return {'type': comma_list, 'metavar': 'A,B'}
+    if origin is dict:
+        return {'type': json_dict, 'metavar': 'JSON'}
+    if tp is int:
+        return {'type': int_at_least(spec['min']) if 'min' in spec else int}
+    return {'type': tp if tp in (float, str) else str}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, kind: type, *, dest: str = '',
+                            options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Add a flag for every field of dataclass ``kind`` (nested dataclasses recursively, dests ``a.b.c``).
+
+    Flag name ``--field-name``, type, choices and help (first sentence of the docstring entry, plus the default)
+    come from the field; its metadata, updated by ``options[dest path]``, may set ``flags`` (option strings),
+    ``choices``, ``min`` (integers), ``metavar``, ``cli=False`` (no flag) and, for a nested dataclass, ``only``
+    (the names of its fields that get flags). Flags have no default: :func:`given_options` returns what was typed.
+    """
+    docs, hints = field_docs(kind), typing.get_type_hints(kind)
+    only = (options or {}).get(dest.rstrip('.'), {}).get('only')
+    for f in dataclasses.fields(kind):
+        path = dest + f.name
+        spec = {**f.metadata, **(options or {}).get(path, {})}
+        if spec.get('cli', True) is False or (only is not None and f.name not in only):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):  # a section: its own group in --help
+            group = parser.add_argument_group(path) if hasattr(parser, 'add_argument_group') and not dest else parser
+            add_dataclass_arguments(group, hints[f.name], dest=path + '.', options=options)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = {True: 'on', False: 'off'}.get(default, default) if isinstance(default, bool) else \
+            ','.join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        text = docs.get(f.name, '').replace('%', '%%')
+        if default not in (None, dataclasses.MISSING, {}):
+            text += f' (default: {shown})'
+        kwargs = {'dest': path, 'default': argparse.SUPPRESS, 'help': text, 'metavar': f.name.upper(),
+                  **_arg_type(hints[f.name], spec)}
+        kwargs.update({k: spec[k] for k in ('choices', 'metavar') if k in spec})
+        if 'action' in kwargs or 'choices' in kwargs:
+            kwargs.pop('metavar')
+        parser.add_argument(*spec.get('flags', ('--' + f.name.replace('_', '-'),)), **kwargs)
+
+
+def given_options(args: argparse.Namespace, kind: type, dest: str = '') -> dict[str, Any]:
+    """The options of dataclass ``kind`` given on the command line (see :func:`add_dataclass_arguments`), nested."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(kind)
+    for f in dataclasses.fields(kind):
+        path = dest + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            sub = given_options(args, hints[f.name], path + '.')
+            if sub:
+                out[f.name] = sub
+        elif hasattr(args, path):
+            out[f.name] = getattr(args, path)
+    return out

@@ -1,0 +1,229 @@
+"""The pruning method as one object with five stages, which :func:`amap.prune` and the ``amap prune`` pipeline both
+drive (docs/amap-method.md, section 8)::
+
+    job = StagedPruning(model, input_size, config)
+    job.prepare()              # install the indicators; resolve and check the MAC target
+    job.calibrate(batches)     # similarity weights, linear-attention initialisation (amap criterion, as switched)
+    job.search(loader)         # the indicator search (amap criterion only; resumable, see below)
+    job.finalize()             # the structure at the target: target guarantee, or a baseline criterion's scores
+    structure = job.cut()      # surgery: the model is physically smaller
+
+Resumable state, stage by stage: calibration is recomputed from the same batches (deterministic); the search is a
+:class:`~amap.prune.search.Search` whose ``state_dict`` can be saved between any two steps (``restore`` hands the
+fresh loop to a loader of that state); the cut model with its structure, history and target is an artifact
+(:meth:`StagedPruning.save_cut` / :func:`load_cut`, the pipeline's ``pruned_init``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .attn_init import attention_difference_init
+from .config import PruneConfig, resolve_target
+from .criteria import criterion_scores
+from .pruner import Pruner
+from .search import Search
+from .similarity import calibrate_similarity
+from .surgery import apply_surgery, describe_structure
+from .target import apply_counts, check_target, fit_to_target, uniform_counts
+
+__all__ = ['StagedPruning', 'CutModel', 'load_cut', 'prepare', 'calibrate', 'finalize_structure']
+
+Batches = list[tuple[Tensor, Tensor]]
+
+
+def install(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig) -> Pruner:
+    """Install the indicators (and reweights, for the amap criterion) on ``model``, as the config switches say."""
+    return Pruner(model, input_size, kinds=cfg.kinds, head_balance=cfg.head_balance,
+                  reweight=cfg.reweight and cfg.searches, threshold=cfg.threshold, min_keep=cfg.min_keep)
+
+
+def calibrate(pruner: Pruner, cfg: PruneConfig, calib: Batches) -> None:
+    """For the amap criterion: initialise the indicators (attention difference) and fold in the similarity weights
+    -- each as the config switches say."""
+    if not cfg.searches:
+        return
+    if cfg.attn_init:
+        attention_difference_init(pruner, calib[0][0], low=cfg.attn_init_low, seed=cfg.seed)
+    if cfg.similarity:
+        calibrate_similarity(pruner, (x for x, _ in calib), beta=cfg.similarity_beta)
+
+
+def prepare(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig, calib: Batches) -> Pruner:
+    """:func:`install` then :func:`calibrate`: the pruner ready to search."""
+    pruner = install(model, input_size, cfg)
+    calibrate(pruner, cfg, calib)
+    return pruner
+
+
+def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, calib: Batches) -> None:
+    """Fix the final structure at the target: the target guarantee on the searched indicators (amap), or the
+    baseline criterion's scores under the same constraints."""
+    if cfg.searches:
+        counts = None
+        if not cfg.head_balance:
+            # the physical model needs balanced heads: every head keeps the layer's mean count of the search
+            counts = {k: torch.full_like(c, max(1, round(float(c.float().mean()))))
+                      for k, c in pruner.hard_counts().items()}
+            for ind in pruner.indicators.values():
+                ind.head_balance = True
+        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=cfg.channel_multiple)
+        return
+    scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
+    if cfg.criterion == 'uniform':
+        apply_counts(pruner, uniform_counts(pruner, target_macs, cfg.channel_multiple), scores)
+    else:
+        full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
+        fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill, multiple=cfg.channel_multiple)
+
+
+@dataclass
+class CutModel:
+    """The outcome of the last stage: the physically smaller model and what led to it."""
+
+    model: nn.Module
+    structure: list[dict]
+    history: list[dict]
+    target_macs: float
+
+
+def load_cut(folder: str | Path, *, device: torch.device | str = 'cpu') -> CutModel:
+    """A :class:`CutModel` saved by :meth:`StagedPruning.save_cut`."""
+    from .artifact import load_pruned, read_pruned_config
+    config = read_pruned_config(folder)
+    return CutModel(model=load_pruned(folder, device=device), structure=config['structure'],
+                    history=config['extra'].get('history', []), target_macs=config['extra']['target_macs'])
+
+
+class StagedPruning:
+    """Prune ``model`` in place, stage by stage (see the module docstring); each stage checks the one before it ran.
+
+    Args:
+        model: The trained model (modified in place).
+        input_size: ``(C, H, W)`` of one input.
+        config: The method's options.
+
+    Attributes:
+        pruner: The pruner (after :meth:`prepare`).
+        target_macs: The target in MACs (after :meth:`prepare`).
+        loop: The search loop (during and after :meth:`search`).
+        history: Search records.
+        structure: Per pruned module: widths per head and kept indices (after :meth:`cut`).
+        seconds: Wall time of ``calibration`` (prepare + calibrate), ``search`` and ``surgery`` (finalize + cut).
+    """
+
+    STAGES = ('new', 'prepared', 'calibrated', 'searched', 'finalized', 'cut')
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int], config: PruneConfig) -> None:
+        self.model, self.input_size, self.config = model, tuple(input_size), config
+        self.stage = 'new'
+        self.pruner: Pruner | None = None
+        self.target_macs = 0.0
+        self.calib: Batches = []
+        self.loop: Search | None = None
+        self.history: list[dict] = []
+        self.structure: list[dict] = []
+        self.seconds: dict[str, float] = {}
+
+    def _enter(self, stage: str, *after: str) -> float:
+        if self.stage not in after:
+            raise RuntimeError(f'pruning stage {stage!r} needs one of {list(after)} first; this job is {self.stage!r}')
+        return time.perf_counter()
+
+    def _leave(self, stage: str, clock: str, t0: float) -> None:
+        self.stage = stage
+        self.seconds[clock] = self.seconds.get(clock, 0.0) + time.perf_counter() - t0
+
+    def prepare(self) -> None:
+        """Install the indicators and resolve the target; an unreachable target fails here, before any search."""
+        t0 = self._enter('prepare', 'new')
+        self.pruner = install(self.model, self.input_size, self.config)
+        self.target_macs = resolve_target(self.config.target, self.pruner.full_macs)
+        check_target(self.pruner, self.target_macs, self.config.channel_multiple)
+        self._leave('prepared', 'calibration', t0)
+
+    def calibrate(self, batches: Batches) -> None:
+        """Similarity weights and the linear-attention initialisation from ``batches`` (kept for :meth:`finalize`,
+        whose baseline criteria score on them)."""
+        t0 = self._enter('calibrate', 'prepared')
+        self.calib = list(batches)
+        calibrate(self.pruner, self.config, self.calib)
+        self._leave('calibrated', 'calibration', t0)
+
+    def search(
+            self,
+            loader: Iterable,
+            *,
+            teacher: nn.Module | None = None,
+            device: torch.device | str = 'cpu',
+            mixup_fn: Callable | None = None,
+            grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+            reduce: Callable[[Tensor], Tensor] | None = None,
+            restore: Callable[[Search], None] | None = None,
+            steps_per_epoch: int | None = None,
+            progress: Callable[[dict], None] | None = None,
+            on_step: Callable[[Search], None] | None = None,
+            **settings: Any,
+    ) -> list[dict]:
+        """Run the search (a no-op for a baseline criterion); returns its history.
+
+        Args:
+            loader: Training batches ``(images, labels)``.
+            teacher: Frozen original model for distillation (None: none).
+            device: Device of the model.
+            mixup_fn: Optional timm Mixup applied to each batch.
+            grad_sync: Called after every backward (DDP gradient averaging).
+            reduce: Averages logged losses over ranks (DDP).
+            restore: Called with the fresh loop before it runs, e.g. to load a saved state into it.
+            steps_per_epoch: Batches per epoch (default ``len(loader)``).
+            progress: Called with every logged record.
+            on_step: Called after every step, e.g. to save the loop's state.
+            **settings: :class:`~amap.prune.search.SearchSettings` fields replacing the config's for this run
+                (``steps``, ``accum_steps``, ``amp``).
+        """
+        t0 = self._enter('search', 'calibrated')
+        if not self.config.searches:
+            self.stage = 'searched'
+            return self.history
+        self.loop = Search(self.pruner, self.target_macs, dataclasses.replace(self.config.search, **settings),
+                           teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce)
+        if restore is not None:
+            restore(self.loop)
+        self.history = self.loop.run(loader, steps_per_epoch=steps_per_epoch, progress=progress, on_step=on_step)
+        self._leave('searched', 'search', t0)
+        return self.history
+
+    def finalize(self) -> None:
+        """Fix the structure at the target (see :func:`finalize_structure`)."""
+        t0 = self._enter('finalize', 'searched')
+        finalize_structure(self.pruner, self.config, self.target_macs, self.calib)
+        self._leave('finalized', 'surgery', t0)
+
+    def cut(self) -> list[dict]:
+        """Surgery: remove the pruned channels, fold the reweights; returns the structure."""
+        t0 = self._enter('cut', 'finalized')
+        self.structure = describe_structure(self.pruner)
+        apply_surgery(self.pruner)
+        self._leave('cut', 'surgery', t0)
+        return self.structure
+
+    def save_cut(self, folder: str | Path, *, architecture: str | None,
+                 model_kwargs: dict[str, Any] | None) -> Path:
+        """Save the cut model with its structure, search history and target (read back by :func:`load_cut`)."""
+        from .artifact import save_pruned
+        self._enter('save_cut', 'cut')
+        return save_pruned(self.model, folder, architecture=architecture, model_kwargs=model_kwargs,
+                           structure=self.structure, extra={'history': self.history, 'target_macs': self.target_macs})
+
+    def result(self) -> CutModel:
+        """The :class:`CutModel` of a job that ran :meth:`cut`."""
+        self._enter('result', 'cut')
+        return CutModel(model=self.model, structure=self.structure, history=self.history,
+                        target_macs=self.target_macs)

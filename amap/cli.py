@@ -156,7 +156,7 @@ def _add_macs(sub: Any) -> None:
 def _add_prune(sub: Any) -> None:
     """Every flag but --config, --threads and --quiet is a field of PipelineConfig (or of the PruneConfig and
     SearchSettings nested in it): name, type, choices, help and default come from there."""
-    from .pipeline import CLI_OPTIONS, PipelineConfig
+    from .pipeline_config import CLI_OPTIONS, PipelineConfig
     from .utils.config import add_dataclass_arguments
     p = sub.add_parser('prune', help='prune a trained model to a MAC target (search, surgery, fine-tune, report)',
                        description='Prune a trained model: calibrate, search the indicators under the MAC target, cut '

@@ -15,14 +15,13 @@ weights as an uninterrupted run with the same seed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import logging
 import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .data import DataConfig, build_loaders
+from .data import build_loaders
 from .errors import ConfigError, Interrupted
 from .latency import measure_latency
 from .macs import count_macs, count_params
+from .pipeline_config import CLI_OPTIONS, PipelineConfig, load_config
 from .prune.artifact import save_pruned
-from .prune.config import PruneConfig, SearchSettings, nest_search_options
 from .prune.search import Search, distillation_loss, task_loss
 from .prune.staged import CutModel, StagedPruning, load_cut
 from .report import write_report
@@ -60,10 +59,9 @@ from .train import (
     save_train_state,
     train_one_epoch,
 )
-from .utils.config import check_keys, check_value, deep_merge, from_mapping
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
-from .utils.io import atomic_dir, atomic_write_bytes, output_error, read_json, read_safetensors, remove_dir, to_jsonable
+from .utils.io import atomic_dir, atomic_write_bytes, output_error, read_json, read_safetensors, remove_dir
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'CLI_OPTIONS', 'run', 'load_config']
 
@@ -77,199 +75,12 @@ CONFIG_FILE = 'config.yaml'
 
 
 @dataclass
-class PipelineConfig:
-    """One ``amap prune`` job. The ``amap prune`` flags, their help and defaults are read off these fields (and those
-    of :class:`~amap.prune.PruneConfig` and its :class:`~amap.prune.SearchSettings`; see :data:`CLI_OPTIONS`).
-
-    Attributes:
-        model: timm name of the model; needed for official/timm weights, optional for a run of ``amap train`` (which
-            names its own; a different name is an error).
-        checkpoint: The trained weights: an ``amap train`` run folder or ``model.safetensors``, or an official
-            FLatten / timm checkpoint (``.pth``, ``.safetensors``) for ``model``.
-        model_kwargs: Extra arguments of the model factory, as a JSON object.
-        data: Data source, augmentation and batch size (per process).
-        prune: The pruning method (:class:`amap.prune.PruneConfig`): MAC target, criterion, switches, and ``search``,
-            the search loop's settings (its ``kd_alpha`` also weighs the fine-tune's distillation).
-        search_epochs: Length of the search in epochs of the training data.
-        search_steps: Length of the search in steps (overrides search_epochs).
-        finetune_epochs: Fine-tuning epochs after surgery (0: none).
-        finetune_lr: Peak fine-tuning learning rate.
-        finetune_min_lr: Final fine-tuning learning rate (cosine).
-        finetune_warmup_epochs: Fine-tuning warm-up epochs.
-        weight_decay: Fine-tuning weight decay.
-        clip_grad: Gradient-norm clipping in the fine-tune.
-        teacher: Distil from the original model (original), in the search and the fine-tune, or not (none).
-        out: Output folder.
-        resume: Continue the run in out from its last checkpoint.
-        overwrite: Replace a previous run in out.
-        checkpoint_every: Search steps between search checkpoints (and fine-tune updates between fine-tune
-            checkpoints, besides every epoch end); 0 = automatic (about 10 per search).
-        seed: Seed of everything.
-        device: auto (CUDA when present), cpu, cuda or cuda:N.
-        amp: Mixed precision in the search and the fine-tune: float16 on CUDA, bfloat16 on the CPU (auto: on for
-            CUDA only).
-        accum_steps: Gradient accumulation: batches per optimiser update, in the search and the fine-tune (a
-            step's global batch is ``batch_size x processes x accum_steps``).
-        latency: Measure CPU (and CUDA) latency before/after for the report.
-        latency_rounds: Timed rounds of the latency measurement.
-        max_finetune_steps: Stop the fine-tune after this many updates (quick runs).
-        progress: Progress bars on interactive terminals.
-    """
-
-    model: str | None = field(default=None, metadata={'flags': ('--model', '-m')})
-    checkpoint: str | None = field(default=None, metadata={'flags': ('--checkpoint', '-c'), 'metavar': 'FILE'})
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    search_epochs: float = 1.0
-    search_steps: int | None = field(default=None, metadata={'min': 1})
-    finetune_epochs: int = 5
-    finetune_lr: float = 2e-4
-    finetune_min_lr: float = 1e-6
-    finetune_warmup_epochs: float = 0.0
-    weight_decay: float = field(default=0.05, metadata={'flags': ('--finetune-weight-decay',)})
-    clip_grad: float | None = field(default=5.0, metadata={'flags': ('--finetune-clip-grad',)})
-    teacher: str = field(default='original', metadata={'choices': ('original', 'none')})
-    out: str = field(default='runs/prune', metadata={'flags': ('--out', '-o')})
-    resume: bool = False
-    overwrite: bool = False
-    checkpoint_every: int = field(default=0, metadata={'min': 0, 'metavar': 'STEPS'})
-    seed: int = 0
-    device: str = 'auto'
-    amp: str = field(default='auto', metadata={'choices': ('auto', 'on', 'off')})
-    accum_steps: int = field(default=1, metadata={'min': 1})
-    latency: bool = True
-    latency_rounds: int = field(default=15, metadata={'min': 1})
-    max_finetune_steps: int | None = field(default=None, metadata={'min': 1})
-    progress: bool = True
-
-    @property
-    def kd_alpha(self) -> float:
-        """Weight of the distillation loss, in the search and the fine-tune (``prune.search.kd_alpha``)."""
-        return self.prune.search.kd_alpha
-
-    def prune_config(self) -> PruneConfig:
-        """The pruning options (:attr:`prune`)."""
-        return self.prune
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(dataclasses.asdict(self))
-
-
-# the data options `amap prune` takes on the command line, and the flags that differ from the field names
-CLI_OPTIONS: dict[str, dict[str, Any]] = {
-    'data': {'only': ('data', 'img_size', 'batch_size', 'num_workers', 'train_subset', 'val_subset')},
-    'data.img_size': {'min': 1},
-    'data.batch_size': {'flags': ('--batch-size', '-b'), 'min': 1},
-    'data.num_workers': {'flags': ('--workers', '-j'), 'min': 0},
-    'data.train_subset': {'min': 1},
-    'data.val_subset': {'min': 1},
-}
-
-# options that configs written before ``prune`` held them kept at the top level (read into ``prune``)
-_TOP_LEVEL_PRUNE_KEYS = ('target', 'kd_alpha')
-
-
-@dataclass
 class PipelineResult:
     """What :func:`run` returns (rank 0 has the files; every rank has the numbers)."""
 
     model: nn.Module
     report: dict[str, Any]
     out: Path
-
-
-def _check_contained_out(out: Any, where: str) -> None:
-    """A config file may only name an output folder below the current one: a file from someone else must not make
-    AMAP write (or, with ``overwrite``, delete its own stage folders) anywhere else. ``--out`` on the command line,
-    typed by the user, may point anywhere."""
-    if not isinstance(out, str) or not out.strip():
-        raise ConfigError(f'{where}: out must be a folder name, got {out!r}')
-    p = Path(out)
-    if p.is_absolute() or p.expanduser() != p or '..' in p.parts:
-        raise ConfigError(f'{where}: out {out!r} leaves the current folder; a config file may only name a folder '
-                          f'below it (give --out on the command line to write elsewhere)')
-
-
-def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None,
-                **overrides: Any) -> PipelineConfig:
-    """A :class:`PipelineConfig` from a config object, a mapping or a YAML file, with keyword overrides (nested
-    mappings override section by section, e.g. ``prune={'search': {'lr': 0}}``).
-
-    YAML is parsed with ``yaml.safe_load`` (no object tags); unknown keys are errors that name the closest valid key,
-    and values are checked against the fields' types (:mod:`amap.utils.config`). A YAML file's ``out`` must stay
-    below the current folder (no absolute path, ``~`` or ``..``) unless ``out`` is overridden (``--out``). Older
-    layouts are read too: ``target`` and ``kd_alpha`` at the top level, and the search settings directly in
-    ``prune`` (``lr``, ``indicator_lr``, ...).
-    """
-    doc, where = _read_source(source)
-    if isinstance(source, (str, os.PathLike)) and 'out' in doc and overrides.get('out') is None:
-        _check_contained_out(doc['out'], where)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    doc = deep_merge(_current_layout(doc, where), _current_layout(overrides, 'config'))
-    check_keys(PipelineConfig, doc, where, aliases=_TOP_LEVEL_PRUNE_KEYS)
-    data = doc.get('data') or {}
-    if isinstance(data, DataConfig):
-        data = dataclasses.asdict(data)
-    if not isinstance(data, Mapping):
-        raise ConfigError(f'{where}: data must be a mapping of data options, got {data!r}')
-    doc['data'] = from_mapping(DataConfig, data, where=f'{where} (data)')
-    doc['prune'] = from_mapping(PruneConfig, doc.get('prune') or {}, where=f'{where}, prune options')
-    if doc['prune'].search.steps is not None:
-        raise ConfigError(f'{where}: the search length of amap prune is search_steps or search_epochs (top level), '
-                          f'not prune.search.steps')
-    cfg = from_mapping(PipelineConfig, doc, where=where)
-    if cfg.accum_steps < 1:
-        raise ConfigError(f'{where}: accum_steps must be >= 1, got {cfg.accum_steps}')
-    if cfg.teacher not in ('original', 'none'):
-        raise ConfigError(f"{where}: teacher must be 'original' or 'none', got {cfg.teacher!r}")
-    return cfg
-
-
-def _read_source(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None) -> tuple[dict, str]:
-    """The options of ``source`` as a mapping, and how to name it in errors."""
-    if isinstance(source, PipelineConfig):
-        return dataclasses.asdict(source), 'config'
-    if source is None or isinstance(source, Mapping):
-        return dict(source or {}), 'config'
-    import yaml
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f'config file {path} not found')
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]}); only plain YAML is accepted') from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f'{path}: expected a mapping of options at the top level')
-    return doc, str(path)
-
-
-def _current_layout(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``doc`` with the older layouts' keys where they are now: the one place that maps old key names.
-
-    ``target`` and ``kd_alpha`` at the top level go into ``prune`` (where ``prune`` does not set them itself);
-    flat search settings in ``prune`` go into ``prune.search`` (:func:`amap.prune.config.nest_search_options`).
-    Values are checked under the names they were given by.
-    """
-    doc = dict(doc)
-    prune = doc.get('prune')
-    if isinstance(prune, PruneConfig):
-        prune = dataclasses.asdict(prune)
-    if not isinstance(prune or {}, Mapping):
-        raise ConfigError(f'{where}: prune must be a mapping of pruning options, got {prune!r}')
-    prune = nest_search_options(prune or {}, where=f'{where}, prune options')
-    search = prune.get('search') or {}
-    search = dataclasses.asdict(search) if isinstance(search, SearchSettings) else dict(search)
-    if 'target' in doc:
-        prune.setdefault('target', check_value(PruneConfig, 'target', doc.pop('target'), where))
-    if 'kd_alpha' in doc:
-        search.setdefault('kd_alpha', check_value(SearchSettings, 'kd_alpha', doc.pop('kd_alpha'), where))
-    if search:
-        prune['search'] = search
-    if prune or 'prune' in doc:
-        doc['prune'] = prune
-    return doc
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

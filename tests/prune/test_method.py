@@ -8,7 +8,7 @@ import torch
 from conftest import build
 
 from amap.errors import ConfigError
-from amap.prune import PruneConfig, prune
+from amap.prune import PruneConfig, StagedPruning, prune
 from amap.prune.api import prepare
 from amap.prune.attn_init import focus, qk_attention_difference, v_output_difference
 from amap.prune.groups import ChannelGroup
@@ -293,3 +293,22 @@ def test_non_finite_loss_stops_the_search_with_the_step_and_a_hint():
     assert loop.step == 1  # the failed step was not counted
     assert any(not torch.equal(before[k], v) for k, v in pruner.model[0].state_dict().items())
     assert all(torch.isfinite(v).all() for v in pruner.model[0].state_dict().values())  # no NaN reached the weights
+
+
+def test_staged_pruning_is_what_amap_prune_runs():
+    cfg = PruneConfig(target=0.6, calib_batches=2, search_steps=4, log_every=2)
+    result = prune(build('flatten_deit'), _loader(), 0.6, config=cfg, teacher=None)
+    model = build('flatten_deit')
+    job = StagedPruning(model, (3, 32, 32), cfg)
+    with pytest.raises(RuntimeError, match="'search' needs one of \\['calibrated'\\]"):
+        job.search(_loader())
+    torch.manual_seed(cfg.seed)
+    job.prepare()
+    job.calibrate(_loader()[:2])
+    job.search(_loader())
+    job.finalize()
+    assert job.cut() == result.structure
+    assert job.history == result.history
+    for (na, pa), (nb, pb) in zip(result.model.state_dict().items(), model.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+    assert set(job.seconds) == {'calibration', 'search', 'surgery'}

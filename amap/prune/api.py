@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..macs import count_macs, count_params
-from .config import PruneConfig, nest_search_options, resolve_target
+from ..utils.config import from_mapping
+from .config import PruneConfig, SearchSettings, nest_search_options, resolve_target
 from .staged import StagedPruning, finalize_structure, prepare
 
 __all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'finalize_structure', 'resolve_target']
@@ -103,7 +104,8 @@ def prune(
         progress: Callback with each search record.
         base: ``{'architecture': ..., 'model_kwargs': ...}`` recorded for :func:`~amap.prune.artifact.save_pruned`
             (default: the timm architecture in ``model.pretrained_cfg`` with no arguments).
-        **overrides: Fields of :class:`PruneConfig`.
+        **overrides: Fields of :class:`PruneConfig`, and of its ``search`` settings by name (``search_steps``,
+            ``lr``, ``indicator_lr``, ``kd_alpha``, ...).
 
     Returns:
         A :class:`PruneResult` with the physically smaller model.
@@ -146,7 +148,8 @@ def _config(config: PruneConfig | None, target: float, overrides: dict[str, Any]
     search = overrides.pop('search', {})
     cfg = dataclasses.replace(cfg, **overrides, target=target)
     if search:
-        cfg.search = dataclasses.replace(cfg.search, **search) if isinstance(search, dict) else search
+        cfg.search = search if isinstance(search, SearchSettings) else \
+            from_mapping(SearchSettings, {**asdict(cfg.search), **search}, where='prune options (search)')
     return cfg
 
 

@@ -19,14 +19,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..macs import count_macs, count_params
-from .criteria import CRITERIA, criterion_scores
+from .criteria import CRITERIA, criterion_structure
 from .groups import GROUP_KINDS
 from .init import attention_difference_init
 from .pruner import Pruner
 from .search import SearchSettings, search
 from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
-from .target import apply_counts, check_target, fit_to_target, uniform_counts
+from .target import check_target, fit_to_target
 
 __all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'finalize_structure', 'search_settings', 'resolve_target']
 
@@ -204,12 +204,8 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float,
                 ind.head_balance = True
         fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=cfg.channel_multiple)
         return
-    scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
-    if cfg.criterion == 'uniform':
-        apply_counts(pruner, uniform_counts(pruner, target_macs, cfg.channel_multiple), scores)
-    else:
-        full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
-        fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill, multiple=cfg.channel_multiple)
+    criterion_structure(cfg.criterion, pruner, target_macs, batches=calib, seed=cfg.seed, fill=cfg.fill,
+                        multiple=cfg.channel_multiple)
 
 
 def search_settings(cfg: PruneConfig, steps: int | None = None) -> SearchSettings:

@@ -170,3 +170,42 @@ def test_a_search_state_of_the_previous_version_is_read(tmp_path):
     assert read_doc['step'] == 4 and read_tensors.keys() == tensors.keys()
     restore_rng_states(read_doc)
     assert torch.equal(torch.rand(2), expected)
+
+
+def _digits_loop(tmp_path: Path, **kw) -> tuple:
+    """An EpochLoop over 64 digits images in batches of 16 (4 updates per epoch) with a linear model."""
+    from amap.data import DataConfig, build_loaders
+    from amap.train import EpochLoop, TrainConfig, build_train_state, default_loss_fn
+    from amap.utils.distributed import DistInfo
+
+    data = build_loaders(DataConfig(data='digits', img_size=16, batch_size=16, train_subset=64, val_subset=16,
+                                    num_workers=0), seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, data.num_classes))
+    state = build_train_state(model, TrainConfig(epochs=2, lr=1e-2, amp='off'), updates_per_epoch=4,
+                              info=DistInfo())
+    loop = EpochLoop(state, data, epochs=2, compute_loss=default_loss_fn(torch.nn.CrossEntropyLoss()),
+                     ckpt_dir=tmp_path, info=DistInfo(), keep=10, **kw)
+    return loop, state
+
+
+def test_the_epoch_loop_checkpoints_each_step_once(tmp_path, monkeypatch):
+    """Every ``checkpoint_every`` updates inside an epoch and at every epoch end, never twice for one step (step 4
+    is both); ``max_steps`` stops inside an epoch with a checkpoint there and no end-of-epoch result."""
+    import amap.train.epochs as epochs_mod
+    saved: list[tuple[int, int]] = []
+    real = epochs_mod.save_train_state
+
+    def counting(ckpt_dir, state, **kw):
+        saved.append((state.step, state.epoch))
+        return real(ckpt_dir, state, **kw)
+
+    monkeypatch.setattr(epochs_mod, 'save_train_state', counting)
+    loop, state = _digits_loop(tmp_path / 'full', checkpoint_every=2)
+    ends = []
+    assert loop.run(lambda: ends.append(state.step) or 'evaluated') == 'evaluated'
+    assert ends == [4, 8] and saved == [(2, 0), (4, 1), (6, 1), (8, 2)]
+    saved.clear()
+    loop, state = _digits_loop(tmp_path / 'short', max_steps=5)
+    assert loop.run(lambda: 'evaluated') is None
+    assert saved == [(4, 1), (5, 1)] and state.batch_in_epoch == 1

@@ -40,28 +40,25 @@ from .prune.search import Search, distillation_loss, task_loss
 from .prune.staged import CutModel, StagedPruning, load_cut
 from .report import write_report
 from .train import (
+    EpochLoop,
     TrainConfig,
-    TrainState,
-    _optimizer_from_files,
-    _optimizer_to_files,
-    _rng_states,
-    _set_rng_states,
     amp_enabled,
-    build_optimizer,
-    build_scheduler,
+    build_train_state,
     create_model,
     evaluate,
     latest_train_state,
-    load_train_state,
     load_trained,
-    make_scaler,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_state,
     read_trained_meta,
-    save_train_state,
-    train_one_epoch,
+    restore_rng_states,
+    tensors_under,
+    write_state,
 )
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
-from .utils.io import atomic_dir, atomic_write_bytes, output_error, read_json, read_safetensors, remove_dir
+from .utils.io import atomic_write_bytes, output_error, remove_dir
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'CLI_OPTIONS', 'run', 'load_config']
 
@@ -169,38 +166,32 @@ def _kd_loss_fn(teacher: nn.Module | None, alpha: float):
 
 
 def _save_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
+    """Checkpoint the search into ``folder`` with the trainer's codec (``step_<N>/`` folders and ``latest.json``)."""
     state = loop.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix in ('model', 'pruner'):
-        tensors.update({f'{prefix}.{k}': v for k, v in state[prefix].items()})
-    meta: dict[str, Any] = {'step': state['step'], 'history': state['history'], 'rng': _rng_states(),
-                            'scaler': state['scaler']}
+    tensors = {f'{part}.{k}': v for part in ('model', 'pruner') for k, v in state[part].items()}
+    doc: dict[str, Any] = {'history': state['history'], 'scaler': state['scaler']}
     for name, opt in (('opt', loop.opt), ('opt_ind', loop.opt_ind)):
         if opt is not None:
-            t, m = _optimizer_to_files(opt)
-            tensors.update({f'{name}.{k}': v for k, v in t.items()})
-            meta[name] = m
-    if info.is_main:
-        from .utils.io import atomic_write_json, atomic_write_safetensors
-        with atomic_dir(folder) as tmp:
-            atomic_write_safetensors(tmp / 'state.safetensors', tensors)
-            atomic_write_json(tmp / 'state.json', meta)
-    barrier()
+            opt_tensors, doc[name] = optimizer_to_files(opt, prefix=f'{name}.optim')
+            tensors.update(opt_tensors)
+    write_state(folder, step=loop.step, tensors=tensors, doc=doc, info=info)
 
 
-def _load_search_state(folder: Path, loop: Search) -> None:
-    tensors, _ = read_safetensors(folder / 'state.safetensors')
-    meta = read_json(folder / 'state.json')
-    state: dict[str, Any] = {'step': meta['step'], 'history': meta['history'], 'opt': None,
-                             'scaler': meta.get('scaler')}
-    for prefix in ('model', 'pruner'):
-        state[prefix] = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
+def _load_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
+    """Continue the search from the latest checkpoint in ``folder``, if there is one."""
+    latest = latest_train_state(folder)
+    if latest is None:
+        return
+    tensors, doc = read_state(latest)
+    state: dict[str, Any] = {'step': doc['step'], 'history': doc['history'], 'opt': None,
+                             'scaler': doc.get('scaler')}
+    for part in ('model', 'pruner'):
+        state[part] = tensors_under(tensors, part)
     for name in ('opt', 'opt_ind'):
-        if name in meta:
-            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')}
-            state[name] = _optimizer_from_files(sub, meta[name])
+        if name in doc:
+            state[name] = optimizer_from_files(tensors, doc[name], prefix=f'{name}.optim')
     loop.load_state_dict(state)
-    _set_rng_states(meta['rng'])
+    restore_rng_states(doc, info)
 
 
 def _prepare_out(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
@@ -347,8 +338,8 @@ class _SearchCheckpoints:
         self.bar = None
 
     def restore(self, loop: Search) -> None:
-        if self.cfg.resume and (self.folder / 'state.json').exists():
-            _load_search_state(self.folder, loop)
+        if self.cfg.resume:
+            _load_search_state(self.folder, loop, self.info)
         self.bar = _progress(self.cfg, self.info, total=self.steps, initial=loop.step, desc='search')
 
     def on_step(self, loop: Search) -> None:
@@ -416,56 +407,30 @@ def _progress(cfg: PipelineConfig, info: DistInfo, **kwargs: Any):
 
 def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
               teacher: nn.Module | None) -> tuple[nn.Module, list[dict], float]:
-    device = info.device
+    """Fine-tune ``model`` with the trainer's epoch loop (distilling from ``teacher``), checkpointing in
+    ``out/finetune``; returns the model, the per-epoch evaluations and the final top-1."""
     tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, min_lr=cfg.finetune_min_lr,
                        warmup_epochs=cfg.finetune_warmup_epochs, weight_decay=cfg.weight_decay,
                        clip_grad=cfg.clip_grad, seed=cfg.seed, amp=cfg.amp)
-    use_amp = amp_enabled(cfg.amp, device)
-    optimizer = build_optimizer(model, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, updates_per_epoch=max(1, data.steps_per_epoch // cfg.accum_steps))
-    scaler = make_scaler(device, use_amp)
-    wrapped = model
-    if info.distributed:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
-                                                      else None)
-    state = TrainState(model=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    ckpt_dir = Path(cfg.out) / FINETUNE
-    if cfg.resume:
-        latest = latest_train_state(ckpt_dir) if ckpt_dir.exists() else None
-        if latest is not None:
-            load_train_state(latest, state, info=info)
-    compute_loss = _kd_loss_fn(teacher, cfg.kd_alpha if teacher is not None else 0.0)
-    show = cfg.progress and info.is_main
-    top1 = float('nan')
+    state = build_train_state(model, tcfg, updates_per_epoch=max(1, data.steps_per_epoch // cfg.accum_steps),
+                              info=info)
+    loop = EpochLoop(state, data, epochs=cfg.finetune_epochs, ckpt_dir=Path(cfg.out) / FINETUNE, info=info,
+                     compute_loss=_kd_loss_fn(teacher, cfg.kd_alpha if teacher is not None else 0.0),
+                     amp=amp_enabled(cfg.amp, info.device), clip_grad=cfg.clip_grad, accum_steps=cfg.accum_steps,
+                     seed=cfg.seed, max_steps=cfg.max_finetune_steps, checkpoint_every=cfg.checkpoint_every,
+                     progress=cfg.progress and info.is_main, desc='fine-tune', step_name='fine-tune step')
+    latest = latest_train_state(loop.ckpt_dir) if cfg.resume else None
+    if latest is not None:
+        loop.resume(latest)
 
-    def after_update(st: TrainState) -> None:
-        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
-            save_train_state(ckpt_dir, st, info=info)
-
-    while state.epoch < cfg.finetune_epochs and (cfg.max_finetune_steps is None or
-                                                 state.step < cfg.max_finetune_steps):
-        skip = state.batch_in_epoch
-        data.train_sampler.set_epoch(state.epoch, skip=skip * data.train_loader.batch_size)
-        finished = train_one_epoch(
-            state, data.train_loader, num_batches=data.steps_per_epoch - skip, compute_loss=compute_loss,
-            device=device, amp=use_amp, mixup_fn=data.mixup_fn, clip_grad=cfg.clip_grad, seed=cfg.seed,
-            accum_steps=cfg.accum_steps, rank=info.rank, max_steps=cfg.max_finetune_steps, on_update=after_update,
-            progress=show, desc=f'fine-tune {state.epoch + 1}/{cfg.finetune_epochs}')
-        if not finished:
-            save_train_state(ckpt_dir, state, info=info)
-            if state.stopped:
-                raise Interrupted(f'{stop_reason() or "stopped"} at fine-tune step {state.step}: checkpoint saved in '
-                                  f'{ckpt_dir}; continue with --resume (same --out)', checkpoint=str(ckpt_dir),
-                                  step=state.step)
-            break
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        metrics = evaluate(state.model, data.val_loader, device=device)
-        top1 = metrics['top1']
+    def end_of_epoch() -> float:
+        metrics = evaluate(state.model, data.val_loader, device=info.device)
         state.history.append({'epoch': state.epoch, 'step': state.step, **metrics})
         if info.is_main:
-            _logger.info('fine-tune epoch %d: val top-1 %.2f%%', state.epoch, top1)
-        save_train_state(ckpt_dir, state, info=info)
-    if math.isnan(top1):
-        top1 = evaluate(state.model, data.val_loader, device=device)['top1']
+            _logger.info('fine-tune epoch %d: val top-1 %.2f%%', state.epoch, metrics['top1'])
+        return metrics['top1']
+
+    top1 = loop.run(end_of_epoch)
+    if top1 is None:  # stopped by max_finetune_steps inside an epoch: evaluate the final weights
+        top1 = evaluate(state.model, data.val_loader, device=info.device)['top1']
     return state.module, list(state.history), top1

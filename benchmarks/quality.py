@@ -101,6 +101,7 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
     'uniform': {'criterion': 'uniform'},
+    'taylor_uniform': {'criterion': 'taylor_uniform'},
     'torch_pruning_magnitude': None,
     'torch_pruning_taylor': None,
 }

@@ -125,7 +125,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(trained, cifar10, tm
     line naming the folder), during the search or the fine-tune; --resume then ends identical to a straight run."""
     killed = tmp_path / 'killed'
     proc = _run_cli(_prune_args(trained, cifar10, killed, *RESUME_ARGS))
-    marker = killed / 'search_state' / 'state.json' if stage == 'search' else killed / 'finetune' / 'latest.json'
+    marker = killed / ('search_state' if stage == 'search' else 'finetune') / 'latest.json'
     if sig == 'SIGKILL':
         _kill_when(proc, marker)
     else:

@@ -299,10 +299,10 @@ def test_config_from_dict_rejects_unknown_keys():
 
 def test_amp_on_the_cpu_is_bfloat16_without_loss_scaling():
     """amp='on' on the CPU: bfloat16 autocast (matmuls run in bfloat16) and a disabled GradScaler."""
-    from amap.train import _autocast, amp_enabled, make_scaler
+    from amap.train import amp_enabled, autocast, make_scaler
     cpu = torch.device('cpu')
     assert amp_enabled('on', cpu) and not amp_enabled('auto', cpu) and not amp_enabled('off', cpu)
-    with _autocast(cpu, True):
+    with autocast(cpu, True):
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16
     assert not make_scaler(cpu, True).is_enabled()

@@ -1,13 +1,21 @@
 """Baseline importance criteria on the same groups and structure constraints as AMAP, for fair comparisons.
 
-Each criterion gives ``{indicator key: (H, d) scores}``; the structure then comes from the same head-balanced target
-guarantee (:func:`~amap.prune.target.fit_to_target`), except ``uniform``, which keeps the same ratio in every group.
-Scores are normalised by their group mean, so that groups of different scale compete fairly for the MAC budget.
+Each criterion gives ``{indicator key: (H, d) scores}`` and a structure at the MAC target
+(:func:`criterion_structure`), allocated the way Torch-Pruning's users run these importances:
+
+* scores are normalised by their group mean (Torch-Pruning's default ``normalizer='mean'``), so that groups of
+  different scale compete fairly;
+* **global** allocation (``magnitude``, ``magnitude_l2``, ``taylor``, ``random``): one threshold on the normalised
+  scores across all groups (Torch-Pruning's ``global_pruning=True``), applied head-balanced and moved until the MACs
+  land at the target (:func:`~amap.prune.target.fit_to_target` with ``per_mac=False``: a channel's cost does not
+  discount its score, unlike AMAP's own target guarantee);
+* **per-layer uniform** allocation (``uniform`` = magnitude, ``taylor_uniform``): the same kept ratio in every group
+  (Torch-Pruning's default local pruning), then the last channels the target still allows are added back by score so
+  that every method spends the same MACs.
 
 * ``magnitude``: L1 (or L2) norm of each channel's weights (projection rows in, projection columns out);
 * ``taylor``: first-order Taylor importance ``|dL/db|`` of the channel's gate, summed over calibration batches;
-* ``random``: uniform random scores (seeded);
-* ``uniform``: magnitude scores within each group, the same kept ratio in every group.
+* ``random``: uniform random scores (seeded).
 """
 from __future__ import annotations
 
@@ -19,10 +27,12 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .pruner import Pruner
+from .target import apply_counts, fit_to_target, uniform_counts
 
-__all__ = ['CRITERIA', 'criterion_scores']
+__all__ = ['CRITERIA', 'criterion_scores', 'criterion_structure']
 
-CRITERIA = ('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform')
+CRITERIA = ('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform', 'taylor_uniform')
+UNIFORM = {'uniform': 'magnitude', 'taylor_uniform': 'taylor'}  # per-layer uniform criteria and their scores
 
 
 def _normalise(scores: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -78,12 +88,13 @@ def criterion_scores(
     """Scores of a baseline criterion.
 
     Args:
-        name: One of ``magnitude``, ``magnitude_l2``, ``taylor``, ``random``, ``uniform``.
+        name: One of ``magnitude``, ``magnitude_l2``, ``taylor``, ``random``, ``uniform``, ``taylor_uniform``.
         pruner: The pruner.
         batches: Labelled batches on the model's device (``taylor`` only).
         seed: Seed (``random`` only).
     """
-    if name in ('magnitude', 'uniform'):
+    name = UNIFORM.get(name, name)
+    if name == 'magnitude':
         return magnitude_scores(pruner, 1.0)
     if name == 'magnitude_l2':
         return magnitude_scores(pruner, 2.0)
@@ -94,3 +105,37 @@ def criterion_scores(
     if name == 'random':
         return random_scores(pruner, seed)
     raise ConfigError(f'unknown criterion {name!r}; choose from {list(CRITERIA)}')
+
+
+def criterion_structure(
+        name: str,
+        pruner: Pruner,
+        target_macs: float,
+        *,
+        batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+        seed: int = 0,
+        fill: bool = True,
+        multiple: int = 1,
+) -> dict[str, Tensor]:
+    """Fix the structure a baseline criterion gives at ``target_macs`` (see the module docstring) and return its kept
+    counts ``{key: (H,)}``.
+
+    Args:
+        name: A baseline criterion (any of :data:`CRITERIA` but ``amap``).
+        pruner: The pruner.
+        target_macs: MACs per image not to exceed.
+        batches: Labelled batches (``taylor``, ``taylor_uniform``).
+        seed: Seed (``random``).
+        fill: Grow the structure back up to the target once the allocation rule has spoken.
+        multiple: Keep pruned widths multiples of this.
+    """
+    scores = criterion_scores(name, pruner, batches=batches, seed=seed)
+    if name in UNIFORM:
+        counts = uniform_counts(pruner, target_macs, multiple)
+        if not fill:
+            apply_counts(pruner, counts, scores)
+            return counts
+    else:
+        counts = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
+    return fit_to_target(pruner, target_macs, scores=scores, counts=counts, fill=fill, multiple=multiple,
+                         per_mac=False)

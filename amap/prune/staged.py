@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from .attn_init import attention_difference_init
 from .config import PruneConfig, resolve_target
-from .criteria import criterion_scores
+from .criteria import criterion_structure
 from .pruner import Pruner
 from .search import Search
 from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
-from .target import apply_counts, check_target, fit_to_target, uniform_counts
+from .target import check_target, fit_to_target
 
 __all__ = ['StagedPruning', 'CutModel', 'load_cut', 'prepare', 'calibrate', 'finalize_structure']
 
@@ -76,12 +76,8 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
                 ind.head_balance = True
         fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=cfg.channel_multiple)
         return
-    scores = criterion_scores(cfg.criterion, pruner, batches=calib, seed=cfg.seed)
-    if cfg.criterion == 'uniform':
-        apply_counts(pruner, uniform_counts(pruner, target_macs, cfg.channel_multiple), scores)
-    else:
-        full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
-        fit_to_target(pruner, target_macs, scores=scores, counts=full, fill=cfg.fill, multiple=cfg.channel_multiple)
+    criterion_structure(cfg.criterion, pruner, target_macs, batches=calib, seed=cfg.seed, fill=cfg.fill,
+                        multiple=cfg.channel_multiple)
 
 
 @dataclass

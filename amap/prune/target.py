@@ -71,6 +71,7 @@ def fit_to_target(
         counts: dict[str, Tensor] | None = None,
         fill: bool = True,
         multiple: int = 1,
+        per_mac: bool = True,
 ) -> dict[str, Tensor]:
     """Adjust kept counts so that MACs <= target, greedily by score per MAC, and fix the indicators' structure.
 
@@ -126,7 +127,8 @@ def fit_to_target(
                 lo_, hi_ = torch.minimum(c, new), torch.maximum(c, new)  # the channels that leave or enter
                 changed_heads = range(H) if h is None else [h]
                 value = float(sum(ranked[key][r, int(lo_[r]):int(hi_[r])].sum() for r in changed_heads))
-                yield value / delta, key, new, new_cost
+                size = int((hi_ - lo_).sum()) if h is None else int(hi_[h] - lo_[h])
+                yield value / (delta if per_mac else max(size, 1)), key, new, new_cost
 
     while total > target_macs:
         best = min(moves(-1), key=lambda m: m[0], default=None)

@@ -113,7 +113,8 @@ def _create(arch: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
 @st.composite
 def prune_options(draw) -> dict[str, Any]:
     """A criterion with random constraints; the amap criterion with very few search steps and random switches."""
-    criterion = draw(st.sampled_from(['magnitude', 'magnitude_l2', 'random', 'taylor', 'uniform', 'amap']))
+    criterion = draw(st.sampled_from(['magnitude', 'magnitude_l2', 'random', 'taylor', 'uniform', 'taylor_uniform',
+                                       'amap']))
     kinds = tuple(k for k in ('qk', 'v', 'mlp') if draw(st.booleans())) or ('qk', 'v', 'mlp')
     opts = dict(criterion=criterion, kinds=kinds, min_keep=draw(st.sampled_from([1, 1, 2])), fill=draw(st.booleans()),
                 channel_multiple=draw(st.sampled_from([1, 1, 1, 2, 4])), calib_batches=1, seed=draw(st.integers(0, 3)))

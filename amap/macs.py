@@ -68,23 +68,23 @@ def _sdpa_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *_: Any, *
     return 2 * math.prod(q[:3]) * k[-2] * (q[-1] + v[-1])
 
 
-def _vector_flops(_self: Sequence[int], a: Sequence[int], *_: Any, **__: Any) -> int:
-    return 2 * math.prod(a)  # mv / dot: every element of the matrix (first vector) is multiplied once
+def _each_once_flops(a: Sequence[int], *_: Any, **__: Any) -> int:
+    return 2 * math.prod(a)  # mv(matrix, vector), dot(vector, vector): each element of ``a`` is multiplied once
 
 
-def _batched_flops(_self: Sequence[int], a: Sequence[int], b: Sequence[int], *_: Any, **__: Any) -> int:
-    return 2 * math.prod(a) * b[-1]  # (addbmm / _addmm_activation) self + a @ b
+def _batched_flops(a: Sequence[int], b: Sequence[int], *_: Any, **__: Any) -> int:
+    return 2 * math.prod(a) * b[-1]  # (..., m, k) @ (..., k, n), summed or not over the batch
 
 
 #: FLOP formulas (FlopCounterMode's unit: 2 per multiply-add) of multiplying operators torch's registry lacks; they get
 #: the operands' shapes (``out_shape``: the result's).
 _EXTRA_FLOPS: dict[Any, Any] = {
-    aten.mv: lambda a, *_, **__: 2 * math.prod(a),
-    aten.dot: lambda a, *_, **__: 2 * math.prod(a),
-    aten.vdot: lambda a, *_, **__: 2 * math.prod(a),
-    aten.addmv: _vector_flops,
-    aten.addbmm: _batched_flops,
-    aten._addmm_activation: _batched_flops,
+    aten.mv: _each_once_flops,
+    aten.dot: _each_once_flops,
+    aten.vdot: _each_once_flops,
+    aten.addmv: lambda _self, a, *_, **__: _each_once_flops(a),
+    aten.addbmm: lambda _self, a, b, *_, **__: _batched_flops(a, b),
+    aten._addmm_activation: lambda _self, a, b, *_, **__: _batched_flops(a, b),
     # (x, w, bias, padding, stride, dilation, groups): every output element takes prod(w.shape[1:]) multiply-adds.
     aten.mkldnn_convolution: lambda x, w, *_, out_shape, **__: 2 * math.prod(out_shape) * math.prod(w[1:]),
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,

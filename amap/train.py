@@ -82,6 +82,7 @@ from .utils.io import (
     remove_stale_temps,
     to_jsonable,
 )
+from .utils.runfolder import begin_run, check_resume, run_lock
 
 __all__ = [
     'TrainConfig', 'TrainResult', 'TrainState', 'train', 'evaluate', 'train_one_epoch', 'create_model',
@@ -97,6 +98,8 @@ MODEL_FILE = 'model.safetensors'
 MODEL_META_FILE = 'model.json'
 LOG_FILE = 'log.jsonl'
 CHECKPOINT_DIR = 'checkpoints'
+OWNED_NAMES = (MODEL_FILE, MODEL_META_FILE, CHECKPOINT_DIR, LOG_FILE)
+"""Every name ``amap train`` writes in its run folder (see :mod:`amap.utils.runfolder`)."""
 _LATEST = 'latest.json'
 _STATE_TENSORS = 'state.safetensors'
 _STATE_JSON = 'state.json'
@@ -129,8 +132,8 @@ class TrainConfig:
             autocast, about 1.6x faster training on CPUs with AVX-512 BF16) or ``'off'``.
         seed: Seed of model initialisation, data order, augmentation and dropout.
         out_dir: Output folder (model, checkpoints, log).
-        resume: ``True`` to continue the run in ``out_dir`` from its latest checkpoint (a fresh start if there is
-            none), or the path of a run folder / checkpoint folder to continue from.
+        resume: ``True`` to continue the run in ``out_dir`` from its latest checkpoint (an error if there is none),
+            or the path of a run folder / checkpoint folder to continue from.
         overwrite: Start afresh in an ``out_dir`` that holds a previous run (its checkpoints and log are deleted).
         checkpoint_every: Also checkpoint every this many updates (0: only at the end of each epoch).
         eval_every: Evaluate every this many epochs (the last epoch is always evaluated; 0: only the last).
@@ -943,11 +946,8 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, info: DistInfo) -> Path | None
         if cfg.resume is not True and not source.exists():
             raise ConfigError(f'--resume {source}: no such run or checkpoint folder')
         resume_from = latest_train_state(source)
-        if resume_from is None:
-            if cfg.resume is not True:
-                raise ConfigError(f'--resume {source}: no checkpoint found there')
-            if info.is_main:
-                _logger.info('%s holds no checkpoint: starting a fresh run', out)
+        if resume_from is None and cfg.resume is not True:
+            raise ConfigError(f'--resume {source}: no checkpoint found there')
     else:
         previous = [p for p in (out / CHECKPOINT_DIR / _LATEST, out / MODEL_FILE) if p.exists()]
         if previous and not cfg.overwrite:
@@ -972,24 +972,9 @@ _RESUME_FREE = frozenset({
 """Settings that may change when resuming; every other one shapes the trajectory and must stay the same."""
 
 
-def _flatten(doc: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in doc.items():
-        if isinstance(v, Mapping) and k != 'model_kwargs':
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
-
-
 def _check_resume_config(saved: Mapping[str, Any], now: Mapping[str, Any], folder: Path) -> None:
     """Refuse to resume with settings that would change the run (batch size, schedule, data, model, ...)."""
-    old, new = _flatten(saved), _flatten(now)
-    for key in sorted(set(old) | set(new)):
-        if key in _RESUME_FREE or old.get(key) == new.get(key):
-            continue
-        raise ConfigError(f'--resume: the run in {folder.parent.parent} was started with {key}={old.get(key)!r}, '
-                          f'not {new.get(key)!r}; resume with the same settings or start a new run')
+    check_resume(saved, now, free=_RESUME_FREE, where=str(folder.parent.parent))
 
 
 def _model_meta(cfg: TrainConfig, data: DataBundle, create_kwargs: Mapping[str, Any], state: TrainState,
@@ -1031,7 +1016,7 @@ def train(
             # DDP compares gradient strides strictly; a depthwise conv's [C, 1, k, k] weight gets a gradient whose
             # stride differs only along the size-1 dimension (same memory layout), which is harmless.
             warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            with graceful_stop():
+            with run_lock(cfg.out_dir, info=info), graceful_stop():  # run folder: one writer
                 return _train(cfg, info, on_update)
     finally:
         cleanup_distributed(info)
@@ -1042,6 +1027,8 @@ def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], N
     device = info.device
     use_amp = amp_enabled(cfg.amp, device)
     out = Path(cfg.out_dir)
+    begin_run(out, command='train', names=OWNED_NAMES, resume=cfg.resume is True, overwrite=cfg.overwrite,  # run folder
+              resumable=cfg.resume is not True or latest_train_state(out) is not None, info=info)
     resume_from = _prepare_out_dir(cfg, out, info)
     smoothing = cfg.data.label_smoothing if cfg.label_smoothing is None else cfg.label_smoothing
     data_cfg = dataclasses.replace(cfg.data, label_smoothing=smoothing)

@@ -200,7 +200,8 @@ def run_lock(folder: str | os.PathLike, *, info: DistInfo | None = None, arg: st
 
 
 def lock_holder(folder: str | os.PathLike) -> int | None:
-    """The PID of the process holding ``folder``'s writer lock, or None when no process holds it."""
+    """The PID of the process holding ``folder``'s writer lock: None when none holds it, -1 when it is held but the
+    holder's PID cannot be read."""
     path = Path(folder) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -111,9 +111,13 @@ def _acquire(folder: Path, arg: str) -> int:
         except FileNotFoundError:
             same = False
         if same:  # not a file its previous holder removed between our open() and flock()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
             _held[fd] = path
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+            except OSError as e:
+                _release(fd)
+                raise output_error(path, e, atomic=False) from None
             return fd
         os.close(fd)
 
@@ -185,7 +189,8 @@ def run_lock(folder: str | os.PathLike, *, info: DistInfo | None = None, arg: st
     try:
         yield folder
     except BaseException:
-        if fd is not None and created and set(os.listdir(folder)) <= {LOCK_FILE, MANIFEST_FILE}:
+        left = set(os.listdir(folder)) if fd is not None and created and folder.is_dir() else None
+        if left is not None and left <= {LOCK_FILE, MANIFEST_FILE}:
             with contextlib.suppress(OSError):
                 (folder / MANIFEST_FILE).unlink(missing_ok=True)
             _release(fd)

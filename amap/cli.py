@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -428,7 +429,22 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+_shown_by: list[Any] = [warnings.showwarning]  # how warnings other than AMAP's are shown
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """AMAP's own warnings (``DataWarning``, ...) as one line through the ``amap`` logger; others as Python shows
+    them. A warning is issued once (Python's default filter), so it is printed once."""
+    if category.__module__.partition('.')[0] == 'amap':
+        _logger.warning('%s', message)
+    else:
+        _shown_by[0](message, category, filename, lineno, file, line)
+
+
 def _setup_logging(quiet: bool) -> None:
+    if warnings.showwarning is not _show_warning:
+        _shown_by[0], warnings.showwarning = warnings.showwarning, _show_warning
     level = logging.WARNING if quiet or _rank() != 0 else logging.INFO
     root = logging.getLogger('amap')
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):

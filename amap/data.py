@@ -22,8 +22,9 @@ Bad data:
 * files whose extension is not an image extension (``IMG_EXTENSIONS``) are skipped with ONE :class:`DataWarning`
   per split that counts them (hidden files such as ``.DS_Store`` are ignored silently);
 * an image that cannot be decoded at load time (corrupt, truncated) does NOT stop a long run: a
-  :class:`DataWarning` names the file, the sample is replaced by the next readable sample of the dataset
-  (deterministically: index + 1, + 2, ...) and ``dataset.num_corrupt`` counts the replacements made in that process.
+  :class:`DataWarning` names the file (once per file, whichever epoch or loader worker reads it again), the sample
+  is replaced by the next readable sample of the dataset (deterministically: index + 1, + 2, ...) and
+  ``dataset.num_corrupt`` counts the replacements made in that process.
   If :data:`MAX_CONSECUTIVE_CORRUPT` images in a row are unreadable the dataset is considered broken and a
   ``DataError`` is raised naming the first file.
 
@@ -251,10 +252,13 @@ def _corrupt_guard(dataset: Any, index: int, load: Callable[[int], Any], describ
             raise
         except Exception as e:  # only the decoding of one file is guarded, never the transform
             dataset.num_corrupt += 1
-            msg = (f'unreadable image {describe(i)} ({type(e).__name__}: {e}); replaced by the next sample. '
-                   f'Fix or delete the file')
-            _logger.warning(msg)
-            warnings.warn(msg, DataWarning, stacklevel=3)
+            warned = getattr(dataset, 'warned', None)
+            if warned is not None and bool(warned[i]):
+                continue  # told once per file: again in a later epoch or by another loader worker is noise
+            if warned is not None:
+                warned[i] = True
+            warnings.warn(f'unreadable image {describe(i)} ({type(e).__name__}: {e}); replaced by the next sample. '
+                          f'Fix or delete the file', DataWarning, stacklevel=3)
     raise DataError(f'{MAX_CONSECUTIVE_CORRUPT} unreadable images in a row starting at {describe(first)}; '
                     f'the dataset looks broken: re-extract or re-copy it')
 
@@ -280,6 +284,8 @@ class ImageFolderDataset(ImageFolder):
         self.num_skipped = 0
         self.num_corrupt = 0
         super().__init__(str(root), transform=transform)
+        # which unreadable files were reported; in shared memory so that loader workers (forked) share it too
+        self.warned = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         """Class folders of ``directory`` (sorted), or the given mapping after checking the folders against it."""
@@ -332,10 +338,8 @@ class ImageFolderDataset(ImageFolder):
                                 f'add images to it or remove the folder')
         self.num_skipped = len(skipped)
         if skipped:
-            msg = (f'{directory}: skipped {len(skipped)} non-image file(s) (e.g. {skipped[0]}); only '
-                   f'{", ".join(IMG_EXTENSIONS)} files are read')
-            _logger.warning(msg)
-            warnings.warn(msg, DataWarning, stacklevel=2)
+            warnings.warn(f'{directory}: skipped {len(skipped)} non-image file(s) (e.g. {skipped[0]}); only '
+                          f'{", ".join(IMG_EXTENSIONS)} files are read', DataWarning, stacklevel=2)
         return samples
 
     def _load(self, index: int) -> tuple[Any, int]:

@@ -6,7 +6,8 @@ that line and exits with a non-zero code instead of showing a traceback.
 """
 from __future__ import annotations
 
-__all__ = ['AmapError', 'CheckpointError', 'DataError', 'ConfigError', 'ModelError', 'Interrupted', 'OutputError']
+__all__ = ['AmapError', 'CheckpointError', 'DataError', 'ConfigError', 'ModelError', 'Interrupted', 'OutputError',
+           'FolderInUse']
 
 
 class AmapError(Exception):
@@ -58,3 +59,17 @@ class OutputError(AmapError):
         super().__init__(message)
         self.path = path
         self.errno = errno
+
+
+class FolderInUse(AmapError):
+    """Another AMAP process is writing the run folder (see :func:`amap.utils.runfolder.run_lock`).
+
+    Attributes:
+        path: The folder.
+        pid: The process holding its lock (None when it could not be read).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pid = pid

@@ -9,6 +9,7 @@ import torch
 from .errors import ConfigError
 from .prune.artifact import load_pruned, read_pruned_config
 from .utils.io import atomic_path
+from .utils.runfolder import run_lock
 
 __all__ = ['export_onnx']
 
@@ -45,7 +46,7 @@ def export_onnx(
     if onnx_path.suffix != '.onnx':
         raise ConfigError(f'--onnx {onnx_path}: the file name must end in .onnx')
     kwargs = {} if opset is None else {'opset_version': opset}
-    with atomic_path(onnx_path) as tmp:
+    with run_lock(onnx_path.parent, arg='--onnx'), atomic_path(onnx_path) as tmp:  # run folder: one writer
         torch.onnx.export(model, (x,), str(tmp), input_names=['images'], output_names=['logits'],
                           dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}}, dynamo=False, **kwargs)
     if not check:

@@ -1,17 +1,24 @@
 """Counting multiply-accumulates (MACs) by running the model.
 
-:func:`count_macs` runs one eval-mode forward under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` and
-counts every ATen operator that multiplies: ``mm``/``addmm``/``bmm``/``baddbmm``/``mv``/``dot`` (what ``nn.Linear``,
+:func:`count_macs` runs one eval-mode forward under torch's :class:`~torch.utils.flop_counter.FlopCounterMode` and
+reports its count in MACs (FlopCounterMode counts a multiply-add as two FLOPs; every one of its formulas is 2x the
+MACs, so the report halves them). Its registry counts ``mm``/``addmm``/``bmm``/``baddbmm`` (what ``nn.Linear``,
 ``@``/``torch.matmul`` and ``torch.einsum`` lower to), ``convolution`` (dense, grouped, depthwise, transposed) and the
-fused ``scaled_dot_product_attention`` kernels. Norms, activations, softmax, reductions and element-wise products are
-not counted (like fvcore, which counts one fused multiply-add as one "flop", so its numbers are MACs too). Because the
-count comes from the shapes of the operators that actually ran, it stays exact for any module, including pruned
+fused ``scaled_dot_product_attention`` kernels; :data:`_EXTRA_FLOPS` adds, through its ``custom_mapping``, the
+multiplying operators it lacks (``mv``/``dot``/``addmv``/``addbmm``/``_addmm_activation``, ``mkldnn_convolution`` and
+the CPU and "overrideable" fused attention kernels). Norms, activations, softmax, reductions and element-wise products
+are not counted (like fvcore, which counts one fused multiply-add as one "flop", so its numbers are MACs too). Because
+the count comes from the shapes of the operators that actually ran, it stays exact for any module, including pruned
 attention whose heads keep ``qk_dim`` q/k channels and ``v_dim`` value channels.
 
-Every MAC is attributed to the innermost ``nn.Module`` that executed it (forward pre/post hooks keep a stack): a
-``Linear`` owns its matmul, an attention module owns the matmuls of its own ``forward``. With N tokens, C the width,
-H heads, per-head widths dq (q/k) and dv (v), windows of n tokens (N = nW * n; a global attention is one window),
-what the counter realises is:
+Every MAC is attributed to the innermost ``nn.Module`` that executed it: forward pre/post hooks keep a stack of the
+running modules and every formula of the counter is wrapped to credit its count to the module on top
+(:func:`_counter`). FlopCounterMode's own per-module counts are not used for this: its module tracker credits an
+operator to *every* running module, and a module's own count derived from those (its count minus its children's) is
+wrong, even negative, wherever the call tree is not the module tree: a module registered under two names, or one
+called from outside its parent (both count like the hook stack does here). A ``Linear`` owns its matmul, an attention
+module owns the matmuls of its own ``forward``. With N tokens, C the width, H heads, per-head widths dq (q/k) and dv
+(v), windows of n tokens (N = nW * n; a global attention is one window), what the counter realises is:
 
 * qkv projection: ``N * C * H * (2 * dq + dv)``; output projection: ``N * H * dv * C``; MLP: ``2 * N * C * D``;
 * softmax attention (``q @ k^T`` and ``attn @ v``, fused or not): ``nW * H * n^2 * (dq + dv)``;
@@ -29,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import AmapError, ConfigError
 
@@ -52,98 +60,86 @@ CATEGORIES: dict[str, str] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MAC formulas per ATen operator (shapes only; ``out`` is the operator's result)
+# Counting: FlopCounterMode, the operators its registry lacks, innermost-module attribution
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _mm(a: Tensor, b: Tensor) -> int:
-    return a.shape[0] * a.shape[1] * b.shape[-1]
-
-
-def _bmm(a: Tensor, b: Tensor) -> int:
-    return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-
-
-def _conv(x: Tensor, w: Tensor, out: Tensor, transposed: bool) -> int:
-    # Weight is (C_out, C_in / groups, *k), or (C_in, C_out / groups, *k) when transposed: every output element
-    # (every input element when transposed) takes prod(w.shape[1:]) MACs. Grouped and depthwise included.
-    per_element = math.prod(w.shape[1:])
-    return (x if transposed else out).numel() * per_element
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> int:
+def _sdpa_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *_: Any, **__: Any) -> int:
     # (B, Hq, Sq, dq) @ (B, Hk, Sk, dq)^T then (B, Hq, Sq, Sk) @ (B, Hk, Sk, dv); Hq is a multiple of Hk (GQA).
-    b, h, sq, dq = q.shape
-    sk, dv = k.shape[-2], v.shape[-1]
-    return b * h * sq * sk * (dq + dv)
+    return 2 * math.prod(q[:3]) * k[-2] * (q[-1] + v[-1])
 
 
-def _out(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _each_once_flops(a: Sequence[int], *_: Any, **__: Any) -> int:
+    return 2 * math.prod(a)  # mv(matrix, vector), dot(vector, vector): each element of ``a`` is multiplied once
 
 
-_Formula = Callable[[tuple, dict, Any], int]
+def _batched_flops(a: Sequence[int], b: Sequence[int], *_: Any, **__: Any) -> int:
+    return 2 * math.prod(a) * b[-1]  # (..., m, k) @ (..., k, n), summed or not over the batch
 
-_FORMULAS: dict[Any, tuple[str, _Formula]] = {
-    aten.mm: ('matmul', lambda a, kw, out: _mm(a[0], a[1])),
-    aten.addmm: ('matmul', lambda a, kw, out: _mm(a[1], a[2])),
-    aten._addmm_activation: ('matmul', lambda a, kw, out: _mm(a[1], a[2])),
-    aten.bmm: ('matmul', lambda a, kw, out: _bmm(a[0], a[1])),
-    aten.baddbmm: ('matmul', lambda a, kw, out: _bmm(a[1], a[2])),
-    aten.addbmm: ('matmul', lambda a, kw, out: _bmm(a[1], a[2])),
-    aten.mv: ('matmul', lambda a, kw, out: a[0].numel()),
-    aten.addmv: ('matmul', lambda a, kw, out: a[1].numel()),
-    aten.dot: ('matmul', lambda a, kw, out: a[0].numel()),
-    aten.vdot: ('matmul', lambda a, kw, out: a[0].numel()),
-    aten.convolution: ('conv', lambda a, kw, out: _conv(a[0], a[1], _out(out), bool(a[6]))),
-    aten._convolution: ('conv', lambda a, kw, out: _conv(a[0], a[1], _out(out), bool(a[6]))),
-    aten.convolution_overrideable: ('conv', lambda a, kw, out: _conv(a[0], a[1], _out(out), bool(a[6]))),
-    aten.cudnn_convolution: ('conv', lambda a, kw, out: _conv(a[0], a[1], _out(out), False)),
-    aten.mkldnn_convolution: ('conv', lambda a, kw, out: _conv(a[0], a[1], _out(out), False)),
-    aten._slow_conv2d_forward: ('conv', lambda a, kw, out: _conv(a[0], a[1], _out(out), False)),
-    aten._scaled_dot_product_flash_attention: ('attention', lambda a, kw, out: _sdpa(a[0], a[1], a[2])),
-    aten._scaled_dot_product_flash_attention_for_cpu: ('attention', lambda a, kw, out: _sdpa(a[0], a[1], a[2])),
-    aten._scaled_dot_product_efficient_attention: ('attention', lambda a, kw, out: _sdpa(a[0], a[1], a[2])),
-    aten._scaled_dot_product_cudnn_attention: ('attention', lambda a, kw, out: _sdpa(a[0], a[1], a[2])),
-    aten._scaled_dot_product_fused_attention_overrideable: (
-        'attention', lambda a, kw, out: _sdpa(a[0], a[1], a[2])),
+
+#: FLOP formulas (FlopCounterMode's unit: 2 per multiply-add) of multiplying operators torch's registry lacks; they get
+#: the operands' shapes (``out_shape``: the result's).
+_EXTRA_FLOPS: dict[Any, Any] = {
+    aten.mv: _each_once_flops,
+    aten.dot: _each_once_flops,
+    aten.vdot: _each_once_flops,
+    aten.addmv: lambda _self, a, *_, **__: _each_once_flops(a),
+    aten.addbmm: lambda _self, a, b, *_, **__: _batched_flops(a, b),
+    aten._addmm_activation: lambda _self, a, b, *_, **__: _batched_flops(a, b),
+    # (x, w, bias, padding, stride, dilation, groups): every output element takes prod(w.shape[1:]) multiply-adds.
+    aten.mkldnn_convolution: lambda x, w, *_, out_shape, **__: 2 * math.prod(out_shape) * math.prod(w[1:]),
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    aten._scaled_dot_product_fused_attention_overrideable: _sdpa_flops,
 }
 
 # Operator names that suggest multiplications we do not know how to count (reported, never silently dropped).
 _SUSPICIOUS = ('mm', 'conv', 'attention', 'linear', 'matmul', 'einsum', 'lstm', 'gru', 'rnn')
 
-# Operators without a CompositeImplicit decomposition (cached: decompose() is only tried once per operator).
-_NO_DECOMPOSITION: set[Any] = set()
+
+def _kind(op: Any) -> str:
+    """``'conv'``, ``'attention'`` (fused kernels) or ``'matmul'``: the operator kind of a counted operator."""
+    name = getattr(op, '__name__', str(op))
+    return 'conv' if 'conv' in name else 'attention' if 'attention' in name else 'matmul'
 
 
-class _MacMode(TorchDispatchMode):
-    """Dispatch mode that adds the MACs of every counted operator to the module on top of ``stack``."""
+class _Uncounted(TorchDispatchMode):
+    """Notes the operators that ran without a formula although their names suggest they multiply.
 
-    def __init__(self, stack: list[str]) -> None:
+    Entered outside the counter, it sees only the operators FlopCounterMode executes, after their decompositions.
+    """
+
+    def __init__(self, registry: dict[Any, Any]) -> None:
         super().__init__()
-        self.stack = stack
-        self.counts: dict[tuple[str, str], int] = {}
-        self.uncounted: set[str] = set()
+        self.registry = registry
+        self.seen: set[Any] = set()
+        self.ops: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        entry = _FORMULAS.get(func.overloadpacket)
-        if entry is None:
-            if func not in _NO_DECOMPOSITION:
-                # Like torch's FlopCounterMode: an operator we have no formula for may decompose into ones we have.
-                with self:
-                    result = func.decompose(*args, **kwargs)
-                if result is not NotImplemented:
-                    return result
-                _NO_DECOMPOSITION.add(func)  # a static property of the operator: ask once
-            name = func.overloadpacket.__name__
-            if any(s in name for s in _SUSPICIOUS) and not name.endswith('_backward'):
-                self.uncounted.add(str(func.overloadpacket))
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        kind, formula = entry
-        key = (self.stack[-1], kind)
-        self.counts[key] = self.counts.get(key, 0) + int(formula(args, kwargs, out))
-        return out
+        packet = func.overloadpacket
+        if packet not in self.seen:
+            self.seen.add(packet)
+            name = packet.__name__
+            if packet not in self.registry and any(s in name for s in _SUSPICIOUS) and not name.endswith('_backward'):
+                self.ops.add(str(packet))
+        return func(*args, **(kwargs or {}))
+
+
+def _counter(stack: list[str], counts: dict[tuple[str, str], int]) -> FlopCounterMode:
+    """A FlopCounterMode (with :data:`_EXTRA_FLOPS`) that also credits every count to the module on top of ``stack``.
+
+    Each formula of its registry is wrapped: the FLOPs it returns are added to ``counts[module, kind]`` as well.
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+
+    def credit(formula: Callable[..., int], kind: str) -> Callable[..., int]:
+        def count(*args: Any, **kwargs: Any) -> int:
+            flops = formula(*args, **kwargs)
+            key = (stack[-1], kind)
+            counts[key] = counts.get(key, 0) + flops
+            return flops
+        return count
+
+    counter.flop_registry = {op: credit(formula, _kind(op)) for op, formula in counter.flop_registry.items()}
+    return counter
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -394,6 +390,28 @@ def check_input_size(model: nn.Module, input_size: tuple[int, int, int], *, fix:
         model.train(was_training)
 
 
+def _track_modules(modules: dict[str, nn.Module], stack: list[str]) -> list[Any]:
+    """Forward hooks that keep the qualified name of the innermost running module on top of ``stack``.
+
+    Returns the hook handles (to remove). A module's own pre-hooks run before the push (their MACs are the caller's),
+    its own forward hooks before the pop (their MACs are the module's).
+    """
+    names = {id(m): n for n, m in modules.items()}
+
+    def push(mod: nn.Module, _args: Any) -> None:
+        stack.append(names[id(mod)])
+
+    def pop(mod: nn.Module, _args: Any, _out: Any) -> None:
+        if len(stack) > 1:
+            stack.pop()
+
+    handles = []
+    for mod in modules.values():
+        handles.append(mod.register_forward_pre_hook(push))
+        handles.append(mod.register_forward_hook(pop, always_call=True))
+    return handles
+
+
 def count_macs(
         model: nn.Module,
         input_size: int | Sequence[int] | None = None,
@@ -434,55 +452,41 @@ def count_macs(
     run_device = torch.device(device) if device is not None else model_device
     x = torch.zeros((batch_size, *size), device=run_device, dtype=dtype)
 
-    names = {id(m): n for n, m in model.named_modules()}
-    modules = {n: m for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
     stack: list[str] = ['']
-    handles = []
-
-    def push(mod: nn.Module, _args: Any) -> None:
-        stack.append(names[id(mod)])
-
-    def pop(mod: nn.Module, _args: Any, _out: Any) -> None:
-        if len(stack) > 1:
-            stack.pop()
-
+    counts: dict[tuple[str, str], int] = {}
+    counter = _counter(stack, counts)
+    uncounted = _Uncounted(counter.flop_registry)
+    state = None
+    if run_device != model_device:  # copies of the parameters where the forward runs
+        state = {k: v.detach().to(run_device) for k, v in (*model.named_parameters(), *model.named_buffers())}
     was_training = model.training
-    mode = _MacMode(stack)
+    handles = _track_modules(modules, stack)
     try:
-        for mod in modules.values():
-            handles.append(mod.register_forward_pre_hook(push))
-            handles.append(mod.register_forward_hook(pop, always_call=True))
         model.eval()
-        with torch.no_grad():
-            try:
-                if run_device != model_device:
-                    state = {k: v.to(run_device) for k, v in (*model.named_parameters(), *model.named_buffers())}
-                    with mode:
-                        torch.func.functional_call(model, state, (x,))
-                else:
-                    with mode:
-                        model(x)
-            except AmapError:
-                raise
-            except _FORWARD_ERRORS as err:
-                raise _input_error(model, size, err, 'pass the size it was built for') from err
+        with torch.no_grad(), uncounted, counter:
+            model(x) if state is None else torch.func.functional_call(model, state, (x,))
+    except AmapError:
+        raise
+    except _FORWARD_ERRORS as err:
+        raise _input_error(model, size, err, 'pass the size it was built for') from err
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
 
     records = []
-    for (name, kind), macs in mode.counts.items():
-        if macs % batch_size:
+    for (name, kind), flops in counts.items():
+        if flops % (2 * batch_size):
             raise AssertionError(f'MACs of {name!r} are not proportional to the batch size')
         mod = modules.get(name)
         records.append(MacRecord(module=name, module_type=type(mod).__name__, kind=kind,
-                                 category=_category(name, mod, kind), macs=macs // batch_size))
+                                 category=_category(name, mod, kind), macs=flops // (2 * batch_size)))
     return MacReport(
         total=sum(r.macs for r in records),
         records=tuple(records),
         input_size=size,
         model_name=_model_name(model),
         params=count_params(model),
-        uncounted_ops=tuple(sorted(mode.uncounted)),
+        uncounted_ops=tuple(sorted(uncounted.ops)),
     )

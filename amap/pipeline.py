@@ -38,7 +38,7 @@ from .pipeline_config import CLI_OPTIONS, PipelineConfig, load_config
 from .prune.artifact import save_pruned
 from .prune.search import Search, distillation_loss, task_loss
 from .prune.staged import CutModel, StagedPruning, load_cut
-from .report import write_report
+from .report import REPORT_JSON, REPORT_MD, SEARCH_PNG, STRUCTURE_PNG, write_report
 from .train import (
     EpochLoop,
     TrainConfig,
@@ -59,6 +59,7 @@ from .train import (
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import atomic_write_bytes, output_error, remove_dir
+from .utils.runfolder import begin_run, check_resume, file_digest, run_lock, run_record
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'CLI_OPTIONS', 'run', 'load_config']
 
@@ -69,6 +70,15 @@ PRUNED_INIT = 'pruned_init'
 FINETUNE = 'finetune'
 FINAL = 'model'
 CONFIG_FILE = 'config.yaml'
+OWNED_NAMES = (CONFIG_FILE, SEARCH_STATE, PRUNED_INIT, FINETUNE, FINAL, REPORT_JSON, REPORT_MD, STRUCTURE_PNG,
+               SEARCH_PNG)
+"""Every name ``amap prune`` writes in its output folder (see :mod:`amap.utils.runfolder`)."""
+RESUME_FREE = frozenset({
+    'out', 'resume', 'overwrite', 'device', 'progress', 'latency', 'latency_rounds', 'checkpoint_every',
+    'max_finetune_steps', 'checkpoint', 'data.num_workers', 'data.eval_batch_size', 'data.val_subset',
+    'prune.search.log_every',
+})
+"""Settings that may change on ``resume`` (``checkpoint``: the path, whose file's digest must stay the same)."""
 
 
 @dataclass
@@ -194,6 +204,21 @@ def _load_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
     restore_rng_states(doc, info)
 
 
+def _settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every option, the pruning options in full (defaults included), as JSON values."""
+    return cfg.to_dict()
+
+
+def _begin_run(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
+    """Claim the output folder's names (refusing ones AMAP did not write); resume only the same run."""
+    record = {'checkpoint_sha256': file_digest(cfg.checkpoint)}
+    begin_run(out, command='prune', names=OWNED_NAMES, resume=cfg.resume, overwrite=cfg.overwrite,
+              resumable=(out / CONFIG_FILE).is_file(), record=record, info=info)
+    if cfg.resume:
+        saved = {**_settings(load_config(out / CONFIG_FILE, out=cfg.out)), **record, **run_record(out, 'prune')}
+        check_resume(saved, {**_settings(cfg), **record}, free=RESUME_FREE, where=str(out))
+
+
 def _prepare_out(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
     leftovers = [p for p in (SEARCH_STATE, PRUNED_INIT, FINETUNE, FINAL) if (out / p).exists()]
     if leftovers and not cfg.resume:
@@ -219,7 +244,7 @@ def run(config: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = 
     cfg = load_config(config, **overrides)
     info = init_distributed(cfg.device)
     try:
-        with graceful_stop():
+        with run_lock(cfg.out, info=info), graceful_stop():  # run folder: one writer
             return _run(cfg, info)
     finally:
         cleanup_distributed(info)
@@ -285,6 +310,7 @@ def _open_out(cfg: PipelineConfig, info: DistInfo) -> Path:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise output_error(out, e, atomic=False) from None
+    _begin_run(cfg, out, info)  # run folder: owned names, --resume of the same run
     _prepare_out(cfg, out, info)
     if info.is_main:
         atomic_write_bytes(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

@@ -233,11 +233,12 @@ def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
                       budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
-    from amap.pipeline import run
+    from amap.pipeline import CONFIG_FILE, run
     prune = {**METHODS[method], 'seed': seed}
     res = run(checkpoint=str(base), data=data, target=target, prune=prune,
               search_epochs=budget['search_epochs'], finetune_epochs=budget['finetune_epochs'], out=str(out),
-              resume=True, latency=False, progress=False, seed=seed, device=device, teacher='original')
+              resume=(out / CONFIG_FILE).is_file(), latency=False, progress=False, seed=seed, device=device,
+              teacher='original')
     return res.report
 
 

@@ -325,3 +325,60 @@ def test_table_and_json() -> None:
     assert d['macs'] == r.total and set(d['by_category']) == set(CATEGORIES)
     assert sum(d['by_module'].values()) == r.total
     assert r.by_category()['downsample'] == sum(r.by_module[f'layers.{i}.downsample.reduction'] for i in (1, 2, 3))
+
+
+class _CallsOutside(nn.Module):
+    """A block whose forward also runs a module registered elsewhere in the model."""
+
+    def __init__(self, outside: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.outside = [outside]  # a list: not registered as a submodule of the block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outside[0](self.fc(x)) @ torch.ones(6, 3)
+
+
+class _SharedAndCrossCalled(nn.Module):
+    """One Linear registered under two names, and a block that calls a module registered outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.a = nn.Sequential(shared)
+        self.b = nn.Sequential(shared, nn.Linear(8, 4))
+        self.p = nn.Linear(4, 6)
+        self.blk = _CallsOutside(self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blk(self.b(self.a(x)))  # the shared Linear runs twice, inside a and inside b
+
+
+def test_every_mac_goes_to_the_innermost_running_module() -> None:
+    # The module tree and the call tree differ; every MAC still goes to the module that ran it, once.
+    r = count_macs(_SharedAndCrossCalled(), input_size=(8,))
+    assert r.by_module == {'a.0': 2 * 8 * 8, 'b.1': 8 * 4, 'blk.fc': 4 * 4, 'p': 4 * 6, 'blk': 6 * 3}
+    assert r.total == sum(r.by_module.values())
+
+
+class _VectorAndBatchedOps(nn.Module):
+    """Multiplying operators outside torch's FLOP registry: mv, dot, vdot, addmv, addbmm; and a grouped transposed
+    convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(5, 8))
+        self.up = nn.ConvTranspose2d(4, 6, kernel_size=3, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[0]
+        y = torch.mv(self.w, v).sum() + torch.dot(v, v) + torch.vdot(v, v) + torch.addmv(v[:5], self.w, v).sum()
+        y = y + torch.addbmm(torch.zeros(2, 7), torch.ones(3, 2, 4), torch.ones(3, 4, 7)).sum()
+        return y + self.up(torch.ones(1, 4, 5, 5)).sum()
+
+
+def test_operators_beyond_torchs_registry_are_counted() -> None:
+    r = count_macs(_VectorAndBatchedOps(), input_size=(8,))
+    assert r.by_module[''] == 5 * 8 + 8 + 8 + 5 * 8 + 3 * 2 * 4 * 7
+    assert r.by_module['up'] == 4 * 5 * 5 * (6 // 2) * 3 * 3  # every input element, C_out / groups * k * k MACs
+    assert not r.uncounted_ops

@@ -12,6 +12,7 @@ from ..data import DataConfig
 from ..errors import ConfigError
 from ..utils.config import from_mapping
 from ..utils.io import to_jsonable
+from ..utils.runfolder import check_resume
 
 __all__ = ['TrainConfig']
 
@@ -45,8 +46,8 @@ class TrainConfig:
             autocast, about 1.6x faster training on CPUs with AVX-512 BF16) or ``'off'``.
         seed: Seed of model initialisation, data order, augmentation and dropout.
         out_dir: Output folder (model, checkpoints, log).
-        resume: ``True`` to continue the run in ``out_dir`` from its latest checkpoint (a fresh start if there is
-            none), or the path of a run folder / checkpoint folder to continue from.
+        resume: ``True`` to continue the run in ``out_dir`` from its latest checkpoint (an error if there is none),
+            or the path of a run folder / checkpoint folder to continue from.
         overwrite: Start afresh in an ``out_dir`` that holds a previous run (its checkpoints and log are deleted).
         checkpoint_every: Also checkpoint every this many updates (0: only at the end of each epoch).
         eval_every: Evaluate every this many epochs (the last epoch is always evaluated; 0: only the last).
@@ -139,21 +140,6 @@ class TrainConfig:
         would change the run (batch size, schedule, data, model, ...).
 
         Raises:
-            ConfigError: the first setting that differs, with both values.
+            ConfigError: every setting that differs, with both values, in one line.
         """
-        old, new = _flatten(saved), _flatten(self.to_dict())
-        for key in sorted(set(old) | set(new)):
-            if key in _RESUME_FREE or old.get(key) == new.get(key):
-                continue
-            raise ConfigError(f'--resume: the run in {folder.parent.parent} was started with {key}={old.get(key)!r}, '
-                              f'not {new.get(key)!r}; resume with the same settings or start a new run')
-
-
-def _flatten(doc: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in doc.items():
-        if isinstance(v, Mapping) and k != 'model_kwargs':
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
+        check_resume(saved, self.to_dict(), free=_RESUME_FREE, where=str(folder.parent.parent))

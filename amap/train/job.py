@@ -33,6 +33,7 @@ from ..errors import ConfigError, Interrupted
 from ..utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from ..utils.interrupt import graceful_stop, stop_reason
 from ..utils.io import JsonlWriter, output_error, remove_dir, remove_stale_temps
+from ..utils.runfolder import begin_run, run_lock
 from .artifact import MODEL_FILE, MODEL_META_FILE, save_trained
 from .config import TrainConfig
 from .epochs import EpochLoop
@@ -45,6 +46,8 @@ __all__ = ['LOG_FILE', 'TrainResult', 'train']
 _logger = logging.getLogger(__name__)
 
 LOG_FILE = 'log.jsonl'
+OWNED_NAMES = (MODEL_FILE, MODEL_META_FILE, CHECKPOINT_DIR, LOG_FILE)
+"""Every name ``amap train`` writes in its run folder (see :mod:`amap.utils.runfolder`)."""
 
 
 @dataclass
@@ -104,7 +107,7 @@ def train(
             # DDP compares gradient strides strictly; a depthwise conv's [C, 1, k, k] weight gets a gradient whose
             # stride differs only along the size-1 dimension (same memory layout), which is harmless.
             warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            with graceful_stop():
+            with run_lock(cfg.out_dir, info=info), graceful_stop():  # run folder: one writer
                 return _train(cfg, info, on_update)
     finally:
         cleanup_distributed(info)
@@ -118,11 +121,8 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, info: DistInfo) -> Path | None
         if cfg.resume is not True and not source.exists():
             raise ConfigError(f'--resume {source}: no such run or checkpoint folder')
         resume_from = latest_train_state(source)
-        if resume_from is None:
-            if cfg.resume is not True:
-                raise ConfigError(f'--resume {source}: no checkpoint found there')
-            if info.is_main:
-                _logger.info('%s holds no checkpoint: starting a fresh run', out)
+        if resume_from is None and cfg.resume is not True:
+            raise ConfigError(f'--resume {source}: no checkpoint found there')
     else:
         previous = [p for p in (out / CHECKPOINT_DIR / LATEST, out / MODEL_FILE) if p.exists()]
         if previous and not cfg.overwrite:
@@ -143,6 +143,8 @@ def _prepare_out_dir(cfg: TrainConfig, out: Path, info: DistInfo) -> Path | None
 def _train(cfg: TrainConfig, info: DistInfo, on_update: Callable[[TrainState], None] | None) -> TrainResult:
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
+    begin_run(out, command='train', names=OWNED_NAMES, resume=cfg.resume is True, overwrite=cfg.overwrite,  # run folder
+              resumable=cfg.resume is not True or latest_train_state(out) is not None, info=info)
     resume_from = _prepare_out_dir(cfg, out, info)
     data = build_loaders(dataclasses.replace(cfg.data, label_smoothing=cfg.smoothing), distributed=info.distributed,
                          seed=cfg.seed)

@@ -179,7 +179,7 @@ def _save_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
     """Checkpoint the search into ``folder`` with the trainer's codec (``step_<N>/`` folders and ``latest.json``)."""
     state = loop.state_dict()
     tensors = {f'{part}.{k}': v for part in ('model', 'pruner') for k, v in state[part].items()}
-    doc: dict[str, Any] = {'history': state['history'], 'scaler': state['scaler']}
+    doc: dict[str, Any] = {'history': state['history'], 'scaler': state['scaler'], 'mu': state['mu']}
     for name, opt in (('opt', loop.opt), ('opt_ind', loop.opt_ind)):
         if opt is not None:
             opt_tensors, doc[name] = optimizer_to_files(opt, prefix=f'{name}.optim')
@@ -194,7 +194,7 @@ def _load_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
         return
     tensors, doc = read_state(latest)
     state: dict[str, Any] = {'step': doc['step'], 'history': doc['history'], 'opt': None,
-                             'scaler': doc.get('scaler')}
+                             'scaler': doc.get('scaler'), 'mu': doc.get('mu', 0.0)}
     for part in ('model', 'pruner'):
         state[part] = tensors_under(tensors, part)
     for name in ('opt', 'opt_ind'):

@@ -80,14 +80,17 @@ class PruneConfig:
             (ablation), channels are gated one by one and heads drift to different counts (the paper's channel
             mismatch); the physical model is then balanced afterwards, each head keeping the layer's mean count.
         reweight: Learn a reweight scale per kept channel, folded into the weights at surgery (section 6).
-        attn_init: Initialise linear-attention indicators from the attention difference (section 5). Off by
-            default: measured on FLatten-DeiT (BENCHMARKS.md), every variant of it ended below the search started
-            from ``m = 1`` (-4.9 / -4.9 points at 50% / 70% MACs with ``attn_init_low`` 0.55, -0.5 / -0.1 with
-            0.95): Adam moves every indicator at about the same rate, so channels started lower are cut first,
-            whatever the task gradient says, and the linear-attention groups start lower than the MLPs.
-        attn_init_low: Initial indicator of a layer's least important linear-attention channel (the most important
-            gets 1). Times a similarity weight of ``1 - similarity_beta``, a value below ``threshold / (1 -
-            similarity_beta)`` gates channels off before the search has seen a gradient.
+        attn_init: Initialise linear-attention indicators from the attention difference (section 5): ranked within
+            each head and centred on the common start 1 (``attn_init_spread``), or the paper's mapping onto
+            ``[attn_init_low, 1]``. Off by default until measured to help: the paper's mapping cost 4.9 top-1 points
+            on FLatten-DeiT at 50% and 70% MACs (BENCHMARKS.md), because Adam moves every indicator at about the
+            same rate, so the linear-attention groups, started lower than the MLPs, were cut first.
+        attn_init_spread: Width of the centred ranking: a head's channels start in ``[1 - spread/2, 1 + spread/2]``
+            by their attention difference.
+        attn_init_low: The paper's mapping instead of the centred ranking: a layer's least important
+            linear-attention channel starts at this value, the most important at 1 (null: the centred ranking).
+            Times a similarity weight of ``1 - similarity_beta``, a value below ``threshold / (1 - similarity_beta)``
+            gates channels off before the search has seen a gradient.
         calib_batches: Batches of the loader used for calibration (similarity, initialisation, Taylor).
         threshold: Indicator score threshold for a kept channel.
         min_keep: Channels every head keeps at least.
@@ -107,7 +110,8 @@ class PruneConfig:
     head_balance: bool = True
     reweight: bool = True
     attn_init: bool = False
-    attn_init_low: float = 0.55
+    attn_init_spread: float = 0.1
+    attn_init_low: float | None = None
     calib_batches: int = field(default=8, metadata={'min': 1})
     threshold: float = 0.5
     min_keep: int = 1
@@ -126,8 +130,10 @@ class PruneConfig:
         if not self.kinds or set(self.kinds) - set(GROUP_KINDS):
             raise ConfigError(f'kinds {list(self.kinds)} must be a non-empty subset of {list(GROUP_KINDS)}')
         _check_target_value(self.target)
-        if not 0 < self.attn_init_low <= 1:
-            raise ConfigError(f'attn_init_low must be in (0, 1], got {self.attn_init_low}')
+        if self.attn_init_low is not None and not 0 < self.attn_init_low <= 1:
+            raise ConfigError(f'attn_init_low must be in (0, 1] or null, got {self.attn_init_low}')
+        if not 0 <= self.attn_init_spread < 1:
+            raise ConfigError(f'attn_init_spread must be in [0, 1), got {self.attn_init_spread}')
         if self.channel_multiple < 1:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':

@@ -62,6 +62,7 @@ class ChannelIndicator(nn.Module):
         self.head_balance = head_balance
         self.threshold = threshold
         self.min_keep = min_keep
+        self.upper = 1.0  # the search clamps m to [0, upper]; an initialisation may start m above 1 and raise it
         shape = (group.num_heads, group.dim)
         value = init if isinstance(init, Tensor) else torch.full(shape, float(init))
         self.m = nn.Parameter(value.detach().clone().float().reshape(shape))

@@ -2,11 +2,16 @@
 
 Loss per step::
 
-    (1 - kd_alpha) * task + kd_alpha * KD(student, frozen original) + lambda_t * (R(b) / R_target - 1) ** 2
+    (1 - kd_alpha) * task + kd_alpha * KD(student, frozen original) + lambda_t * (r - 1) ** 2 + mu_t * (r - 1)
 
-with ``R(b)`` the analytic MACs of the gated structure (differentiable through the straight-through masks) and
-``lambda_t`` ramped linearly from 0 to ``resource_lambda`` over the first ``lambda_warmup`` fraction of the steps.
-Indicators have their own optimiser (Adam, ``indicator_lr``) and are clamped to ``[0, 1]``; reweights stay positive.
+with ``r = R(b) / R_target``, ``R(b)`` the analytic MACs of the gated structure (differentiable through the
+straight-through masks) and ``lambda_t`` ramped linearly from 0 to ``resource_lambda`` over the first
+``lambda_warmup`` fraction of the steps. The quadratic penalty alone settles above the target wherever the task's
+gradient outweighs its shrinking pull near ``r = 1``; with ``resource_control='dual'`` the multiplier ``mu`` (a
+Lagrange multiplier, 0 with ``'penalty'``) grows while the structure is above the target after the warm-up and shrinks
+below it (never under 0), so the search itself ends at the target. Indicators have their own optimiser
+(``indicator_opt``, ``indicator_lr``; :mod:`amap.prune.indicator_opt`) and are clamped to ``[0, upper]`` (``upper``
+is 1 unless an initialisation started them above it); reweights stay positive.
 """
 from __future__ import annotations
 
@@ -19,9 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AmapError
+from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
 
-__all__ = ['DEFAULT_STEPS', 'SearchSettings', 'Search', 'search', 'distillation_loss', 'task_loss', 'kept_by_kind']
+__all__ = ['DEFAULT_STEPS', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search', 'search', 'distillation_loss',
+           'task_loss', 'kept_by_kind']
+
+RESOURCE_CONTROLS = ('penalty', 'dual')
 
 
 DEFAULT_STEPS = 200
@@ -38,9 +47,15 @@ class SearchSettings:
         lr: Weight learning rate during the search (0 freezes the weights).
         weight_decay: Weight decay of the weights during the search.
         indicator_lr: Indicator learning rate.
+        indicator_opt: Indicator optimiser: adam (per-channel normalisation), group_adam (one second moment per
+            channel group) or sgd (momentum 0.9).
         reweight_lr: Reweight learning rate.
         resource_lambda: Final weight of the resource loss.
         lambda_warmup: Fraction of the search over which the resource weight ramps up.
+        resource_control: penalty (the quadratic resource loss alone) or dual (plus a multiplier that grows while the
+            structure is above the target, so the search ends at it).
+        dual_rate: Growth of the dual multiplier: 10% above the target for a tenth of the search adds
+            ``dual_rate * resource_lambda`` to it.
         kd_alpha: Weight of the distillation loss (0: none); ``amap prune`` also fine-tunes with it.
         kd_temperature: Distillation temperature.
         clip_grad: Gradient-norm clipping of the weights during the search (null: none).
@@ -53,9 +68,12 @@ class SearchSettings:
     lr: float = field(default=5e-5, metadata={'flags': ('--search-lr',)})
     weight_decay: float = field(default=0.05, metadata={'flags': ('--search-weight-decay',)})
     indicator_lr: float = 0.02
+    indicator_opt: str = field(default='adam', metadata={'choices': INDICATOR_OPTIMIZERS})
     reweight_lr: float = 1e-3
     resource_lambda: float = 5.0
     lambda_warmup: float = 0.3
+    resource_control: str = field(default='penalty', metadata={'choices': RESOURCE_CONTROLS})
+    dual_rate: float = 0.1
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     clip_grad: float | None = field(default=5.0, metadata={'flags': ('--search-clip-grad',)})
@@ -164,11 +182,12 @@ class Search:
         if self.rw_params:
             groups.append({'params': self.rw_params, 'lr': s.reweight_lr, 'weight_decay': 0.0})
         self.opt = torch.optim.AdamW(groups) if groups else None
-        self.opt_ind = torch.optim.Adam(self.ind_params, lr=s.indicator_lr)
+        self.opt_ind = indicator_optimizer(s.indicator_opt, self.ind_params, s.indicator_lr)
         self.kd_alpha = s.kd_alpha if teacher is not None else 0.0
         self.amp = bool(s.amp and self.device.type == 'cuda')  # float16 autocast + loss scaling on CUDA only
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.step = 0
+        self.mu = 0.0  # the dual multiplier of the MAC constraint (resource_control='dual')
         self.history: list[dict] = []
 
     @property
@@ -178,7 +197,18 @@ class Search:
     def lam(self, step: int) -> float:
         """Resource-loss weight at ``step`` (linear ramp over the first ``lambda_warmup`` of the steps)."""
         s = self.settings
-        return s.resource_lambda * min(1.0, (step + 1) / max(1, math.ceil(s.lambda_warmup * s.total_steps)))
+        return s.resource_lambda * min(1.0, (step + 1) / self._warmup_steps())
+
+    def _warmup_steps(self) -> int:
+        return max(1, math.ceil(self.settings.lambda_warmup * self.settings.total_steps))
+
+    def _update_mu(self, step: int, excess: float) -> None:
+        """Dual ascent on the MAC constraint after the warm-up: ``mu += rate * (r - 1)``, never below 0."""
+        s = self.settings
+        if s.resource_control != 'dual' or step + 1 < self._warmup_steps():
+            return
+        rate = s.dual_rate * s.resource_lambda * 100.0 / s.total_steps
+        self.mu = max(0.0, self.mu + rate * excess)
 
     def train_step(self, x: Tensor | list[tuple[Tensor, Tensor]], y: Tensor | None = None) -> dict | None:
         """One search step (one optimiser update); returns the history record when one is logged at this step.
@@ -220,7 +250,8 @@ class Search:
                                 '(--amp off), then --resume')
             self.scaler.scale(loss / len(micro)).backward()
             sums += torch.tensor([loss.item(), task.item(), kd.item()], dtype=torch.float64) / len(micro)
-        res = lam * (pruner.macs() / self.target_macs - 1) ** 2  # once per update, outside autocast (float64)
+        excess = pruner.macs() / self.target_macs - 1  # once per update, outside autocast (float64)
+        res = lam * excess ** 2 + self.mu * excess
         self.scaler.scale(res.float()).backward()
         if self.grad_sync is not None:
             self.grad_sync(self.weights + self.rw_params + self.ind_params)
@@ -234,10 +265,12 @@ class Search:
         self.scaler.step(self.opt_ind)
         self.scaler.update()
         with torch.no_grad():
-            for p in self.ind_params:
-                p.clamp_(0.0, 1.0)
+            for ind in pruner.indicators.values():
+                ind.m.clamp_(0.0, ind.upper)
             for p in self.rw_params:
                 p.clamp_(min=1e-2)
+        mu = self.mu
+        self._update_mu(step, float(excess.detach()))
         self.step += 1
         if step % s.log_every == 0 or step == s.total_steps - 1:
             with torch.no_grad():
@@ -248,7 +281,7 @@ class Search:
                 loss_v, task_v, kd_v, res_v = logged.tolist()
                 loss_v += res_v
             rec = {'step': step, 'loss': loss_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
-                   'lambda': lam, 'mac_ratio': hard / pruner.full_macs,
+                   'lambda': lam, 'mu': mu, 'mac_ratio': hard / pruner.full_macs,
                    'target_ratio': self.target_macs / pruner.full_macs, 'kept': kept_by_kind(pruner)}
             self.history.append(rec)
             return rec
@@ -294,6 +327,7 @@ class Search:
             'opt': self.opt.state_dict() if self.opt is not None else None,
             'opt_ind': self.opt_ind.state_dict(),
             'step': self.step,
+            'mu': self.mu,
             'history': list(self.history),
             'scaler': self.scaler.state_dict(),
         }
@@ -306,6 +340,7 @@ class Search:
             self.opt.load_state_dict(state['opt'])
         self.opt_ind.load_state_dict(state['opt_ind'])
         self.step = int(state['step'])
+        self.mu = float(state.get('mu', 0.0))
         self.history = list(state['history'])
         if state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])

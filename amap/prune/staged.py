@@ -51,7 +51,8 @@ def calibrate(pruner: Pruner, cfg: PruneConfig, calib: Batches) -> None:
     if not cfg.searches:
         return
     if cfg.attn_init:
-        attention_difference_init(pruner, calib[0][0], low=cfg.attn_init_low, seed=cfg.seed)
+        attention_difference_init(pruner, calib[0][0], spread=cfg.attn_init_spread, low=cfg.attn_init_low,
+                                  seed=cfg.seed)
     if cfg.similarity:
         calibrate_similarity(pruner, (x for x, _ in calib), beta=cfg.similarity_beta)
 

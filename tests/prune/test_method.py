@@ -129,9 +129,9 @@ def test_each_switch_changes_only_its_component(switch):
             if name != switch:
                 assert same, f'{switch}=False changed {name} of {key}'
         if switch == 'attn_init':
-            if key.endswith(('qk', '__v')):  # linear-attention groups: init spans [0.55, 1]
+            if key.endswith(('qk', '__v')):  # linear-attention groups: init spans [0.95, 1.05]
                 linear_seen = True
-                assert full[key][0].min() == pytest.approx(0.55) and full[key][0].max() == pytest.approx(1.0)
+                assert full[key][0].min() == pytest.approx(0.95) and full[key][0].max() == pytest.approx(1.05)
             assert torch.equal(off[key][0], torch.ones_like(off[key][0]))
         if switch == 'similarity':
             assert torch.equal(off[key][1], torch.ones_like(off[key][1]))
@@ -154,21 +154,80 @@ def test_attention_difference_init_is_off_by_default():
     assert all(torch.equal(ind.m, torch.ones_like(ind.m)) for ind in pruner.indicators.values())
 
 
-def test_attn_init_low_sets_the_range_and_can_keep_every_channel_at_step_zero():
+def test_attention_init_ranks_within_heads_centred_on_the_common_start():
+    """Default mapping: each head's channels start in [1 - spread/2, 1 + spread/2] in the order of their attention
+    difference (mean 1, like every other group), may rise to that maximum, and all are kept at step 0."""
+    from amap.prune.attn_init import centred_ranks
+    d = torch.tensor([[0.3, 0.1, 0.2], [5.0, 7.0, 6.0]])
+    torch.testing.assert_close(centred_ranks(d, 0.1), torch.tensor([[1.05, 0.95, 1.0], [0.95, 1.05, 1.0]]))
+    pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(attn_init=True), _calib())
+    linear = [k for k, g in pruner.groups().items() if g.linear_attention]
+    assert linear
+    for key in linear:
+        ind = pruner.indicators[key]
+        assert ind.m.min().item() == pytest.approx(0.95) and ind.m.max().item() == pytest.approx(1.05)
+        torch.testing.assert_close(ind.m.mean(-1), torch.ones(ind.m.shape[0]))
+        assert ind.upper == pytest.approx(1.05)
+        assert bool(ind.hard_mask().all())  # no channel is gated off before a gradient
+    others = [ind for k, ind in pruner.indicators.items() if k not in linear]
+    assert all(torch.equal(ind.m, torch.ones_like(ind.m)) and ind.upper == 1.0 for ind in others)
+
+
+def test_attn_init_low_gives_the_papers_range_and_can_gate_channels_at_step_zero():
     calib = _calib()
-    default = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(attn_init=True), calib)
+    paper = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(attn_init=True, attn_init_low=0.55), calib)
     raised = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(attn_init=True, attn_init_low=0.75), calib)
     linear = [k for k, g in raised.groups().items() if g.linear_attention]
     assert linear
     for key in linear:
         m = raised.indicators[key].m
         assert m.min().item() == pytest.approx(0.75) and m.max().item() == pytest.approx(1.0)
-        assert default.indicators[key].m.min().item() == pytest.approx(0.55)
-    # with similarity weights >= 0.7, [0.75, 1] keeps every channel at step 0; the default [0.55, 1] does not
+        assert paper.indicators[key].m.min().item() == pytest.approx(0.55)
+    # with similarity weights >= 0.7, [0.75, 1] keeps every channel at step 0; the paper's [0.55, 1] does not
     assert all(bool(raised.indicators[k].hard_mask().all()) for k in linear)
-    assert not all(bool(default.indicators[k].hard_mask().all()) for k in linear)
+    assert not all(bool(paper.indicators[k].hard_mask().all()) for k in linear)
     with pytest.raises(ConfigError, match='attn_init_low'):
         PruneConfig(attn_init_low=0.0)
+    with pytest.raises(ConfigError, match='attn_init_spread'):
+        PruneConfig(attn_init_spread=1.5)
+
+
+def test_group_adam_keeps_gradient_sizes_within_a_group():
+    """Adam moves every channel by about its learning rate; GroupAdam normalises the group as a whole, so a channel
+    with 4x the gradient moves 4x as far."""
+    from amap.prune.indicator_opt import indicator_optimizer
+    moves = {}
+    for name in ('adam', 'group_adam'):
+        p = torch.nn.Parameter(torch.ones(1, 2))
+        opt = indicator_optimizer(name, [p], 0.01)
+        for _ in range(3):
+            p.grad = torch.tensor([[1.0, 4.0]])
+            opt.step()
+        moves[name] = (1 - p.detach()).flatten().tolist()
+    assert moves['adam'][1] == pytest.approx(moves['adam'][0], rel=1e-3)
+    assert moves['group_adam'][1] == pytest.approx(4 * moves['group_adam'][0], rel=1e-3)
+    with pytest.raises(ConfigError, match='indicator optimiser'):
+        indicator_optimizer('lion', [p], 0.01)
+
+
+def test_dual_control_raises_its_multiplier_above_the_target_and_resumes_it():
+    from amap.prune.search import Search, SearchSettings
+    pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
+    settings = SearchSettings(steps=6, lambda_warmup=0.3, resource_control='dual', lr=0.0, log_every=1)
+    loop = Search(pruner, 0.5 * pruner.full_macs, settings)
+    x, y = _loader()[0]
+    for _ in range(2):
+        loop.train_step(x, y)
+    assert loop.mu > 0  # after the 2-step warm-up, far above the target
+    assert [h['mu'] for h in loop.history][0] == 0.0
+    state = loop.state_dict()
+    again = Search(pruner, 0.5 * pruner.full_macs, settings)
+    again.load_state_dict(state)
+    assert again.mu == loop.mu
+    penalty = Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=6, lr=0.0))
+    penalty.train_step(x, y)
+    penalty.train_step(x, y)
+    assert penalty.mu == 0.0
 
 
 # --------------------------------------------------------------------------------------------------- prune() API

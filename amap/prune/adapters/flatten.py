@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...models import flatten_cswin, flatten_deit, flatten_pvt, flatten_swin
-from ...models.attention import HeadDWC
+from ...models import flatten_cswin, flatten_pvt, flatten_swin
+from ...models.attention import FocusedLinearAttention, HeadDWC
 from ..groups import ChannelGroup
 from . import register_adapter
 from .base import Adapter, Keep, full_counts, head_rows, row_factor, row_norms, slice_linear
@@ -271,9 +271,13 @@ class _ProjectionAttentionAdapter(Adapter):
 class FocusedLinearAttentionAdapter(_ProjectionAttentionAdapter):
     """Focused linear attention of FLatten-Swin, FLatten-DeiT and FLatten-PVT/PVTv2."""
 
-    module_types = (flatten_swin.FocusedLinearAttention, flatten_deit.DeiTFocusedLinearAttention,
-                    flatten_pvt.PvtFocusedLinearAttention)
+    module_types = (FocusedLinearAttention,)
     linear_attention = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        # without projections (a CSwin branch) the layer is part of a block, which has its own adapter
+        return isinstance(module, FocusedLinearAttention) and module.qkv_layout is not None
 
     @property
     def focusing_factor(self) -> float:

@@ -184,6 +184,11 @@ class FocusedLinearAttention(attention.FocusedLinearAttention):
 class CSWinBlock(nn.Module):
     """CSWin block: ``qkv`` projection, one or two branches of stripe attention, ``proj``, MLP; pre-norm residuals.
 
+    Attributes for tools (what :mod:`amap.prune.adapters` reads): ``qkv`` (rows ``[q | k | v]``, each head-major over
+    both branches), ``proj``, ``attn_type``, ``branch_num``, ``branch_heads``, ``qk_dim``, ``v_dim`` and ``attns``
+    (one module per branch, each with ``H_sp``, ``W_sp`` and LePE's ``get_v``; linear ones are
+    :class:`~amap.models.attention.FocusedLinearAttention` s).
+
     Args:
         dim: Token channels.
         reso: Side of the square token map.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from timm.models.swin_transformer import get_relative_position_index, window_par
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .attention import FocusedLinearAttention, head_widths
+from . import attention
+from .attention import head_widths
 from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, block_attn_types, expand_block_widths, flatten_cfg, init_weights
 
 __all__ = [
@@ -38,6 +40,22 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+
+class FocusedLinearAttention(attention.FocusedLinearAttention):
+    """FLatten-Swin's ``L`` attention: the shared focused linear attention on the tokens of one window (the window is
+    the layer's grid; ``forward(x, mask)`` ignores the shifted-window mask, as the official code does).
+
+    Args:
+        dim: Input (and output) channels.
+        window_size: Window height and width.
+        num_heads: Number of heads.
+        **kwargs: The other arguments of :class:`~amap.models.attention.FocusedLinearAttention`.
+    """
+
+    def __init__(self, dim: int, window_size: int | tuple[int, int], num_heads: int, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads=num_heads, grid_size=to_2tuple(window_size), **kwargs)
+        self.window_size = to_2tuple(window_size)
+
 
 class WindowAttention(nn.Module):
     """Softmax window attention with relative position bias (Swin W-MSA / SW-MSA), FLatten-Swin's ``S`` attention.
@@ -51,10 +69,8 @@ class WindowAttention(nn.Module):
         num_heads: Number of heads.
         qkv_bias: Add a bias to the qkv projection.
         qk_scale: Override the softmax scale ``head_dim ** -0.5`` of the original head width.
-        attn_drop: Dropout on the attention weights.
-        proj_drop: Dropout after the output projection.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
+        attn_drop, proj_drop: Dropout on the attention weights, after the output projection.
+        qk_dim, v_dim: q/k and v channels per head (default ``dim // num_heads``).
     """
 
     def __init__(
@@ -150,16 +166,12 @@ class SwinTransformerBlock(nn.Module):
         mlp_ratio: MLP hidden width over ``dim`` (used when ``mlp_hidden_dim`` is None).
         qkv_bias: Add a bias to the qkv projection.
         qk_scale: Softmax scale override (``S`` attention only).
-        drop: Dropout after projections.
-        attn_drop: Dropout on attention weights.
+        drop, attn_drop: Dropout after projections, on attention weights.
         drop_path: Stochastic depth rate.
-        act_layer: MLP activation.
-        norm_layer: Normalization layer.
-        focusing_factor: Focusing power (``L`` attention).
-        kernel_size: DWC kernel size (``L`` attention).
+        act_layer, norm_layer: MLP activation, normalization layer.
+        focusing_factor, kernel_size: Focusing power and DWC kernel size (``L`` attention).
         attn_type: ``'L'`` (focused linear) or ``'S'`` (softmax with relative position bias).
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
+        qk_dim, v_dim: q/k and v channels per head (default ``dim // num_heads``).
         mlp_hidden_dim: MLP hidden width (default ``int(dim * mlp_ratio)``).
         dwc_shared: Share the DWC kernels across heads (``L`` attention).
     """
@@ -205,7 +217,7 @@ class SwinTransformerBlock(nn.Module):
         window = to_2tuple(self.window_size)
         if attn_type == 'L':
             self.attn = FocusedLinearAttention(
-                dim, num_heads=num_heads, grid_size=window, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                 attn_drop=attn_drop, proj_drop=drop, focusing_factor=focusing_factor, kernel_size=kernel_size,
                 qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
         elif attn_type == 'S':
@@ -286,21 +298,15 @@ class BasicLayer(nn.Module):
         depth: Number of blocks.
         num_heads: Number of heads.
         window_size: Window size of linear-attention blocks (softmax blocks use 7, or 12 if this is above 56).
-        mlp_ratio: MLP hidden width over ``dim``.
-        qkv_bias: Add a bias to qkv projections.
-        qk_scale: Softmax scale override.
-        drop: Dropout after projections.
-        attn_drop: Dropout on attention weights.
         drop_path: Stochastic depth rate, one for all blocks or a list with one per block.
-        norm_layer: Normalization layer.
         downsample: Whether to end the stage with a :class:`PatchMerging` (bool, or any truthy value such as a
             class, for compatibility with the official signature).
         use_checkpoint: Recompute the blocks in the backward pass (activation checkpointing) while training.
-        focusing_factor: Focusing power.
-        kernel_size: DWC kernel size.
         attn_type: ``'L'``, ``'S'``, ``'M<n>'`` (first ``n`` blocks linear, the rest softmax), or a letter per block.
         block_widths: Optional per-block widths, one dict per block (keys of :data:`BLOCK_WIDTH_KEYS`).
         softmax_window_size: Window of softmax blocks; None applies the official rule above.
+        mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, norm_layer, focusing_factor, kernel_size: Passed to every
+            :class:`SwinTransformerBlock`.
     """
 
     def __init__(
@@ -390,9 +396,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel size of linear attention.
         attn_type: Attention per stage (``L``/``S``/``M``; see the module docstring).
-        block_widths: Optional widths per block, flattened over stages in order: one dict per block with any of
-            ``qk_dim`` / ``v_dim`` (per head), ``mlp_hidden`` and ``dwc_shared``; missing keys keep the defaults.
-            This is how a pruned model is built.
+        block_widths: Optional widths per block over all stages (see :func:`~amap.models.helpers.expand_block_widths`).
         softmax_window_size: Window of softmax (``S``) blocks before clamping (ours). None keeps the official rule:
             7, or 12 when ``window_size > 56``.
         **kwargs: Accepted and ignored, as the official constructor does (a warning names them).
@@ -515,16 +519,12 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
 
 
 def _create_flatten_swin(variant: str, pretrained: bool, kwargs: dict[str, Any], **args: Any) -> FLattenSwinTransformer:
-    """Build a registered FLatten-Swin: the released settings (patch 4, global linear windows of 56, ``'LLSS'``, no
-    stochastic depth), then the variant's ``args``, then the caller's ``kwargs``."""
+    """A registered FLatten-Swin: released settings, overridden by the variant's ``args``, then by ``kwargs``."""
     args = dict(dict(img_size=224, patch_size=4, window_size=56, attn_type='LLSS', drop_path_rate=0.), **args)
     return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **dict(args, **kwargs))
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return flatten_cfg('patch_embed.proj', **kwargs)
-
-
+_cfg = partial(flatten_cfg, 'patch_embed.proj')
 default_cfgs = generate_default_cfgs({
     'flatten_swin_tiny': _cfg(),
     'flatten_swin_small': _cfg(),

@@ -108,30 +108,13 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
     The constructor takes exactly the official arguments (same names and defaults) plus ``block_widths``.
     ``patch_size`` is accepted but unused, as in the official model (stage 1 is a 7x7/4 conv, later stages 3x3/2).
 
+    The arguments it shares with :class:`~amap.models.flatten_pvt.PyramidVisionTransformer` mean the same; these differ:
+
     Args:
-        img_size: Input size (sets the linear-attention ``positional_encoding`` lengths).
+        img_size: Input size (sets only the linear-attention ``positional_encoding`` lengths; no position embeddings).
         patch_size: Unused (official signature).
-        in_chans: Input channels.
-        num_classes: Classes of the head (0: no head).
-        embed_dims: Width per stage.
-        num_heads: Heads per stage.
-        mlp_ratios: MLP ratio per stage.
-        qkv_bias: Bias on ``q``/``kv``.
-        qk_scale: Explicit softmax scale for softmax stages.
-        drop_rate: Dropout rate (``proj``, MLP).
-        attn_drop_rate: Attention-map dropout (softmax stages).
-        drop_path_rate: Stochastic-depth rate, linearly increasing over blocks.
         norm_layer: Norm of the blocks and of the stage norms.
-        depths: Blocks per stage.
-        sr_ratios: Spatial-reduction ratios of softmax ('S') stages.
-        la_sr_ratios: Spatial-reduction ratios of focused-linear ('L') stages, one digit per stage.
-        num_stages: Number of stages (the official head assumes 4).
         linear: PVTv2-Li everywhere (keys/values pooled to 7x7, ReLU in the MLP).
-        focusing_factor: Focusing power of linear attention.
-        kernel_size: DWC kernel of linear attention.
-        attn_type: One letter per stage, 'L' (focused linear) or 'S' (softmax); ``None`` means 'LLLL'.
-        block_widths: Optional per-block widths, one dict per block in model order with any of ``qk_dim``,
-            ``v_dim``, ``mlp_hidden``, ``dwc_shared`` (how a pruned model is described); ``None``: default widths.
     """
 
     def __init__(

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 
 from ..groups import ChannelGroup
 from ..indicator import ChannelIndicator
-from .slicing import head_rows, slice_linear  # noqa: F401  (re-exported: their old home)
 
-__all__ = ['Adapter', 'Recorder', 'Keep', 'slice_linear', 'row_factor']
+__all__ = ['Adapter', 'Recorder', 'Keep', 'row_factor']
 
 # recorder(group_key, activation (..., h * d) head-major, role, first_head): role is 'q' / 'k' for qk groups, else the
 # kind; the activation may cover only heads first_head .. first_head + h - 1 of the group (e.g. one CSwin branch)
@@ -191,13 +190,24 @@ class Adapter(ABC):
         """
 
     # ------------------------------------------------------------------------------------------------------ surgery
-    @abstractmethod
     def shrink(self, keep: Keep) -> nn.Module:
-        """A physically smaller module computing what the gated module computes, reweights folded in.
+        """A physically smaller module computing what the gated module computes, reweights folded in: the module
+        :meth:`build` makes for ``widths_of(keep)``, loaded with the module's state where :meth:`sliced_state`
+        replaces the sliced entries.
 
         Args:
             keep: ``{kind: LongTensor (H, k)}`` kept channel indices per head (ascending); missing kinds keep all.
         """
+        p = next(self.module.parameters())
+        new = self.build(self.widths_of(keep)).to(device=p.device, dtype=p.dtype)
+        state = {k: v.detach() for k, v in self.module.state_dict().items()}
+        state.update(self.sliced_state(keep))
+        new.load_state_dict(state, strict=True)
+        return new
+
+    @abstractmethod
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
+        """The state-dict entries of the module that slicing changes (kept channels only, reweights folded in)."""
 
     @abstractmethod
     def build(self, widths: dict[str, int]) -> nn.Module:

@@ -29,7 +29,7 @@ from ...models.attention import FocusedLinearAttention, HeadDWC
 from . import register_adapter
 from .base import Adapter, Keep
 from .projection import ProjectionAttentionAdapter
-from .slicing import dwc_stays_shared, head_rows, slice_depthwise, slice_head_dwc, slice_param
+from .slicing import depthwise_params, dwc_stays_shared, head_dwc_params, head_rows, prefixed, select
 
 __all__ = ['FocusedLinearAttentionAdapter', 'FLattenSoftmaxAdapter', 'CSWinBlockAdapter']
 
@@ -99,18 +99,12 @@ class FocusedLinearAttentionAdapter(ProjectionAttentionAdapter):
         k = self.module.dwc.kernel_size
         return self.rows['dwc'] * dv.sum() * k[0] * k[1]
 
-    def _slice_qk_params(self, new: nn.Module, kq: Tensor) -> None:
-        idx = head_rows(kq, self.qk_dim)
-        new.scale = slice_param(self.module.scale, idx)
-        new.positional_encoding = slice_param(self.module.positional_encoding, idx)
-
-    def shrink(self, keep: Keep) -> nn.Module:
-        new = copy.deepcopy(self.module)
-        new.qk_gate = nn.Identity()
-        self._slice_projections(new, keep)
-        self._slice_qk_params(new, self._full_keep('qk', keep))
-        new.dwc = slice_head_dwc(self.module.dwc, self._full_keep('v', keep))
-        return new
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
+        m, kv = self.module, self._full_keep('v', keep)
+        idx = head_rows(self._full_keep('qk', keep), self.qk_dim)
+        return {**self._projection_state(keep), 'scale': select(m.scale, idx),
+                'positional_encoding': select(m.positional_encoding, idx),
+                **prefixed('dwc', head_dwc_params(m.dwc, kv, dwc_stays_shared(m.dwc, kv)))}
 
     def build(self, widths: dict[str, int]) -> nn.Module:
         dq, dv = widths.get('qk', self.qk_dim), widths.get('v', self.v_dim)
@@ -129,11 +123,6 @@ class FLattenSoftmaxAdapter(ProjectionAttentionAdapter):
     (optionally with spatial reduction of keys and values)."""
 
     module_types = (flatten_swin.WindowAttention, flatten_pvt.PvtAttention)
-
-    def shrink(self, keep: Keep) -> nn.Module:
-        new = copy.deepcopy(self.module)
-        self._slice_projections(new, keep)
-        return new
 
     def build(self, widths: dict[str, int]) -> nn.Module:
         new = copy.deepcopy(self.module)
@@ -204,23 +193,20 @@ class CSWinBlockAdapter(ProjectionAttentionAdapter):
                                     for i, a in enumerate(self.module.attns))
         return out
 
-    def shrink(self, keep: Keep) -> nn.Module:
-        block = self.module
-        new = copy.deepcopy(block)
-        self._slice_projections(new, keep)
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
+        state = self._projection_state(keep)
         kq, kv = self._full_keep('qk', keep), self._full_keep('v', keep)
-        bh = block.branch_heads
-        for i, (attn, new_attn) in enumerate(zip(block.attns, new.attns)):
+        bh = self.module.branch_heads
+        shared = self.widths_of(keep).get('dwc_shared')
+        for i, attn in enumerate(self.module.attns):
             bq, bv = kq[i * bh:(i + 1) * bh], kv[i * bh:(i + 1) * bh]
-            new_attn.qk_dim, new_attn.v_dim = int(bq.shape[1]), int(bv.shape[1])
-            new_attn.get_v = slice_depthwise(attn.get_v, head_rows(bv, self.v_dim))
+            state.update(prefixed(f'attns.{i}.get_v', depthwise_params(attn.get_v, head_rows(bv, self.v_dim))))
             if self.linear_attention:
-                new_attn.qk_gate = nn.Identity()
                 idx = head_rows(bq, self.qk_dim)
-                new_attn.scale = slice_param(attn.scale, idx)
-                new_attn.positional_encoding = slice_param(attn.positional_encoding, idx)
-                new_attn.dwc = slice_head_dwc(attn.dwc, bv)
-        return new
+                state[f'attns.{i}.scale'] = select(attn.scale, idx)
+                state[f'attns.{i}.positional_encoding'] = select(attn.positional_encoding, idx)
+                state.update(prefixed(f'attns.{i}.dwc', head_dwc_params(attn.dwc, bv, shared)))
+        return state
 
     def build(self, widths: dict[str, int]) -> nn.Module:
         block = self.module

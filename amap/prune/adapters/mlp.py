@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..groups import ChannelGroup
 from .base import Adapter, Keep, full_counts, row_norms
-from .slicing import slice_depthwise, slice_linear
+from .slicing import depthwise_params, linear_params, prefixed
 
 __all__ = ['MlpAdapter']
 
@@ -76,13 +76,12 @@ class MlpAdapter(Adapter):
                                               bias=dw.bias is not None))
         return new
 
-    def shrink(self, keep: Keep) -> nn.Module:
-        idx = self._full_keep('mlp', keep).flatten().to(self.module.fc1.weight.device)
-        new = copy.deepcopy(self.module)
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
         m = self.module
-        new.fc1 = slice_linear(m.fc1, rows=idx)
-        new.fc2 = slice_linear(m.fc2, cols=idx, col_scale=self._fold('mlp', keep))
-        name, dw = _find_dwconv(new)
+        idx = self._full_keep('mlp', keep).flatten()
+        state = {**prefixed('fc1', linear_params(m.fc1, rows=idx)),
+                 **prefixed('fc2', linear_params(m.fc2, cols=idx, col_scale=self._fold('mlp', keep)))}
+        name, dw = _find_dwconv(m)
         if dw is not None:
-            new.set_submodule(name, slice_depthwise(dw, idx))
-        return new
+            state.update(prefixed(name, depthwise_params(dw, idx)))
+        return state

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..groups import ChannelGroup
 from .base import Adapter, Keep, full_counts, row_factor, row_norms
-from .slicing import head_rows, slice_linear
+from .slicing import head_rows, linear_params, prefixed
 
 __all__ = ['ProjectionAttentionAdapter']
 
@@ -171,8 +171,9 @@ class ProjectionAttentionAdapter(Adapter):
         return (norms + row_norms(o.proj.weight.t(), slice(None), p)).reshape(H, -1)
 
     # ---------------------------------------------------------------------------------------------------- surgery
-    def _slice_projections(self, new: nn.Module, keep: Keep) -> None:
-        """Slice the q/k/v projections and ``proj`` of ``new`` (a copy of the owner), folding the reweights."""
+    def _projection_state(self, keep: Keep) -> dict[str, Tensor]:
+        """The kept rows of the q/k/v projections and columns of ``proj``, reweights folded in (state-dict entries
+        relative to the owner)."""
         o, seg = self.owner, self.segments()
         kq, kv = self._full_keep('qk', keep), self._full_keep('v', keep)
         rw_q, rw_v = self._fold('qk', keep), self._fold('v', keep)
@@ -181,6 +182,7 @@ class ProjectionAttentionAdapter(Adapter):
             rows = head_rows(idx, d, seg[role].offset)
             scale = rw_q if role == 'q' else None
             parts.setdefault(seg[role].linear, []).append((seg[role].offset, rows, scale))
+        state = prefixed('proj', linear_params(o.proj, cols=head_rows(kv, self.v_dim), col_scale=rw_v))
         for name, items in parts.items():
             items.sort(key=lambda t: t[0])
             rows = torch.cat([r for _, r, _ in items])
@@ -188,9 +190,11 @@ class ProjectionAttentionAdapter(Adapter):
             row_scale = None
             if scales:
                 row_scale = torch.cat([s if s is not None else scales[0].new_ones(r.numel()) for _, r, s in items])
-            setattr(new, name, slice_linear(getattr(o, name), rows=rows, row_scale=row_scale))
-        new.proj = slice_linear(o.proj, cols=head_rows(kv, self.v_dim), col_scale=rw_v)
-        new.qk_dim, new.v_dim = int(kq.shape[1]), int(kv.shape[1])
+            state.update(prefixed(name, linear_params(getattr(o, name), rows=rows, row_scale=row_scale)))
+        return state
+
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
+        return self._projection_state(keep)
 
     def _resize_projections(self, new: nn.Module, dq: int, dv: int) -> None:
         """Give ``new`` (a copy of the owner) empty projections for per-head widths ``dq``/``dv``."""

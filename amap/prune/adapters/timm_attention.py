@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from ..groups import ChannelGroup
 from ..modules import PrunedAttention, PrunedWindowAttention
-from .base import Keep
 from .projection import ProjectionAttentionAdapter
 
 __all__ = ['SoftmaxAttentionAdapter', 'WindowAttentionAdapter']
@@ -69,12 +67,6 @@ class SoftmaxAttentionAdapter(ProjectionAttentionAdapter):
                 setattr(new, name, copy.deepcopy(norm))
         return new
 
-    def shrink(self, keep: Keep) -> nn.Module:
-        widths = {kind: int(self._full_keep(kind, keep).shape[1]) for kind in ('qk', 'v')}
-        new = self.build(widths).to(self.module.qkv.weight.device)
-        self._slice_projections(new, keep)
-        return new
-
 
 class WindowAttentionAdapter(SoftmaxAttentionAdapter):
     """timm Swin ``WindowAttention`` (relative position bias stays per head) and its pruned form."""
@@ -105,9 +97,3 @@ class WindowAttentionAdapter(SoftmaxAttentionAdapter):
             m.qkv.in_features, self.num_heads, widths.get('qk', self.qk_dim), widths.get('v', self.v_dim),
             scale=float(m.scale), window_size=tuple(m.window_size), qkv_bias=m.qkv.bias is not None,
             attn_drop=m.attn_drop.p, proj_drop=m.proj_drop.p, fused_attn=bool(getattr(m, 'fused_attn', True)))
-
-    def shrink(self, keep: Keep) -> nn.Module:
-        target = super().shrink(keep)
-        with torch.no_grad():
-            target.relative_position_bias_table.copy_(self.module.relative_position_bias_table)
-        return target

@@ -23,7 +23,8 @@ the dot products), in the same spirit as timm's ``q_norm``/``k_norm`` slots.
 Interface for tools (what :mod:`amap.prune.adapters` reads): ``num_heads``, ``qk_dim``, ``v_dim``,
 ``focusing_factor``, ``qkv_layout`` (``'qkv'``, ``'q_kv'`` or None), the projections ``qkv`` or ``q``/``kv`` and
 ``proj``, the parameters ``scale`` and ``positional_encoding`` (last dimension: q/k channels, head-major), ``dwc`` and
-``get_v`` (LePE, on v channels), and the ``qk_gate`` slot.
+``get_v`` (LePE, on v channels), and the ``qk_gate`` slot; ``rebuild(qk_dim=..., v_dim=..., dwc_shared=...)`` builds the
+same layer at other widths.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from .helpers import Rebuildable
 
 __all__ = ['focusing_function', 'linear_attention', 'HeadDWC', 'SpatialReduction', 'FocusedLinearAttention',
            'head_widths']
@@ -188,7 +190,7 @@ class SpatialReduction(nn.Module):
         return x
 
 
-class FocusedLinearAttention(SpatialReduction):
+class FocusedLinearAttention(SpatialReduction, Rebuildable):
     """FLatten's focused linear attention, for every family (keys ``qkv`` or ``q``/``kv``, ``proj``, ``scale``
     ``(1, 1, H*qk_dim)``, ``positional_encoding`` ``(1, num_tokens, H*qk_dim)``, ``dwc``; PVT's ``sr``/``norm``; CSwin's
     ``get_v``).

@@ -43,6 +43,7 @@ from . import attention
 from .helpers import (
     BLOCK_WIDTH_KEYS,
     ClassifierMixin,
+    Rebuildable,
     block_attn_types,
     expand_block_widths,
     flatten_cfg,
@@ -181,7 +182,7 @@ class FocusedLinearAttention(attention.FocusedLinearAttention):
         return self.attend(q, k, v, self.resolution, self.resolution)
 
 
-class CSWinBlock(nn.Module):
+class CSWinBlock(Rebuildable, nn.Module):
     """CSWin block: ``qkv`` projection, one or two branches of stripe attention, ``proj``, MLP; pre-norm residuals.
 
     Attributes for tools (what :mod:`amap.prune.adapters` reads): ``qkv`` (rows ``[q | k | v]``, each head-major over

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from .attention import FocusedLinearAttention, SpatialReduction, head_widths
-from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, expand_block_widths, flatten_cfg, init_weights
+from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, Rebuildable, expand_block_widths, flatten_cfg, init_weights
 
 __all__ = [
     'PyramidVisionTransformer', 'PvtAttention', 'PvtFocusedLinearAttention', 'PvtBlock', 'PvtPatchEmbed',
@@ -76,7 +76,7 @@ def stage_attention(
     return stages
 
 
-class PvtAttention(SpatialReduction):
+class PvtAttention(SpatialReduction, Rebuildable):
     """Softmax multi-head attention with spatial reduction of keys and values (PVT's SRA; ``attn_type`` 'S').
 
     Args:

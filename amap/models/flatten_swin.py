@@ -29,9 +29,9 @@ from timm.models.swin_transformer import get_relative_position_index, window_par
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from . import attention
+from . import attention, helpers
 from .attention import head_widths
-from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, block_attn_types, expand_block_widths, flatten_cfg, init_weights
+from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, Rebuildable, block_attn_types, expand_block_widths
 
 __all__ = [
     'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'BasicLayer',
@@ -57,7 +57,7 @@ class FocusedLinearAttention(attention.FocusedLinearAttention):
         self.window_size = to_2tuple(window_size)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(Rebuildable, nn.Module):
     """Softmax window attention with relative position bias (Swin W-MSA / SW-MSA), FLatten-Swin's ``S`` attention.
 
     When ``qk_dim`` is smaller than the original head width, the softmax scale stays ``(dim // num_heads) ** -0.5``
@@ -473,7 +473,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_weights)
+        self.apply(helpers.init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -524,7 +524,7 @@ def _create_flatten_swin(variant: str, pretrained: bool, kwargs: dict[str, Any],
     return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **dict(args, **kwargs))
 
 
-_cfg = partial(flatten_cfg, 'patch_embed.proj')
+_cfg = partial(helpers.flatten_cfg, 'patch_embed.proj')
 default_cfgs = generate_default_cfgs({
     'flatten_swin_tiny': _cfg(),
     'flatten_swin_small': _cfg(),

@@ -6,6 +6,8 @@ initialise with :func:`init_weights`; their ``default_cfgs`` come from :func:`fl
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,11 +19,46 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 
-__all__ = ['init_weights', 'init_weights_with_conv', 'ClassifierMixin', 'flatten_cfg', 'block_attn_types',
-           'BLOCK_WIDTH_KEYS', 'expand_block_widths']
+__all__ = ['Rebuildable', 'init_weights', 'init_weights_with_conv', 'ClassifierMixin', 'flatten_cfg',
+           'block_attn_types', 'BLOCK_WIDTH_KEYS', 'expand_block_widths']
 
 #: Keys a ``block_widths`` entry may set (missing keys keep the block's default width).
 BLOCK_WIDTH_KEYS = ('qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared')
+
+
+class Rebuildable:
+    """Mixin recording the arguments a module was constructed with, so that the same class can be built again with
+    some of them changed (:meth:`rebuild`), e.g. an attention layer at smaller per-head widths.
+
+    Each subclass's ``__init__`` is wrapped: the outermost call stores its arguments, by name, in ``init_kwargs``.
+    """
+
+    init_kwargs: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get('__init__')
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def wrapped(self: Any, *args: Any, **kw: Any) -> None:
+            if 'init_kwargs' not in self.__dict__:  # the outermost constructor: the one the caller called
+                bound = signature.bind(self, *args, **kw)
+                given = dict(bound.arguments)
+                given.pop('self', None)
+                extra = {n: given.pop(n) for n, p in signature.parameters.items()
+                         if p.kind is inspect.Parameter.VAR_KEYWORD and n in given}
+                object.__setattr__(self, 'init_kwargs', {**given, **next(iter(extra.values()), {})})
+            init(self, *args, **kw)
+
+        cls.__init__ = wrapped  # type: ignore[method-assign]
+
+    def rebuild(self, **changes: Any) -> Any:
+        """A new module of the same class built with this one's constructor arguments, ``changes`` applied (fresh
+        weights)."""
+        return type(self)(**{**self.init_kwargs, **changes})
 
 
 def init_weights(m: nn.Module) -> None:

@@ -199,7 +199,9 @@ class Adapter(ABC):
             keep: ``{kind: LongTensor (H, k)}`` kept channel indices per head (ascending); missing kinds keep all.
         """
         p = next(self.module.parameters())
-        new = self.build(self.widths_of(keep)).to(device=p.device, dtype=p.dtype)
+        with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the random streams alone
+            new = self.build(self.widths_of(keep))
+        new = new.to(device=p.device, dtype=p.dtype)
         state = {k: v.detach() for k, v in self.module.state_dict().items()}
         state.update(self.sliced_state(keep))
         new.load_state_dict(state, strict=True)

@@ -19,13 +19,11 @@ per kept channel, copied from the shared bank): same MACs, same function.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from ...models import flatten_cswin, flatten_pvt, flatten_swin
-from ...models.attention import FocusedLinearAttention, HeadDWC
+from ...models.attention import FocusedLinearAttention
 from . import register_adapter
 from .base import Adapter, Keep
 from .projection import ProjectionAttentionAdapter
@@ -51,10 +49,6 @@ class _QKGate(nn.Module):
         adapter.record('qk', x, role, self.first_head)
         mask = adapter.indicators['qk'].mask()[self.first_head:self.first_head + self.heads].flatten()
         return x * mask
-
-
-def _empty_dwc(dwc: HeadDWC, v_dim: int, num_heads: int, shared: bool) -> HeadDWC:
-    return HeadDWC(v_dim, num_heads, kernel_size=dwc.kernel_size[0], shared=shared)
 
 
 @register_adapter
@@ -107,14 +101,8 @@ class FocusedLinearAttentionAdapter(ProjectionAttentionAdapter):
                 **prefixed('dwc', head_dwc_params(m.dwc, kv, dwc_stays_shared(m.dwc, kv)))}
 
     def build(self, widths: dict[str, int]) -> nn.Module:
-        dq, dv = widths.get('qk', self.qk_dim), widths.get('v', self.v_dim)
-        new = copy.deepcopy(self.module)
-        self._resize_projections(new, dq, dv)
-        n = self.num_heads * dq
-        new.scale = nn.Parameter(torch.zeros(*self.module.scale.shape[:-1], n))
-        new.positional_encoding = nn.Parameter(torch.zeros(*self.module.positional_encoding.shape[:-1], n))
-        new.dwc = _empty_dwc(self.module.dwc, dv, self.num_heads, bool(widths.get('dwc_shared', True)))
-        return new
+        return self.module.rebuild(qk_dim=widths.get('qk', self.qk_dim), v_dim=widths.get('v', self.v_dim),
+                                   dwc_shared=bool(widths.get('dwc_shared', True)))
 
 
 @register_adapter
@@ -125,9 +113,7 @@ class FLattenSoftmaxAdapter(ProjectionAttentionAdapter):
     module_types = (flatten_swin.WindowAttention, flatten_pvt.PvtAttention)
 
     def build(self, widths: dict[str, int]) -> nn.Module:
-        new = copy.deepcopy(self.module)
-        self._resize_projections(new, widths.get('qk', self.qk_dim), widths.get('v', self.v_dim))
-        return new
+        return self.module.rebuild(qk_dim=widths.get('qk', self.qk_dim), v_dim=widths.get('v', self.v_dim))
 
 
 @register_adapter
@@ -209,16 +195,5 @@ class CSWinBlockAdapter(ProjectionAttentionAdapter):
         return state
 
     def build(self, widths: dict[str, int]) -> nn.Module:
-        block = self.module
-        dq, dv = widths.get('qk', self.qk_dim), widths.get('v', self.v_dim)
-        new = copy.deepcopy(block)
-        self._resize_projections(new, dq, dv)
-        bh = block.branch_heads
-        for attn in new.attns:
-            attn.qk_dim, attn.v_dim = dq, dv
-            attn.get_v = nn.Conv2d(bh * dv, bh * dv, 3, 1, 1, groups=bh * dv)
-            if self.linear_attention:
-                attn.scale = nn.Parameter(torch.zeros(*attn.scale.shape[:-1], bh * dq))
-                attn.positional_encoding = nn.Parameter(torch.zeros(*attn.positional_encoding.shape[:-1], bh * dq))
-                attn.dwc = _empty_dwc(attn.dwc, dv, bh, bool(widths.get('dwc_shared', True)))
-        return new
+        return self.module.rebuild(qk_dim=widths.get('qk', self.qk_dim), v_dim=widths.get('v', self.v_dim),
+                                   dwc_shared=bool(widths.get('dwc_shared', True)))

@@ -195,15 +195,3 @@ class ProjectionAttentionAdapter(Adapter):
 
     def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
         return self._projection_state(keep)
-
-    def _resize_projections(self, new: nn.Module, dq: int, dv: int) -> None:
-        """Give ``new`` (a copy of the owner) empty projections for per-head widths ``dq``/``dv``."""
-        o, seg, H = self.owner, self.segments(), self.num_heads
-        width: dict[str, int] = {}
-        for role, d in (('q', dq), ('k', dq), ('v', dv)):
-            width[seg[role].linear] = width.get(seg[role].linear, 0) + H * d
-        for name, out in width.items():
-            old = getattr(o, name)
-            setattr(new, name, nn.Linear(old.in_features, out, bias=old.bias is not None))
-        new.proj = nn.Linear(H * dv, o.proj.out_features, bias=o.proj.bias is not None)
-        new.qk_dim, new.v_dim = dq, dv

@@ -34,20 +34,26 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .attention import HeadDWC, focusing_function, linear_attention
+from . import attention
+from .helpers import (
+    BLOCK_WIDTH_KEYS,
+    ClassifierMixin,
+    Rebuildable,
+    block_attn_types,
+    expand_block_widths,
+    flatten_cfg,
+    init_weights,
+)
 
 __all__ = [
     'CSWinTransformer', 'CSWinBlock', 'LePEAttention', 'FocusedLinearAttention', 'MergeBlock', 'BLOCK_WIDTH_KEYS',
 ]
 
-#: Keys allowed in one entry of ``block_widths`` (all optional; missing keys keep the original widths).
-BLOCK_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
 
 
 def _to_stripes(x: Tensor, resolution: int, h_sp: int, w_sp: int) -> Tensor:
@@ -149,12 +155,9 @@ class LePEAttention(nn.Module):
         return _from_stripes(x, res, h_sp, w_sp)
 
 
-class FocusedLinearAttention(nn.Module):
-    """Focused linear attention over the whole token map, plus LePE, as in FLatten-CSWin.
-
-    ``k`` gets the learned ``positional_encoding``; q and k go through the focusing function (with ``qk_gate`` as
-    the hook point); the normalised linear attention runs over all tokens; a depthwise conv on v shared by all heads
-    (``dwc``, or one kernel per channel when ``dwc_shared`` is False) and LePE (``get_v``) are added.
+class FocusedLinearAttention(attention.FocusedLinearAttention):
+    """Focused linear attention over the whole token map, plus LePE, as in FLatten-CSWin: the shared layer without
+    projections (the block projects), with ``get_v``; ``forward`` takes q, k and v.
 
     Only one stripe covering the map is supported: the official module cannot run on narrower stripes (its
     depthwise-conv reshape fails), so CSWin blocks build this module only where the official one runs.
@@ -163,71 +166,29 @@ class FocusedLinearAttention(nn.Module):
         dim: Channels of this branch at the original width (``num_heads * head_dim``).
         resolution: Side of the square token map.
         num_heads: Heads.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        focusing_factor: The focusing power ``p``.
-        kernel_size: Kernel of the depthwise conv on v.
-        dwc_shared: Share the depthwise conv across heads (the official layout).
+        **kwargs: ``qk_dim``, ``v_dim``, ``focusing_factor``, ``kernel_size``, ``dwc_shared`` of
+            :class:`~amap.models.attention.FocusedLinearAttention`.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            resolution: int,
-            num_heads: int = 8,
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            dwc_shared: bool = True,
-    ) -> None:
-        super().__init__()
-        head_dim = dim // num_heads
-        self.dim = dim
+    def __init__(self, dim: int, resolution: int, num_heads: int = 8, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads=num_heads, grid_size=(resolution, resolution), qkv_layout=None, lepe=True,
+                         **kwargs)
         self.resolution = resolution
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim or head_dim
-        self.v_dim = v_dim or head_dim
         self.H_sp = self.W_sp = resolution
-        self.focusing_factor = focusing_factor
-        qk_channels = num_heads * self.qk_dim
-        v_channels = num_heads * self.v_dim
-        self.get_v = nn.Conv2d(v_channels, v_channels, kernel_size=3, stride=1, padding=1, groups=v_channels)
-        self.dwc = HeadDWC(self.v_dim, num_heads, kernel_size=kernel_size, shared=dwc_shared)
-        self.scale = nn.Parameter(torch.zeros(1, 1, qk_channels))
-        self.positional_encoding = nn.Parameter(torch.zeros(1, self.H_sp * self.W_sp, qk_channels))
-        self.qk_gate = nn.Identity()
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attend over the whole map.
-
-        Args:
-            q: Queries ``(B, H*W, num_heads * qk_dim)``.
-            k: Keys ``(B, H*W, num_heads * qk_dim)``.
-            v: Values ``(B, H*W, num_heads * v_dim)``.
-
-        Returns:
-            ``(B, H*W, num_heads * v_dim)``.
-        """
-        B, L, _ = q.shape
-        res, h_sp, w_sp = self.resolution, self.H_sp, self.W_sp
-        q = _to_stripes(q, res, h_sp, w_sp)
-        k = _to_stripes(k, res, h_sp, w_sp) + self.positional_encoding
-        v = _to_stripes(v, res, h_sp, w_sp)
-        lepe = _lepe(v, self.get_v, h_sp, w_sp).transpose(1, 2)
-
-        q = focusing_function(q, self.scale, self.focusing_factor, gate=self.qk_gate)
-        k = focusing_function(k, self.scale, self.focusing_factor, gate=self.qk_gate)
-        # as in the official module, stripes go back to (B, L, .): the linear attention spans every token
-        q, k, v = q.reshape(B, L, -1), k.reshape(B, L, -1), v.reshape(B, L, -1)
-        x = linear_attention(q, k, v, self.num_heads).transpose(1, 2).reshape(B, L, -1)
-        v = v.reshape(B, L, self.num_heads, self.v_dim).transpose(1, 2)
-        x = x + self.dwc(v, h_sp, w_sp) + lepe.reshape(B, L, -1)
-        return _from_stripes(x, res, h_sp, w_sp)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        """Attend over the whole map: q, k ``(B, H*W, num_heads * qk_dim)``, v ``(B, H*W, num_heads * v_dim)`` to
+        ``(B, H*W, num_heads * v_dim)`` (one stripe covering the map: the stripe layout is the token layout)."""
+        return self.attend(q, k, v, self.resolution, self.resolution)
 
 
-class CSWinBlock(nn.Module):
+class CSWinBlock(Rebuildable, nn.Module):
     """CSWin block: ``qkv`` projection, one or two branches of stripe attention, ``proj``, MLP; pre-norm residuals.
+
+    Attributes for tools (what :mod:`amap.prune.adapters` reads): ``qkv`` (rows ``[q | k | v]``, each head-major over
+    both branches), ``proj``, ``attn_type``, ``branch_num``, ``branch_heads``, ``qk_dim``, ``v_dim`` and ``attns``
+    (one module per branch, each with ``H_sp``, ``W_sp`` and LePE's ``get_v``; linear ones are
+    :class:`~amap.models.attention.FocusedLinearAttention` s).
 
     Args:
         dim: Token channels.
@@ -372,23 +333,21 @@ class _MapToTokens(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-def _stage_attn_types(attn_type: str, stage: int, depth: int) -> list[str]:
-    """Attention kind of each block of a stage, as the official constructor derives it from ``attn_type``."""
-    if len(attn_type) < 4 or any(c not in 'LSM' for c in attn_type[:4]):
-        raise ModelError(f"attn_type must give 'L', 'S' or 'M' for each of the 4 stages, got {attn_type!r}")
-    kind = attn_type[stage]
-    if kind != 'M':
-        return [kind] * depth
-    try:
-        num_linear = int(attn_type[4:])
-    except ValueError:
-        raise ModelError(
-            f"attn_type {attn_type!r} has a mixed stage 'M' but no number of linear blocks after the 4 stage letters "
-            f"(e.g. 'LLMS4')") from None
-    return ['L' if i < num_linear else 'S' for i in range(depth)]
+def _stage_resolutions(img_size: int) -> list[int]:
+    """Token-map sides of the 4 stages: the official model assumes ``img_size // 4``, ``// 8``, ...; the stem and
+    merge convolutions must agree (a :class:`~amap.errors.ModelError` names the first stage where they do not)."""
+    resolutions = [img_size // (4 * 2 ** s) for s in range(4)]
+    actual = (img_size + 2 * 2 - 7) // 4 + 1
+    for s in range(4):
+        if actual != resolutions[s] or actual < 1:
+            raise ModelError(
+                f'img_size {img_size} gives a {actual}x{actual} token map in stage {s + 1} where the model '
+                f'expects img_size // {4 * 2 ** s} = {resolutions[s]}; use a multiple of 32 such as 224')
+        actual = (actual - 1) // 2 + 1
+    return resolutions
 
 
-class CSWinTransformer(nn.Module):
+class CSWinTransformer(ClassifierMixin, nn.Module):
     """FLatten-CSWin Transformer, with the official constructor's arguments and defaults.
 
     Note that the official defaults (``la_split_size='1-2-7-7'`` with ``attn_type='LLLL'``) describe a model the
@@ -457,25 +416,8 @@ class CSWinTransformer(nn.Module):
         if len(la_splits) < 4 or len(depth) != 4 or len(split_size) < 4 or len(num_heads) < 4:
             raise ModelError('CSWin needs 4 stages: depth, num_heads, split_size and la_split_size must give 4 values')
         num_blocks = sum(depth)
-        if block_widths is None:
-            block_widths = [{}] * num_blocks
-        if len(block_widths) != num_blocks:
-            raise ModelError(f'block_widths has {len(block_widths)} entries; the model has {num_blocks} blocks')
-        for i, widths in enumerate(block_widths):
-            unknown = set(widths) - BLOCK_WIDTH_KEYS
-            if unknown:
-                raise ModelError(
-                    f'block_widths[{i}] has unknown keys {sorted(unknown)}; use {sorted(BLOCK_WIDTH_KEYS)}')
-
-        # token-map sides: the official model assumes img_size // 4, // 8, ...; the convolutions must agree
-        resolutions = [img_size // (4 * 2 ** s) for s in range(4)]
-        actual = (img_size + 2 * 2 - 7) // 4 + 1
-        for s in range(4):
-            if actual != resolutions[s] or actual < 1:
-                raise ModelError(
-                    f'img_size {img_size} gives a {actual}x{actual} token map in stage {s + 1} where the model '
-                    f'expects img_size // {4 * 2 ** s} = {resolutions[s]}; use a multiple of 32 such as 224')
-            actual = (actual - 1) // 2 + 1
+        widths = expand_block_widths(block_widths, num_blocks)
+        resolutions = _stage_resolutions(img_size)
 
         self.img_size = img_size
         self.resolutions = resolutions
@@ -483,7 +425,7 @@ class CSWinTransformer(nn.Module):
         self.grad_checkpointing = use_chk
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
-        self.block_widths = [dict(w) for w in block_widths]
+        self.block_widths = widths
 
         self.stage1_conv_embed = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim, 7, 4, 2),
@@ -493,8 +435,7 @@ class CSWinTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, num_blocks, device="cpu").tolist()
         curr_dim = embed_dim
         first = 0
-        for s in range(4):
-            attn_types = _stage_attn_types(attn_type, s, depth[s])
+        for s, attn_types in enumerate(block_attn_types(attn_type, depth)):
             blocks = []
             for i in range(depth[s]):
                 split = la_splits[s] if attn_types[i] == 'L' else split_size[s]
@@ -504,7 +445,7 @@ class CSWinTransformer(nn.Module):
                         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                         attn_drop=attn_drop_rate, drop_path=dpr[first + i], norm_layer=norm_layer,
                         last_stage=s == 3, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                        attn_type=attn_types[i], **block_widths[first + i])
+                        attn_type=attn_types[i], **widths[first + i])
                 except ModelError as e:
                     raise ModelError(f'stage{s + 1} block {i}: {e}') from None
                 blocks.append(block)
@@ -519,17 +460,7 @@ class CSWinTransformer(nn.Module):
 
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -541,19 +472,11 @@ class CSWinTransformer(nn.Module):
         """Enable or disable gradient checkpointing of every block."""
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classification head."""
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one for ``num_classes`` classes (0 for none); pooling is always the mean."""
-        self.num_classes = num_classes
-        device = next(self.parameters()).device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=.02)
-            nn.init.constant_(self.head.bias, 0)
+        super().reset_classifier(num_classes)
+        self.head.apply(init_weights)
+        self.head.to(next(self.parameters()).device)
 
     def stages(self) -> list[nn.ModuleList]:
         """The four stages' block lists, in order."""
@@ -578,14 +501,6 @@ class CSWinTransformer(nn.Module):
                     x = blk(x)
         return self.norm(x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Mean over tokens, then the head (skipped with ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _default_la_split_size(img_size: int | Sequence[int]) -> str:
@@ -600,15 +515,8 @@ def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWi
     return build_model_with_cfg(CSWinTransformer, variant, pretrained, **kwargs)
 
 
-def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stage1_conv_embed.0', 'classifier': 'head',
-        'license': 'mit', **kwargs,
-    }
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return flatten_cfg('stage1_conv_embed.0', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -20,106 +20,27 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .attention import HeadDWC, focusing_function, linear_attention
+from .attention import FocusedLinearAttention
+from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, expand_block_widths, flatten_cfg, init_weights
 
 __all__ = ['DeiTFocusedLinearAttention', 'FLattenDeiTBlock', 'FLattenDeiT', 'BLOCK_WIDTH_KEYS']
 
-#: Keys allowed in one entry of ``block_widths`` (all optional).
-BLOCK_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
-
-
-class DeiTFocusedLinearAttention(nn.Module):
+class DeiTFocusedLinearAttention(FocusedLinearAttention):
     """Focused linear attention over prefix (class) tokens and a grid of patch tokens.
 
     All tokens attend to all tokens through the focused kernel; the depthwise convolution on v sees the patch tokens
-    only (on their ``grid_size`` grid), and the prefix tokens receive no DWC term.
-
-    Args:
-        dim: Input (and output) channels.
-        num_heads: Number of heads.
-        grid_size: Patch-token grid ``(H, W)``.
-        num_prefix_tokens: Tokens before the patch tokens (1 for the class token, 0 without it).
-        qkv_bias: Add a bias to the qkv projection.
-        attn_drop: Accepted for symmetry with timm's attention (linear attention has no attention weights to drop).
-        proj_drop: Dropout after the output projection.
-        focusing_factor: The focusing power ``p``.
-        kernel_size: Kernel size of the depthwise convolution on v.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        dwc_shared: Share one depthwise kernel bank across heads (default) or use one kernel per channel.
+    only (on their ``grid_size`` grid), and the prefix tokens receive no DWC term. The arguments are those of
+    :class:`~amap.models.attention.FocusedLinearAttention`, with one class token by default.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            grid_size: tuple[int, int],
-            num_prefix_tokens: int = 1,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            dwc_shared: bool = True,
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ModelError(f'dim={dim} is not divisible by num_heads={num_heads}; pick a num_heads that divides it')
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qk_dim = self.head_dim if qk_dim is None else int(qk_dim)
-        self.v_dim = self.head_dim if v_dim is None else int(v_dim)
-        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        self.num_prefix_tokens = num_prefix_tokens
-        self.focusing_factor = focusing_factor
-        qk_channels = num_heads * self.qk_dim
-        num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-
-        self.qkv = nn.Linear(dim, num_heads * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * self.v_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = HeadDWC(self.v_dim, num_heads, kernel_size=kernel_size, shared=dwc_shared)
-        self.scale = nn.Parameter(torch.zeros(1, 1, qk_channels))
-        self.positional_encoding = nn.Parameter(torch.zeros(1, num_tokens, qk_channels))
-        self.qk_gate = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Attend over all tokens.
-
-        Args:
-            x: Tokens ``(B, num_prefix_tokens + H*W, dim)``.
-
-        Returns:
-            ``(B, num_prefix_tokens + H*W, dim)``.
-        """
-        qk_channels = self.num_heads * self.qk_dim
-        q, k, v = self.qkv(x).split([qk_channels, qk_channels, self.num_heads * self.v_dim], dim=-1)
-        k = k + self.positional_encoding
-        q = focusing_function(q, self.scale, self.focusing_factor, gate=self.qk_gate)
-        k = focusing_function(k, self.scale, self.focusing_factor, gate=self.qk_gate)
-        out = linear_attention(q, k, v, self.num_heads)  # B, H, N, v_dim
-        B, H, N, d = out.shape
-        out = out.transpose(1, 2).reshape(B, N, H * d)
-        p = self.num_prefix_tokens
-        v_patches = v[:, p:].reshape(B, N - p, H, d).transpose(1, 2)
-        local = self.dwc(v_patches, self.grid_size[0], self.grid_size[1])  # B, N - p, H*d
-        out = out + F.pad(local, (0, 0, p, 0))  # prefix tokens get no DWC term
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, '
-                f'qk_dim={self.qk_dim}, v_dim={self.v_dim}, focusing_factor={self.focusing_factor}')
+    def __init__(self, dim: int, num_heads: int, grid_size: tuple[int, int], num_prefix_tokens: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(dim, num_heads=num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, **kwargs)
 
 
 class FLattenDeiTBlock(nn.Module):
@@ -183,7 +104,7 @@ class FLattenDeiTBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class FLattenDeiT(nn.Module):
+class FLattenDeiT(ClassifierMixin, nn.Module):
     """FLatten-DeiT: a ViT with focused linear attention in every block (ours; no official code exists).
 
     Args:
@@ -253,17 +174,8 @@ class FLattenDeiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
-        if block_widths is not None:
-            block_widths = list(block_widths)
-            if len(block_widths) != depth:
-                raise ModelError(f'block_widths has {len(block_widths)} entries; the model has depth={depth} blocks')
-            for i, w in enumerate(block_widths):
-                unknown = set(w) - BLOCK_WIDTH_KEYS
-                if unknown:
-                    raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; '
-                                     f'allowed: {sorted(BLOCK_WIDTH_KEYS)}')
-        self.block_widths = block_widths
-        widths = block_widths if block_widths is not None else [{}] * depth
+        widths = expand_block_widths(block_widths, depth)
+        self.block_widths = None if block_widths is None else widths
         dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.blocks = nn.Sequential(*[
             FLattenDeiTBlock(
@@ -276,20 +188,10 @@ class FLattenDeiT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -301,19 +203,13 @@ class FLattenDeiT(nn.Module):
         """Parameter groups for layer-wise learning-rate decay (timm convention)."""
         return dict(stem=r'^cls_token|pos_embed|patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classification head."""
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one for ``num_classes`` classes (0: no head)."""
-        self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ('token', 'avg') or (global_pool == 'token' and self.cls_token is None):
                 raise ModelError(f'global_pool={global_pool!r} is not available for this model')
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        super().reset_classifier(num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` to normalized tokens ``(B, prefix + patches, embed_dim)``."""
@@ -330,22 +226,13 @@ class FLattenDeiT(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Images ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
-
 
 def _create_flatten_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
     return build_model_with_cfg(FLattenDeiT, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': .875,
-        'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs,
-    }
+    return flatten_cfg('patch_embed.proj', **{'crop_pct': .875, 'license': 'apache-2.0', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -24,22 +24,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .attention import HeadDWC, focusing_function, linear_attention
+from .attention import FocusedLinearAttention, SpatialReduction, head_widths
+from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, Rebuildable, expand_block_widths, flatten_cfg, init_weights
 
 __all__ = [
     'PyramidVisionTransformer', 'PvtAttention', 'PvtFocusedLinearAttention', 'PvtBlock', 'PvtPatchEmbed',
-    'stage_attention', 'expand_block_widths', 'BLOCK_WIDTH_KEYS',
+    'stage_attention', 'pvt_attention', 'expand_block_widths', 'BLOCK_WIDTH_KEYS',
 ]
-
-#: Keys a ``block_widths`` entry may set (missing keys keep the block's default width).
-BLOCK_WIDTH_KEYS = ('qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared')
-
 
 def stage_attention(
         attn_type: str | None,
@@ -80,79 +76,7 @@ def stage_attention(
     return stages
 
 
-def expand_block_widths(
-        block_widths: Sequence[Mapping[str, Any]] | None,
-        num_blocks: int,
-) -> list[dict[str, Any]]:
-    """Check a model's ``block_widths`` argument and return one dict per block (empty dicts when ``None``).
-
-    Args:
-        block_widths: ``None`` or one mapping per block, in model order (stage 1 block 0, block 1, ..., last stage),
-            with any of the keys ``qk_dim``, ``v_dim``, ``mlp_hidden`` (ints) and ``dwc_shared`` (bool).
-        num_blocks: Number of blocks of the model.
-
-    Returns:
-        A list of ``num_blocks`` dicts.
-
-    Raises:
-        ModelError: Wrong length or an unknown key.
-    """
-    if block_widths is None:
-        return [{} for _ in range(num_blocks)]
-    block_widths = list(block_widths)
-    if len(block_widths) != num_blocks:
-        raise ModelError(f'block_widths has {len(block_widths)} entries but the model has {num_blocks} blocks; '
-                         'give one dict per block in order')
-    out = []
-    for i, widths in enumerate(block_widths):
-        unknown = set(widths) - set(BLOCK_WIDTH_KEYS)
-        if unknown:
-            raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; allowed: {list(BLOCK_WIDTH_KEYS)}')
-        out.append(dict(widths))
-    return out
-
-
-class _SpatialReduction(nn.Module):
-    """Shared set-up of the key/value spatial reduction of PVT attention (official submodule names kept).
-
-    ``linear=False``: a strided ``sr`` conv + ``norm`` when ``sr_ratio > 1`` (nothing otherwise). ``linear=True``
-    (PVTv2-Li): ``pool`` to 7x7, a 1x1 ``sr`` conv, ``norm`` and ``act``.
-    """
-
-    def _init_reduction(self, dim: int, sr_ratio: int, linear: bool) -> None:
-        self.linear = linear
-        self.sr_ratio = sr_ratio
-        if not linear:
-            if sr_ratio > 1:
-                self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-                self.norm = nn.LayerNorm(dim)
-        else:
-            self.pool = nn.AdaptiveAvgPool2d(7)
-            self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
-            self.norm = nn.LayerNorm(dim)
-            self.act = nn.GELU()
-
-    @property
-    def reduces(self) -> bool:
-        """Whether keys/values have fewer tokens than queries."""
-        return self.linear or self.sr_ratio > 1
-
-    def _kv_tokens(self, x: Tensor, height: int, width: int) -> Tensor:
-        """The tokens keys and values are computed from, ``(B, n, C)``."""
-        if not self.reduces:
-            return x
-        B, N, C = x.shape
-        x = x.permute(0, 2, 1).reshape(B, C, height, width)
-        if self.linear:
-            x = self.pool(x)
-        x = self.sr(x).reshape(B, C, -1).permute(0, 2, 1)
-        x = self.norm(x)
-        if self.linear:
-            x = self.act(x)
-        return x
-
-
-class PvtAttention(_SpatialReduction):
+class PvtAttention(SpatialReduction, Rebuildable):
     """Softmax multi-head attention with spatial reduction of keys and values (PVT's SRA; ``attn_type`` 'S').
 
     Args:
@@ -183,13 +107,9 @@ class PvtAttention(_SpatialReduction):
             v_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ModelError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        head_dim = dim // num_heads
         self.dim = dim
         self.num_heads = num_heads
-        self.qk_dim = qk_dim or head_dim
-        self.v_dim = v_dim or head_dim
+        head_dim, self.qk_dim, self.v_dim = head_widths(dim, num_heads, qk_dim, v_dim)
         self.scale = qk_scale or head_dim ** -0.5
 
         self.q = nn.Linear(dim, num_heads * self.qk_dim, bias=qkv_bias)
@@ -226,13 +146,10 @@ class PvtAttention(_SpatialReduction):
         return self.proj_drop(x)
 
 
-class PvtFocusedLinearAttention(_SpatialReduction):
+class PvtFocusedLinearAttention(FocusedLinearAttention):
     """FLatten's focused linear attention in PVT form (``attn_type`` 'L'): separate ``q`` and ``kv`` projections,
-    optional spatial reduction of keys/values, learnable ``positional_encoding`` on the keys, and a depthwise conv on
-    the values (interpolated back to the query tokens when keys/values are reduced).
-
-    Hook point: ``self.qk_gate`` (an ``nn.Identity``) is applied to the kernel-mapped q and k inside
-    :func:`~amap.models.attention.focusing_function`.
+    optional spatial reduction of keys/values, and the depthwise conv on the values interpolated back to the query
+    tokens when keys/values are reduced (see :class:`~amap.models.attention.FocusedLinearAttention`).
 
     Args:
         dim: Token width.
@@ -240,119 +157,26 @@ class PvtFocusedLinearAttention(_SpatialReduction):
             ``num_patches // sr_ratio ** 2``, as in the official code).
         num_heads: Number of heads.
         qkv_bias: Bias on ``q`` and ``kv``.
-        qk_scale: Unused (accepted for the official signature).
-        attn_drop: Unused by linear attention (the official module keeps an ``attn_drop`` Dropout all the same).
-        proj_drop: Dropout after ``proj``.
-        sr_ratio: Spatial-reduction ratio of keys/values.
-        linear: PVTv2-Li pooled reduction (7x7 average pool + 1x1 conv).
-        focusing_factor: The focusing power ``p``.
-        kernel_size: Kernel of the depthwise conv on v.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        dwc_shared: One depthwise kernel bank shared by all heads (official) or one per head channel.
+        **kwargs: The other arguments of :class:`~amap.models.attention.FocusedLinearAttention` (``sr_ratio``,
+            ``linear``, ``qk_dim``, ``v_dim``, ``dwc_shared``, ...).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_patches: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_scale: float | None = None,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            sr_ratio: int = 1,
-            linear: bool = False,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            dwc_shared: bool = True,
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ModelError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        head_dim = dim // num_heads
-        self.dim = dim
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim or head_dim
-        self.v_dim = v_dim or head_dim
-        qk_channels = num_heads * self.qk_dim
-
-        self.q = nn.Linear(dim, qk_channels, bias=qkv_bias)
-        self.kv = nn.Linear(dim, num_heads * (self.qk_dim + self.v_dim), bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * self.v_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self._init_reduction(dim, sr_ratio, linear)
-
-        self.focusing_factor = focusing_factor
-        self.dwc = HeadDWC(self.v_dim, num_heads, kernel_size=kernel_size, shared=dwc_shared)
-        self.scale = nn.Parameter(torch.zeros(1, 1, qk_channels))
-        self.positional_encoding = nn.Parameter(torch.zeros(1, num_patches // (sr_ratio * sr_ratio), qk_channels))
-        self.qk_gate = nn.Identity()
-
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        """Attend.
-
-        Args:
-            x: Tokens ``(B, H * W, dim)``.
-            H: Token grid height.
-            W: Token grid width.
-
-        Returns:
-            ``(B, H * W, dim)``.
-        """
-        B, N, _ = x.shape
-        heads, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        q = self.q(x)
-        kv = self.kv(self._kv_tokens(x, H, W))
-        k, v = kv[..., :heads * dq], kv[..., heads * dq:]
-        n = k.shape[1]
-
-        k = k + self.positional_encoding
-        q = focusing_function(q, self.scale, self.focusing_factor, gate=self.qk_gate)
-        k = focusing_function(k, self.scale, self.focusing_factor, gate=self.qk_gate)
-        x = linear_attention(q, k, v, heads)  # (B, heads, N, dv)
-
-        v = v.reshape(B, n, heads, dv).permute(0, 2, 1, 3)
-        if self.reduces:  # bring v back to the N query tokens for the DWC
-            v = F.interpolate(v.transpose(-2, -1).reshape(B * heads, dv, n), size=N, mode='linear')
-            v = v.reshape(B, heads, dv, N).transpose(-2, -1)
-        x = x.transpose(1, 2).reshape(B, N, heads * dv)
-        x = x + self.dwc(v, H, W)
-
-        x = self.proj(x)
-        return self.proj_drop(x)
+    def __init__(self, dim: int, num_patches: int, num_heads: int = 8, qkv_bias: bool = False, sr_ratio: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(dim, num_heads=num_heads, num_tokens=num_patches // (sr_ratio * sr_ratio), qkv_bias=qkv_bias,
+                         qkv_layout='q_kv', sr_ratio=sr_ratio, **kwargs)
 
 
-def _make_attention(
-        attn_type: str,
-        dim: int,
-        num_patches: int,
-        num_heads: int,
-        qkv_bias: bool,
-        qk_scale: float | None,
-        attn_drop: float,
-        proj_drop: float,
-        sr_ratio: int,
-        linear: bool,
-        focusing_factor: float,
-        kernel_size: int,
-        qk_dim: int | None,
-        v_dim: int | None,
-        dwc_shared: bool,
-) -> nn.Module:
-    """The attention module of a PVT/PVTv2 block for ``attn_type`` 'L' or 'S'."""
+def pvt_attention(attn_type: str, dim: int, num_patches: int, num_heads: int, **kwargs: Any) -> nn.Module:
+    """The attention module of a PVT/PVTv2 block for ``attn_type`` 'L' (:class:`PvtFocusedLinearAttention`) or 'S'
+    (:class:`PvtAttention`); ``kwargs`` are the modules' arguments (``focusing_factor``, ``kernel_size`` and
+    ``dwc_shared`` go to linear attention only)."""
     if attn_type == 'L':
-        return PvtFocusedLinearAttention(
-            dim, num_patches, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-            proj_drop=proj_drop, sr_ratio=sr_ratio, linear=linear, focusing_factor=focusing_factor,
-            kernel_size=kernel_size, qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
+        return PvtFocusedLinearAttention(dim, num_patches, num_heads=num_heads, **kwargs)
     if attn_type == 'S':
-        return PvtAttention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop,
-            sr_ratio=sr_ratio, linear=linear, qk_dim=qk_dim, v_dim=v_dim)
+        for name in ('focusing_factor', 'kernel_size', 'dwc_shared'):
+            kwargs.pop(name, None)
+        return PvtAttention(dim, num_heads=num_heads, **kwargs)
     raise ModelError(f"attn_type {attn_type!r} must be 'L' (focused linear) or 'S' (softmax)")
 
 
@@ -372,6 +196,7 @@ class PvtBlock(nn.Module):
         act_layer: MLP activation.
         norm_layer: Norm layer of ``norm1``/``norm2``.
         sr_ratio: Spatial-reduction ratio of keys/values.
+        linear: PVTv2-Li (pooled keys/values; ReLU in PVTv2's MLP).
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel of linear attention.
         attn_type: ``'L'`` focused linear or ``'S'`` softmax attention.
@@ -395,6 +220,7 @@ class PvtBlock(nn.Module):
             act_layer: Callable[..., nn.Module] = nn.GELU,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             sr_ratio: int = 1,
+            linear: bool = False,
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str = 'L',
@@ -405,18 +231,33 @@ class PvtBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = _make_attention(
-            attn_type, dim, num_patches, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, False,
-            focusing_factor, kernel_size, qk_dim, v_dim, dwc_shared)
+        self.attn = pvt_attention(
+            attn_type, dim, num_patches, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+            proj_drop=drop, sr_ratio=sr_ratio, linear=linear, focusing_factor=focusing_factor,
+            kernel_size=kernel_size, qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden or int(dim * mlp_ratio), act_layer=act_layer,
-                       drop=drop)
+        self.mlp = self._make_mlp(dim, mlp_hidden or int(dim * mlp_ratio), act_layer, drop, linear)
+
+    def _make_mlp(self, dim: int, hidden: int, act_layer: Callable[..., nn.Module], drop: float,
+                  linear: bool) -> nn.Module:
+        return Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop)
+
+    def _run_mlp(self, x: Tensor, H: int, W: int) -> Tensor:
+        return self.mlp(x)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         """Run the block on tokens ``(B, H * W, dim)``."""
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self._run_mlp(self.norm2(x), H, W))
+
+    def widths(self) -> dict[str, Any]:
+        """The block's widths as a ``block_widths`` entry."""
+        attn = self.attn
+        widths: dict[str, Any] = {'qk_dim': attn.qk_dim, 'v_dim': attn.v_dim, 'mlp_hidden': self.mlp.fc1.out_features}
+        if isinstance(attn, FocusedLinearAttention):
+            widths['dwc_shared'] = attn.dwc.shared
+        return widths
 
 
 class PvtPatchEmbed(PatchEmbed):
@@ -449,7 +290,7 @@ def _stage_img_size(img_size: int | tuple[int, int], stage: int) -> tuple[int, i
     return size if stage == 0 else (size[0] // 2 ** (stage + 1), size[1] // 2 ** (stage + 1))
 
 
-class PyramidVisionTransformer(nn.Module):
+class PyramidVisionTransformer(ClassifierMixin, nn.Module):
     """FLatten-PVT (v1): four stages of patch embedding + absolute position embedding + PVT blocks; mean-pooled tokens
     go to the ``head``.
 
@@ -539,36 +380,16 @@ class PyramidVisionTransformer(nn.Module):
 
         for i in range(num_stages):
             trunc_normal_(getattr(self, f'pos_embed{i + 1}'), std=.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.zeros_(m.bias)
-            nn.init.ones_(m.weight)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (as in the official model)."""
         return {'cls_token'}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classification head."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: identity)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def get_block_widths(self) -> list[dict[str, Any]]:
         """The actual widths of every block in model order, in the form the ``block_widths`` argument takes."""
-        return [_widths_of(blk) for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
+        return [blk.widths() for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
 
     def _pos_embed(self, stage: int, height: int, width: int) -> Tensor:
         """Stage ``stage``'s position embedding for a ``height x width`` grid (bilinear resize when it differs)."""
@@ -595,41 +416,11 @@ class PyramidVisionTransformer(nn.Module):
                 x = x.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()
         return x
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Mean-pool the tokens and apply the head (unless ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for images ``(B, in_chans, H, W)``."""
-        return self.forward_head(self.forward_features(x))
-
-
-def _widths_of(block: nn.Module) -> dict[str, Any]:
-    """A block's widths as a ``block_widths`` entry (shared by PVT and PVTv2 blocks)."""
-    attn = block.attn
-    widths: dict[str, Any] = {'qk_dim': attn.qk_dim, 'v_dim': attn.v_dim, 'mlp_hidden': block.mlp.fc1.out_features}
-    if isinstance(attn, PvtFocusedLinearAttention):
-        widths['dwc_shared'] = attn.dwc.shared
-    return widths
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed1.proj', 'classifier': 'head', 'license': 'apache-2.0',
-        **kwargs,
-    }
 
 
 default_cfgs = generate_default_cfgs({
-    'flatten_pvt_tiny': _cfg(),
-    'flatten_pvt_small': _cfg(),
-    'flatten_pvt_medium': _cfg(),
-    'flatten_pvt_large': _cfg(),
-})
+    f'flatten_pvt_{size}': flatten_cfg('patch_embed1.proj', crop_pct=0.875, license='apache-2.0')
+    for size in ('tiny', 'small', 'medium', 'large')})
 
 
 def _create_flatten_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:

@@ -11,18 +11,18 @@ The registered factories build the released models (``attn_type='LLLL'``, ``la_s
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.pvt_v2 import OverlapPatchEmbed
 from torch import Tensor, nn
 
-from .flatten_pvt import _cfg, _make_attention, _widths_of, expand_block_widths, stage_attention
+from .flatten_pvt import PvtBlock, stage_attention
+from .helpers import ClassifierMixin, expand_block_widths, flatten_cfg, init_weights_with_conv
 
 __all__ = ['PyramidVisionTransformerV2', 'PvtV2Block', 'DWConvMlp', 'DWConv']
 
@@ -89,102 +89,32 @@ class DWConvMlp(nn.Module):
         return self.drop(x)
 
 
-class PvtV2Block(nn.Module):
-    """PVTv2 transformer block: pre-norm attention and DWConv MLP, one shared stochastic-depth module.
+class PvtV2Block(PvtBlock):
+    """PVTv2 transformer block: a :class:`~amap.models.flatten_pvt.PvtBlock` (same arguments) whose MLP is a
+    :class:`DWConvMlp` (with ``linear``, PVTv2-Li: pooled keys/values and a ReLU in the MLP)."""
 
-    Args:
-        dim: Token width.
-        num_patches: Tokens of the stage at the model's ``img_size``.
-        num_heads: Number of heads.
-        mlp_ratio: MLP hidden width as a multiple of ``dim`` (when ``mlp_hidden`` is not given).
-        qkv_bias: Bias on ``q`` and ``kv``.
-        qk_scale: Explicit softmax scale (softmax attention only).
-        drop: Dropout after ``proj`` and in the MLP.
-        attn_drop: Dropout on the attention map.
-        drop_path: Stochastic-depth rate.
-        act_layer: MLP activation.
-        norm_layer: Norm layer of ``norm1``/``norm2``.
-        sr_ratio: Spatial-reduction ratio of keys/values.
-        linear: PVTv2-Li (pooled keys/values, ReLU in the MLP).
-        focusing_factor: Focusing power of linear attention.
-        kernel_size: DWC kernel of linear attention.
-        attn_type: ``'L'`` focused linear or ``'S'`` softmax attention.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        mlp_hidden: MLP hidden width (default ``int(dim * mlp_ratio)``).
-        dwc_shared: Share the attention DWC kernel bank across heads (linear attention).
-    """
+    def _make_mlp(self, dim: int, hidden: int, act_layer: Callable[..., nn.Module], drop: float,
+                  linear: bool) -> nn.Module:
+        return DWConvMlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop, linear=linear)
 
-    def __init__(
-            self,
-            dim: int,
-            num_patches: int,
-            num_heads: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            qk_scale: float | None = None,
-            drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            sr_ratio: int = 1,
-            linear: bool = False,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            attn_type: str = 'L',
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            mlp_hidden: int | None = None,
-            dwc_shared: bool = True,
-    ) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = _make_attention(
-            attn_type, dim, num_patches, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, linear,
-            focusing_factor, kernel_size, qk_dim, v_dim, dwc_shared)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = DWConvMlp(in_features=dim, hidden_features=mlp_hidden or int(dim * mlp_ratio), act_layer=act_layer,
-                             drop=drop, linear=linear)
-
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        """Run the block on tokens ``(B, H * W, dim)``."""
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+    def _run_mlp(self, x: Tensor, H: int, W: int) -> Tensor:
+        return self.mlp(x, H, W)
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
     """FLatten-PVTv2: four stages of overlapping patch embedding + PVTv2 blocks + norm; mean-pooled tokens go to the
     ``head``.
 
     The constructor takes exactly the official arguments (same names and defaults) plus ``block_widths``.
     ``patch_size`` is accepted but unused, as in the official model (stage 1 is a 7x7/4 conv, later stages 3x3/2).
 
+    The arguments it shares with :class:`~amap.models.flatten_pvt.PyramidVisionTransformer` mean the same; these differ:
+
     Args:
-        img_size: Input size (sets the linear-attention ``positional_encoding`` lengths).
+        img_size: Input size (sets only the linear-attention ``positional_encoding`` lengths; no position embeddings).
         patch_size: Unused (official signature).
-        in_chans: Input channels.
-        num_classes: Classes of the head (0: no head).
-        embed_dims: Width per stage.
-        num_heads: Heads per stage.
-        mlp_ratios: MLP ratio per stage.
-        qkv_bias: Bias on ``q``/``kv``.
-        qk_scale: Explicit softmax scale for softmax stages.
-        drop_rate: Dropout rate (``proj``, MLP).
-        attn_drop_rate: Attention-map dropout (softmax stages).
-        drop_path_rate: Stochastic-depth rate, linearly increasing over blocks.
         norm_layer: Norm of the blocks and of the stage norms.
-        depths: Blocks per stage.
-        sr_ratios: Spatial-reduction ratios of softmax ('S') stages.
-        la_sr_ratios: Spatial-reduction ratios of focused-linear ('L') stages, one digit per stage.
-        num_stages: Number of stages (the official head assumes 4).
         linear: PVTv2-Li everywhere (keys/values pooled to 7x7, ReLU in the MLP).
-        focusing_factor: Focusing power of linear attention.
-        kernel_size: DWC kernel of linear attention.
-        attn_type: One letter per stage, 'L' (focused linear) or 'S' (softmax); ``None`` means 'LLLL'.
-        block_widths: Optional per-block widths, one dict per block in model order with any of ``qk_dim``,
-            ``v_dim``, ``mlp_hidden``, ``dwc_shared`` (how a pruned model is described); ``None``: default widths.
     """
 
     def __init__(
@@ -244,41 +174,16 @@ class PyramidVisionTransformerV2(nn.Module):
             setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i]))
 
         self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.zeros_(m.bias)
-            nn.init.ones_(m.weight)
-        elif isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights_with_conv)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (as in the official model)."""
         return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classification head."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: identity)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def get_block_widths(self) -> list[dict[str, Any]]:
         """The actual widths of every block in model order, in the form the ``block_widths`` argument takes."""
-        return [_widths_of(blk) for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
+        return [blk.widths() for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Run the stages; returns the last stage's normalised tokens ``(B, N, num_features)``."""
@@ -294,17 +199,10 @@ class PyramidVisionTransformerV2(nn.Module):
                 x = x.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()
         return x
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Mean-pool the tokens and apply the head (unless ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for images ``(B, in_chans, H, W)``."""
-        return self.forward_head(self.forward_features(x))
 
 
-default_cfgs = generate_default_cfgs({f'flatten_pvt_v2_b{i}': _cfg() for i in range(6)})
+default_cfgs = generate_default_cfgs({
+    f'flatten_pvt_v2_b{i}': flatten_cfg('patch_embed1.proj', crop_pct=0.875, license='apache-2.0') for i in range(6)})
 
 
 def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:

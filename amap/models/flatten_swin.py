@@ -9,28 +9,29 @@ reproduce the official outputs.
 Attention per stage is chosen by ``attn_type``, one letter per stage: ``L`` focused linear attention (windows of
 ``window_size`` clamped to the feature map, i.e. global attention in the released models), ``S`` softmax shifted-window
 attention with relative position bias (window 7, or 12 when ``window_size > 56``; ``softmax_window_size`` overrides it),
-``M`` a mix whose first ``n`` blocks are linear (``n`` given by the characters after the per-stage letters, e.g.
-``'LLMS3'``).
+``M`` a mix whose first ``n`` blocks are linear (``n`` follows the per-stage letters, e.g. ``'LLMS3'``).
 
-Per-head widths are decoupled (``qk_dim`` / ``v_dim``, see :mod:`amap.models.attention`), and every block accepts its
-own MLP hidden width, so a pruned model is this same class built with smaller widths (``block_widths``).
+Per-head widths are decoupled (``qk_dim`` / ``v_dim``, see :mod:`amap.models.attention`) and every block takes its MLP
+hidden width, so a pruned model is this class built with smaller widths (``block_widths``).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .attention import HeadDWC, focusing_function, linear_attention
+from . import attention, helpers
+from .attention import head_widths
+from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, Rebuildable, block_attn_types, expand_block_widths
 
 __all__ = [
     'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'BasicLayer',
@@ -40,100 +41,23 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: Keys allowed in one entry of ``block_widths`` (all optional).
-BLOCK_WIDTH_KEYS = frozenset({'qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared'})
-
-
-def _head_widths(dim: int, num_heads: int, qk_dim: int | None, v_dim: int | None) -> tuple[int, int, int]:
-    if dim % num_heads:
-        raise ModelError(f'dim={dim} is not divisible by num_heads={num_heads}; pick a num_heads that divides it')
-    head_dim = dim // num_heads
-    return head_dim, head_dim if qk_dim is None else int(qk_dim), head_dim if v_dim is None else int(v_dim)
-
-
-class FocusedLinearAttention(nn.Module):
-    """Focused linear attention inside (possibly global) windows, FLatten-Swin's ``L`` attention.
-
-    Keys follow the official layout: ``qkv``, ``proj``, ``scale`` ``(1, 1, H*qk_dim)``, ``positional_encoding``
-    ``(1, window tokens, H*qk_dim)`` and ``dwc`` (a :class:`~amap.models.attention.HeadDWC` on v).
+class FocusedLinearAttention(attention.FocusedLinearAttention):
+    """FLatten-Swin's ``L`` attention: the shared focused linear attention on the tokens of one window (the window is
+    the layer's grid; ``forward(x, mask)`` ignores the shifted-window mask, as the official code does).
 
     Args:
         dim: Input (and output) channels.
-        window_size: Window height and width; the attention runs over all ``Wh*Ww`` tokens of a window.
+        window_size: Window height and width.
         num_heads: Number of heads.
-        qkv_bias: Add a bias to the qkv projection.
-        qk_scale: Accepted for compatibility with the official signature; linear attention has no softmax scale.
-        attn_drop: Accepted for compatibility (the official module builds but never applies it).
-        proj_drop: Dropout after the output projection.
-        focusing_factor: The focusing power ``p``.
-        kernel_size: Kernel size of the depthwise convolution on v.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        dwc_shared: Share one depthwise kernel bank across heads (official layout) or use one kernel per channel.
+        **kwargs: The other arguments of :class:`~amap.models.attention.FocusedLinearAttention`.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            window_size: tuple[int, int],
-            num_heads: int,
-            qkv_bias: bool = True,
-            qk_scale: float | None = None,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            dwc_shared: bool = True,
-    ) -> None:
-        super().__init__()
-        self.dim = dim
+    def __init__(self, dim: int, window_size: int | tuple[int, int], num_heads: int, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads=num_heads, grid_size=to_2tuple(window_size), **kwargs)
         self.window_size = to_2tuple(window_size)
-        self.num_heads = num_heads
-        self.head_dim, self.qk_dim, self.v_dim = _head_widths(dim, num_heads, qk_dim, v_dim)
-        self.focusing_factor = focusing_factor
-        qk_channels = num_heads * self.qk_dim
-
-        self.qkv = nn.Linear(dim, num_heads * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * self.v_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = HeadDWC(self.v_dim, num_heads, kernel_size=kernel_size, shared=dwc_shared)
-        self.scale = nn.Parameter(torch.zeros(1, 1, qk_channels))
-        self.positional_encoding = nn.Parameter(
-            torch.zeros(1, self.window_size[0] * self.window_size[1], qk_channels))
-        self.qk_gate = nn.Identity()
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Attend within each window.
-
-        Args:
-            x: Window tokens, ``(num_windows * B, Wh * Ww, dim)``.
-            mask: Ignored (linear attention does not mask shifted windows, as in the official code).
-
-        Returns:
-            ``(num_windows * B, Wh * Ww, dim)``.
-        """
-        qk_channels = self.num_heads * self.qk_dim
-        q, k, v = self.qkv(x).split([qk_channels, qk_channels, self.num_heads * self.v_dim], dim=-1)
-        k = k + self.positional_encoding
-        q = focusing_function(q, self.scale, self.focusing_factor, gate=self.qk_gate)
-        k = focusing_function(k, self.scale, self.focusing_factor, gate=self.qk_gate)
-        out = linear_attention(q, k, v, self.num_heads)  # B, H, N, v_dim
-        B, H, N, d = out.shape
-        out = out.transpose(1, 2).reshape(B, N, H * d)
-        v = v.reshape(B, N, H, d).transpose(1, 2)
-        out = out + self.dwc(v, self.window_size[0], self.window_size[1])
-        out = self.proj(out)
-        return self.proj_drop(out)
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
-                f'qk_dim={self.qk_dim}, v_dim={self.v_dim}, focusing_factor={self.focusing_factor}')
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(Rebuildable, nn.Module):
     """Softmax window attention with relative position bias (Swin W-MSA / SW-MSA), FLatten-Swin's ``S`` attention.
 
     When ``qk_dim`` is smaller than the original head width, the softmax scale stays ``(dim // num_heads) ** -0.5``
@@ -145,10 +69,8 @@ class WindowAttention(nn.Module):
         num_heads: Number of heads.
         qkv_bias: Add a bias to the qkv projection.
         qk_scale: Override the softmax scale ``head_dim ** -0.5`` of the original head width.
-        attn_drop: Dropout on the attention weights.
-        proj_drop: Dropout after the output projection.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
+        attn_drop, proj_drop: Dropout on the attention weights, after the output projection.
+        qk_dim, v_dim: q/k and v channels per head (default ``dim // num_heads``).
     """
 
     def __init__(
@@ -167,7 +89,7 @@ class WindowAttention(nn.Module):
         self.dim = dim
         self.window_size = to_2tuple(window_size)
         self.num_heads = num_heads
-        self.head_dim, self.qk_dim, self.v_dim = _head_widths(dim, num_heads, qk_dim, v_dim)
+        self.head_dim, self.qk_dim, self.v_dim = head_widths(dim, num_heads, qk_dim, v_dim)
         self.scale = qk_scale or self.head_dim ** -0.5
         win_h, win_w = self.window_size
 
@@ -244,16 +166,12 @@ class SwinTransformerBlock(nn.Module):
         mlp_ratio: MLP hidden width over ``dim`` (used when ``mlp_hidden_dim`` is None).
         qkv_bias: Add a bias to the qkv projection.
         qk_scale: Softmax scale override (``S`` attention only).
-        drop: Dropout after projections.
-        attn_drop: Dropout on attention weights.
+        drop, attn_drop: Dropout after projections, on attention weights.
         drop_path: Stochastic depth rate.
-        act_layer: MLP activation.
-        norm_layer: Normalization layer.
-        focusing_factor: Focusing power (``L`` attention).
-        kernel_size: DWC kernel size (``L`` attention).
+        act_layer, norm_layer: MLP activation, normalization layer.
+        focusing_factor, kernel_size: Focusing power and DWC kernel size (``L`` attention).
         attn_type: ``'L'`` (focused linear) or ``'S'`` (softmax with relative position bias).
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
+        qk_dim, v_dim: q/k and v channels per head (default ``dim // num_heads``).
         mlp_hidden_dim: MLP hidden width (default ``int(dim * mlp_ratio)``).
         dwc_shared: Share the DWC kernels across heads (``L`` attention).
     """
@@ -380,21 +298,15 @@ class BasicLayer(nn.Module):
         depth: Number of blocks.
         num_heads: Number of heads.
         window_size: Window size of linear-attention blocks (softmax blocks use 7, or 12 if this is above 56).
-        mlp_ratio: MLP hidden width over ``dim``.
-        qkv_bias: Add a bias to qkv projections.
-        qk_scale: Softmax scale override.
-        drop: Dropout after projections.
-        attn_drop: Dropout on attention weights.
         drop_path: Stochastic depth rate, one for all blocks or a list with one per block.
-        norm_layer: Normalization layer.
         downsample: Whether to end the stage with a :class:`PatchMerging` (bool, or any truthy value such as a
             class, for compatibility with the official signature).
         use_checkpoint: Recompute the blocks in the backward pass (activation checkpointing) while training.
-        focusing_factor: Focusing power.
-        kernel_size: DWC kernel size.
-        attn_type: ``'L'``, ``'S'`` or ``'M<n>'`` (first ``n`` blocks linear, the rest softmax).
+        attn_type: ``'L'``, ``'S'``, ``'M<n>'`` (first ``n`` blocks linear, the rest softmax), or a letter per block.
         block_widths: Optional per-block widths, one dict per block (keys of :data:`BLOCK_WIDTH_KEYS`).
         softmax_window_size: Window of softmax blocks; None applies the official rule above.
+        mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, norm_layer, focusing_factor, kernel_size: Passed to every
+            :class:`SwinTransformerBlock`.
     """
 
     def __init__(
@@ -415,7 +327,7 @@ class BasicLayer(nn.Module):
             use_checkpoint: bool = False,
             focusing_factor: float = 3,
             kernel_size: int = 5,
-            attn_type: str = 'L',
+            attn_type: str | Sequence[str] = 'L',
             block_widths: Sequence[dict[str, Any]] | None = None,
             softmax_window_size: int | None = None,
     ) -> None:
@@ -424,11 +336,7 @@ class BasicLayer(nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.depth = depth
         self.use_checkpoint = use_checkpoint
-        if attn_type.startswith('M'):
-            num_linear = int(attn_type[1:])
-            attn_types = ['L' if i < num_linear else 'S' for i in range(depth)]
-        else:
-            attn_types = [attn_type] * depth
+        attn_types = block_attn_types(attn_type, [depth])[0] if isinstance(attn_type, str) else list(attn_type)
         if softmax_window_size is None:
             softmax_window_size = 7 if window_size <= 56 else 12
         windows = [window_size if t == 'L' else softmax_window_size for t in attn_types]
@@ -461,26 +369,7 @@ class BasicLayer(nn.Module):
         return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
 
 
-def _stage_attn_types(attn_type: str, num_layers: int) -> list[str]:
-    """Per-stage attention strings of the official ``attn_type`` (``'LLSS'``, ``'LLMS3'``, ...)."""
-    if len(attn_type) < num_layers:
-        raise ModelError(f'attn_type={attn_type!r} needs one letter (L, S or M) per stage ({num_layers} stages)')
-    stages = []
-    for i in range(num_layers):
-        letter = attn_type[i]
-        if letter == 'M':
-            suffix = attn_type[num_layers:]
-            if not suffix.isdigit():
-                raise ModelError(f"attn_type={attn_type!r}: 'M' needs the number of linear blocks after the letters")
-            stages.append('M' + suffix)
-        elif letter in 'LS':
-            stages.append(letter)
-        else:
-            raise ModelError(f'attn_type={attn_type!r}: letter {letter!r} is not L, S or M')
-    return stages
-
-
-class FLattenSwinTransformer(nn.Module):
+class FLattenSwinTransformer(ClassifierMixin, nn.Module):
     """FLatten-Swin Transformer (official constructor, keys and numerics).
 
     Args:
@@ -507,9 +396,7 @@ class FLattenSwinTransformer(nn.Module):
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel size of linear attention.
         attn_type: Attention per stage (``L``/``S``/``M``; see the module docstring).
-        block_widths: Optional widths per block, flattened over stages in order: one dict per block with any of
-            ``qk_dim`` / ``v_dim`` (per head), ``mlp_hidden`` and ``dwc_shared``; missing keys keep the defaults.
-            This is how a pruned model is built.
+        block_widths: Optional widths per block over all stages (see :func:`~amap.models.helpers.expand_block_widths`).
         softmax_window_size: Window of softmax (``S``) blocks before clamping (ours). None keeps the official rule:
             7, or 12 when ``window_size > 56``.
         **kwargs: Accepted and ignored, as the official constructor does (a warning names them).
@@ -568,18 +455,10 @@ class FLattenSwinTransformer(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         total = sum(depths)
-        if block_widths is not None:
-            block_widths = list(block_widths)
-            if len(block_widths) != total:
-                raise ModelError(f'block_widths has {len(block_widths)} entries; the model has {total} blocks')
-            for i, w in enumerate(block_widths):
-                unknown = set(w) - BLOCK_WIDTH_KEYS
-                if unknown:
-                    raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; '
-                                     f'allowed: {sorted(BLOCK_WIDTH_KEYS)}')
-        self.block_widths = block_widths
+        widths = expand_block_widths(block_widths, total)
+        self.block_widths = None if block_widths is None else widths
         dpr = torch.linspace(0, drop_path_rate, total, device='cpu').tolist()
-        stage_types = _stage_attn_types(attn_type, self.num_layers)
+        stage_types = block_attn_types(attn_type, depths)
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
             start, end = sum(depths[:i]), sum(depths[:i + 1])
@@ -590,23 +469,11 @@ class FLattenSwinTransformer(nn.Module):
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[start:end], norm_layer=norm_layer, downsample=i < self.num_layers - 1,
                 use_checkpoint=use_checkpoint, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                attn_type=stage_types[i],
-                block_widths=block_widths[start:end] if block_widths is not None else None,
-                softmax_window_size=softmax_window_size))
+                attn_type=stage_types[i], block_widths=widths[start:end], softmax_window_size=softmax_window_size))
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(helpers.init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -635,16 +502,6 @@ class FLattenSwinTransformer(nn.Module):
         for layer in self.layers:
             layer.use_checkpoint = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classification head."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` classes (0: no head)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` to normalized final-stage tokens ``(B, L, num_features)``."""
         x = self.patch_embed(x)
@@ -660,24 +517,14 @@ class FLattenSwinTransformer(nn.Module):
         x = self.avgpool(x.transpose(1, 2)).flatten(1)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Images ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
+
+def _create_flatten_swin(variant: str, pretrained: bool, kwargs: dict[str, Any], **args: Any) -> FLattenSwinTransformer:
+    """A registered FLatten-Swin: released settings, overridden by the variant's ``args``, then by ``kwargs``."""
+    args = dict(dict(img_size=224, patch_size=4, window_size=56, attn_type='LLSS', drop_path_rate=0.), **args)
+    return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **dict(args, **kwargs))
 
 
-def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **kwargs)
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': .9,
-        'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'mit', **kwargs,
-    }
-
-
+_cfg = partial(helpers.flatten_cfg, 'patch_embed.proj')
 default_cfgs = generate_default_cfgs({
     'flatten_swin_tiny': _cfg(),
     'flatten_swin_small': _cfg(),
@@ -694,9 +541,8 @@ def flatten_swin_tiny(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTra
 
     29.19M parameters, 4.5 GMACs (paper: 82.1% ImageNet top-1).
     """
-    args = dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                window_size=56, attn_type='LLSS', drop_path_rate=0.)
-    return _create_flatten_swin('flatten_swin_tiny', pretrained=pretrained, **dict(args, **kwargs))
+    return _create_flatten_swin('flatten_swin_tiny', pretrained, kwargs,
+                                embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 
 
 @register_model
@@ -705,9 +551,8 @@ def flatten_swin_small(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTr
 
     50.51M parameters, 8.7 GMACs (paper: 83.5% ImageNet top-1).
     """
-    args = dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                window_size=56, attn_type='LLSS', drop_path_rate=0.)
-    return _create_flatten_swin('flatten_swin_small', pretrained=pretrained, **dict(args, **kwargs))
+    return _create_flatten_swin('flatten_swin_small', pretrained, kwargs,
+                                embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 
 
 @register_model
@@ -716,9 +561,8 @@ def flatten_swin_base(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTra
 
     88.97M parameters, 15.4 GMACs (paper: 83.8% ImageNet top-1).
     """
-    args = dict(img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                window_size=56, attn_type='LLSS', drop_path_rate=0.)
-    return _create_flatten_swin('flatten_swin_base', pretrained=pretrained, **dict(args, **kwargs))
+    return _create_flatten_swin('flatten_swin_base', pretrained, kwargs,
+                                embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
 
 @register_model
@@ -726,9 +570,9 @@ def flatten_swin_base_384(pretrained: bool = False, **kwargs: Any) -> FLattenSwi
     """FLatten-Swin-B at 384 (cfgs/flatten_swin_b_384.yaml): window 96 (linear stages global at 96/48), softmax
     windows of 12 in stages 3-4; embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS. 91.43M parameters.
     """
-    args = dict(img_size=384, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                window_size=96, attn_type='LLSS', drop_path_rate=0.)
-    return _create_flatten_swin('flatten_swin_base_384', pretrained=pretrained, **dict(args, **kwargs))
+    return _create_flatten_swin('flatten_swin_base_384', pretrained, kwargs,
+                                img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                                window_size=96)
 
 
 @register_model
@@ -739,9 +583,9 @@ def flatten_swin_micro(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTr
     relative position bias in stages 3-4 (windows of 4, so larger ``img_size`` powers of two get shifted windows).
     2.70M parameters, 0.035 GMACs at 10 classes.
     """
-    args = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16),
-                window_size=16, softmax_window_size=4, attn_type='LLSS', drop_path_rate=0.)
-    return _create_flatten_swin('flatten_swin_micro', pretrained=pretrained, **dict(args, **kwargs))
+    return _create_flatten_swin('flatten_swin_micro', pretrained, kwargs,
+                                img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16),
+                                window_size=16, softmax_window_size=4)
 
 
 @register_model
@@ -751,6 +595,6 @@ def flatten_swin_nano(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTra
     Token grids 16/8/4: global linear attention in stages 1-2 (windows of 16), softmax in stage 3 (windows of 4).
     0.29M parameters at 10 classes.
     """
-    args = dict(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 2), num_heads=(2, 4, 8),
-                window_size=16, softmax_window_size=4, attn_type='LLS', drop_path_rate=0.)
-    return _create_flatten_swin('flatten_swin_nano', pretrained=pretrained, **dict(args, **kwargs))
+    return _create_flatten_swin('flatten_swin_nano', pretrained, kwargs,
+                                img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 2), num_heads=(2, 4, 8),
+                                window_size=16, softmax_window_size=4, attn_type='LLS')

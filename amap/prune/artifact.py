@@ -20,7 +20,6 @@ from ..errors import CheckpointError
 from ..utils.io import atomic_dir, atomic_write_safetensors, read_json, read_safetensors, to_jsonable
 from .adapters import ADAPTERS, Adapter
 from .groups import GROUP_KINDS
-from .surgery import set_submodule
 
 __all__ = ['save_pruned', 'load_pruned', 'read_pruned_config', 'FORMAT', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
@@ -187,7 +186,7 @@ def build_pruned(config: dict[str, Any], *, where: Path | None = None) -> nn.Mod
                                   f'{rec["adapter"]} does not handle; config.json does not belong to this architecture')
         adapter = cls(name, module)
         _check_record(rec, i, adapter, where)
-        set_submodule(model, name, adapter.build(rec['widths']))
+        model.set_submodule(name, adapter.build(rec['widths']), strict=True)
     return model
 
 

@@ -7,8 +7,11 @@ scale of the *original* head width: the pruned model computes the same function 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import get_relative_position_index
 from torch import Tensor, nn
 
 __all__ = ['PrunedAttention', 'PrunedWindowAttention']
@@ -97,41 +100,20 @@ class PrunedWindowAttention(PrunedAttention):
     """Swin window attention (relative position bias per head, shifted-window mask) with decoupled head widths.
 
     Args:
-        dim: Token width.
-        num_heads: Number of heads.
-        qk_dim: q/k channels per head.
-        v_dim: v channels per head.
-        scale: Softmax scale (the original ``head_dim ** -0.5``).
+        dim, num_heads, qk_dim, v_dim, scale: As for :class:`PrunedAttention`.
         window_size: Window height and width.
         qkv_bias: Bias on the qkv projection.
-        attn_drop: Attention dropout.
-        proj_drop: Output dropout.
-        fused_attn: Use ``F.scaled_dot_product_attention``.
+        **kwargs: ``attn_drop``, ``proj_drop``, ``fused_attn`` of :class:`PrunedAttention`.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qk_dim: int,
-            v_dim: int,
-            scale: float,
-            window_size: tuple[int, int] = (7, 7),
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
-            fused_attn: bool = True,
-    ) -> None:
-        super().__init__(dim, num_heads, qk_dim, v_dim, scale, qkv_bias=qkv_bias, proj_bias=True,
-                         attn_drop=attn_drop, proj_drop=proj_drop, fused_attn=fused_attn)
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float,
+                 window_size: tuple[int, int] = (7, 7), qkv_bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, qk_dim, v_dim, scale, qkv_bias=qkv_bias, proj_bias=True, **kwargs)
         self.window_size = tuple(window_size)
         win_h, win_w = self.window_size
         self.window_area = win_h * win_w
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * win_h - 1) * (2 * win_w - 1), num_heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(win_h), torch.arange(win_w), indexing='ij')).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-        index = (rel[..., 0] + win_h - 1) * (2 * win_w - 1) + (rel[..., 1] + win_w - 1)
-        self.register_buffer('relative_position_index', index, persistent=False)
+        self.register_buffer('relative_position_index', get_relative_position_index(win_h, win_w), persistent=False)
 
     def _rel_pos_bias(self) -> Tensor:
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]

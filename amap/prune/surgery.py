@@ -10,14 +10,7 @@ from torch import nn
 
 from .pruner import Pruner
 
-__all__ = ['apply_surgery', 'set_submodule', 'describe_structure']
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+__all__ = ['apply_surgery', 'describe_structure']
 
 
 def apply_surgery(pruner: Pruner) -> nn.Module:
@@ -33,7 +26,7 @@ def apply_surgery(pruner: Pruner) -> nn.Module:
             continue
         new = adapter.shrink(keep[adapter.name])
         new.train(adapter.module.training)
-        set_submodule(model, adapter.name, new)
+        model.set_submodule(adapter.name, new, strict=True)
     return model
 
 

@@ -29,49 +29,13 @@ from torch import Tensor, nn
 from ..groups import ChannelGroup
 from ..indicator import ChannelIndicator
 
-__all__ = ['Adapter', 'Recorder', 'Keep', 'slice_linear', 'row_factor']
+__all__ = ['Adapter', 'Recorder', 'Keep', 'row_factor']
 
 # recorder(group_key, activation (..., h * d) head-major, role, first_head): role is 'q' / 'k' for qk groups, else the
 # kind; the activation may cover only heads first_head .. first_head + h - 1 of the group (e.g. one CSwin branch)
 Recorder = Callable[[str, Tensor, str, int], None]
 # kept channel indices per head, per group kind: {'qk': LongTensor (H, k), ...}
 Keep = dict[str, Tensor]
-
-
-def slice_linear(
-        linear: nn.Linear,
-        rows: Tensor | None = None,
-        cols: Tensor | None = None,
-        row_scale: Tensor | None = None,
-        col_scale: Tensor | None = None,
-) -> nn.Linear:
-    """A new Linear holding the selected rows (outputs) and columns (inputs), optionally rescaled.
-
-    Args:
-        linear: Source layer.
-        rows: Output indices to keep (all when None).
-        cols: Input indices to keep (all when None).
-        row_scale: Per kept output factor folded into weight rows and bias.
-        col_scale: Per kept input factor folded into weight columns.
-    """
-    w = linear.weight.detach()
-    b = linear.bias.detach() if linear.bias is not None else None
-    if rows is not None:
-        w = w[rows]
-        b = b[rows] if b is not None else None
-    if cols is not None:
-        w = w[:, cols]
-    if row_scale is not None:
-        w = w * row_scale.unsqueeze(1)
-        b = b * row_scale if b is not None else None
-    if col_scale is not None:
-        w = w * col_scale.unsqueeze(0)
-    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if b is not None:
-            out.bias.copy_(b)
-    return out
 
 
 def row_factor(size: int, parts: list[tuple[int, Tensor | None]]) -> Tensor | None:
@@ -226,13 +190,26 @@ class Adapter(ABC):
         """
 
     # ------------------------------------------------------------------------------------------------------ surgery
-    @abstractmethod
     def shrink(self, keep: Keep) -> nn.Module:
-        """A physically smaller module computing what the gated module computes, reweights folded in.
+        """A physically smaller module computing what the gated module computes, reweights folded in: the module
+        :meth:`build` makes for ``widths_of(keep)``, loaded with the module's state where :meth:`sliced_state`
+        replaces the sliced entries.
 
         Args:
             keep: ``{kind: LongTensor (H, k)}`` kept channel indices per head (ascending); missing kinds keep all.
         """
+        p = next(self.module.parameters())
+        with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the random streams alone
+            new = self.build(self.widths_of(keep))
+        new = new.to(device=p.device, dtype=p.dtype)
+        state = {k: v.detach() for k, v in self.module.state_dict().items()}
+        state.update(self.sliced_state(keep))
+        new.load_state_dict(state, strict=True)
+        return new
+
+    @abstractmethod
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
+        """The state-dict entries of the module that slicing changes (kept channels only, reweights folded in)."""
 
     @abstractmethod
     def build(self, widths: dict[str, int]) -> nn.Module:
@@ -265,13 +242,6 @@ def full_counts(heads: int, width: int, kept: dict[str, Tensor]) -> Tensor:
     """``(heads,)`` float64 counts at full width, on the device of the other kept counts."""
     device = next(iter(kept.values())).device if kept else None
     return torch.full((heads,), float(width), dtype=torch.float64, device=device)
-
-
-def head_rows(keep: Tensor, head_dim: int, offset: int = 0) -> Tensor:
-    """Flat row indices of kept channels ``keep`` (H, k) in a head-major layout of ``head_dim`` per head."""
-    H = keep.shape[0]
-    base = torch.arange(H, device=keep.device).unsqueeze(1) * head_dim
-    return (base + keep).flatten() + offset
 
 
 def row_norms(weight: Tensor, rows: Tensor | slice, p: float) -> Tensor:

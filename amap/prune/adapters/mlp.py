@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
 from ..groups import ChannelGroup
-from .base import Adapter, Keep, full_counts, row_norms, slice_linear
+from .base import Adapter, Keep, full_counts, row_norms
+from .slicing import depthwise_params, linear_params, prefixed
 
 __all__ = ['MlpAdapter']
 
 
-def _find_dwconv(module: nn.Module) -> nn.Conv2d | None:
-    """The depthwise conv of a conv-MLP (any Conv2d with groups == channels among the children), or None."""
-    for sub in module.modules():
+def _find_dwconv(module: nn.Module) -> tuple[str, nn.Conv2d] | tuple[None, None]:
+    """The depthwise conv of a conv-MLP (any Conv2d with groups == channels among the submodules) and its name."""
+    for name, sub in module.named_modules():
         if isinstance(sub, nn.Conv2d) and sub.groups == sub.in_channels == sub.out_channels:
-            return sub
-    return None
+            return name, sub
+    return None, None
 
 
 class MlpAdapter(Adapter):
@@ -55,7 +55,7 @@ class MlpAdapter(Adapter):
         m = self.module
         rows = self.batch_rows * self.tokens
         total = rows * d * (m.fc1.in_features + m.fc2.out_features)
-        dw = _find_dwconv(m)
+        _, dw = _find_dwconv(m)
         if dw is not None:
             total = total + rows * d * dw.kernel_size[0] * dw.kernel_size[1]
         return total
@@ -70,34 +70,18 @@ class MlpAdapter(Adapter):
         m = self.module
         new.fc1 = nn.Linear(m.fc1.in_features, d, bias=m.fc1.bias is not None)
         new.fc2 = nn.Linear(d, m.fc2.out_features, bias=m.fc2.bias is not None)
-        dw = _find_dwconv(new)
+        name, dw = _find_dwconv(new)
         if dw is not None:
-            _replace_child(new, dw, nn.Conv2d(d, d, dw.kernel_size, dw.stride, dw.padding, groups=d,
+            new.set_submodule(name, nn.Conv2d(d, d, dw.kernel_size, dw.stride, dw.padding, groups=d,
                                               bias=dw.bias is not None))
         return new
 
-    def shrink(self, keep: Keep) -> nn.Module:
-        idx = self._full_keep('mlp', keep).flatten().to(self.module.fc1.weight.device)
-        new = copy.deepcopy(self.module)
+    def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
         m = self.module
-        new.fc1 = slice_linear(m.fc1, rows=idx)
-        new.fc2 = slice_linear(m.fc2, cols=idx, col_scale=self._fold('mlp', keep))
-        dw = _find_dwconv(new)
+        idx = self._full_keep('mlp', keep).flatten()
+        state = {**prefixed('fc1', linear_params(m.fc1, rows=idx)),
+                 **prefixed('fc2', linear_params(m.fc2, cols=idx, col_scale=self._fold('mlp', keep)))}
+        name, dw = _find_dwconv(m)
         if dw is not None:
-            conv = nn.Conv2d(idx.numel(), idx.numel(), dw.kernel_size, dw.stride, dw.padding, groups=idx.numel(),
-                             bias=dw.bias is not None).to(idx.device)
-            with torch.no_grad():
-                conv.weight.copy_(dw.weight[idx])
-                if dw.bias is not None:
-                    conv.bias.copy_(dw.bias[idx])
-            _replace_child(new, dw, conv)
-        return new
-
-
-def _replace_child(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for sub in root.modules():
-        for child_name, child in sub.named_children():
-            if child is old:
-                setattr(sub, child_name, new)
-                return
-    raise ValueError('module not found')
+            state.update(prefixed(name, depthwise_params(dw, idx)))
+        return state

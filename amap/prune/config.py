@@ -72,7 +72,8 @@ class PruneConfig:
     Args:
         target: MAC target: a ratio in (0, 1) of the unpruned model's MACs, or an absolute MAC count (> 1).
         criterion: ``amap`` (the learned indicators) or a baseline importance criterion under the same constraints:
-            ``magnitude``, ``magnitude_l2``, ``taylor``, ``random``, ``uniform``.
+            ``magnitude``, ``magnitude_l2``, ``taylor``, ``random`` (global allocation), ``uniform``,
+            ``taylor_uniform`` (per layer).
         kinds: Group kinds to prune (``qk``, ``v``, ``mlp``).
         similarity: Fold channel-similarity weights into the indicator (section 4).
         similarity_beta: Strength of the similarity weights.

@@ -160,8 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         points = curve(run) or curve(BASES_DIR / name / 'partial') or curve(BASES_DIR / name)
         last = points[-1] if points else None
         done = (BASES_DIR / name / 'model.safetensors').is_file()
-        print(f'{name}: ' + ('published' if done else 'training') +
-              (f', epoch {last["epoch"]}, top-1 {last["top1"]:.2f}%' if last else ', not started'))
+        state = 'published' if done else ('training' if last else 'not started')
+        print(f'{name}: {state}' + (f', epoch {last["epoch"]}, top-1 {last["top1"]:.2f}%' if last else ''))
     return 0
 
 

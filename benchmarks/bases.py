@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if (run / 'checkpoints').is_dir():
         argv.append('--resume')
     print('python -m amap ' + shlex.join(argv), file=sys.stderr, flush=True)
-    return subprocess.call([sys.executable, '-m', 'amap', *argv, '--quiet'])
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, '-m', 'amap', *argv, '--quiet'])  # signals reach the training itself
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -130,27 +130,22 @@ def fit_to_target(
                 size = int((hi_ - lo_).sum()) if h is None else int(hi_[h] - lo_[h])
                 yield value / (delta if per_mac else max(size, 1)), key, new, new_cost
 
-    while total > target_macs:
-        best = min(moves(-1), key=lambda m: m[0], default=None)
-        if best is None:
-            break
-        _, key, new, new_cost = best
-        adapter = pruner.adapter_of(key)
-        total += new_cost - cost[adapter.name]
-        cost[adapter.name] = new_cost
-        counts[key] = new
+    def take(move) -> float:
+        """Apply a move; returns the new total."""
+        _, key, new, new_cost = move
+        name = pruner.adapter_of(key).name
+        delta = new_cost - cost[name]
+        cost[name], counts[key] = new_cost, new
+        return total + delta
+
+    while total > target_macs and (best := min(moves(-1), key=lambda m: m[0], default=None)) is not None:
+        total = take(best)
     if total > target_macs:  # only reachable with a channel multiple (check_target covers the rest)
         raise ConfigError(f'target of {target_macs / 1e6:.3g} MMACs cannot be met with widths in multiples of '
                           f'{multiple}; raise the target or lower channel_multiple')
-    while fill:
-        fitting = [m for m in moves(+1) if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= target_macs]
-        if not fitting:
-            break
-        _, key, new, new_cost = max(fitting, key=lambda m: m[0])
-        adapter = pruner.adapter_of(key)
-        total += new_cost - cost[adapter.name]
-        cost[adapter.name] = new_cost
-        counts[key] = new
+    while fill and (fitting := [m for m in moves(+1)
+                                if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= target_macs]):
+        total = take(max(fitting, key=lambda m: m[0]))
     apply_counts(pruner, counts, scores)
     return counts
 

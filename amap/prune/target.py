@@ -62,6 +62,42 @@ def check_target(pruner: Pruner, target_macs: float, multiple: int = 1) -> None:
                           f'to at least {at_least:.3f} or prune more group kinds')
 
 
+def _moves(pruner: Pruner, counts: dict[str, Tensor], ranked: dict[str, Tensor], cost: dict[str, float], *,
+           sign: int, multiple: int, per_mac: bool):
+    """Candidate moves of :func:`fit_to_target` (one step down, ``sign < 0``, or up): ``(priority, key, new_counts,
+    new_adapter_cost)``."""
+    for key, ind in pruner.indicators.items():
+        adapter = pruner.adapter_of(key)
+        c = counts[key]
+        H, d = ranked[key].shape
+        step = channel_step(H, multiple)
+        low = _lowest(ind, multiple)
+        heads = [None] if ind.head_balance else range(H)
+        for h in heads:
+            new = c.clone()
+            counts_now = c if h is None else c[h:h + 1]
+            # one step along the lattice of allowed counts (a full head is allowed even when off the lattice)
+            moved = torch.where(counts_now >= d, (d - 1) // step * step, counts_now - step) if sign < 0 else \
+                torch.clamp(counts_now + step, max=d)
+            if h is None:
+                new = moved
+            else:
+                new[h] = moved[0]
+            if (new < low).any() or (new > d).any() or torch.equal(new, c):
+                continue
+            trial = dict(counts)
+            trial[key] = new
+            new_cost = pruner.adapter_macs(adapter, trial)
+            delta = abs(cost[adapter.name] - new_cost)
+            if delta <= 0:
+                continue
+            lo_, hi_ = torch.minimum(c, new), torch.maximum(c, new)  # the channels that leave or enter
+            changed_heads = range(H) if h is None else [h]
+            value = float(sum(ranked[key][r, int(lo_[r]):int(hi_[r])].sum() for r in changed_heads))
+            size = int((hi_ - lo_).sum()) if h is None else int(hi_[h] - lo_[h])
+            yield value / (delta if per_mac else max(size, 1)), key, new, new_cost
+
+
 @torch.no_grad()
 def fit_to_target(
         pruner: Pruner,
@@ -98,37 +134,7 @@ def fit_to_target(
     total = pruner.fixed_macs + sum(cost.values())
 
     def moves(sign: int):
-        """Candidate moves: (priority, key, new_counts, new_adapter_cost)."""
-        for key, ind in inds.items():
-            adapter = pruner.adapter_of(key)
-            c = counts[key]
-            H, d = ranked[key].shape
-            step = channel_step(H, multiple)
-            low = _lowest(ind, multiple)
-            heads = [None] if ind.head_balance else range(H)
-            for h in heads:
-                new = c.clone()
-                counts_now = c if h is None else c[h:h + 1]
-                # one step along the lattice of allowed counts (a full head is allowed even when off the lattice)
-                moved = torch.where(counts_now >= d, (d - 1) // step * step, counts_now - step) if sign < 0 else \
-                    torch.clamp(counts_now + step, max=d)
-                if h is None:
-                    new = moved
-                else:
-                    new[h] = moved[0]
-                if (new < low).any() or (new > d).any() or torch.equal(new, c):
-                    continue
-                trial = dict(counts)
-                trial[key] = new
-                new_cost = pruner.adapter_macs(adapter, trial)
-                delta = abs(cost[adapter.name] - new_cost)
-                if delta <= 0:
-                    continue
-                lo_, hi_ = torch.minimum(c, new), torch.maximum(c, new)  # the channels that leave or enter
-                changed_heads = range(H) if h is None else [h]
-                value = float(sum(ranked[key][r, int(lo_[r]):int(hi_[r])].sum() for r in changed_heads))
-                size = int((hi_ - lo_).sum()) if h is None else int(hi_[h] - lo_[h])
-                yield value / (delta if per_mac else max(size, 1)), key, new, new_cost
+        return _moves(pruner, counts, ranked, cost, sign=sign, multiple=multiple, per_mac=per_mac)
 
     def take(move) -> float:
         """Apply a move; returns the new total."""

@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from rebuild_helpers import rebuild_blocks, rebuild_modules
 from safetensors import safe_open
 from torch import nn
 
@@ -19,7 +20,6 @@ from amap.models.flatten_pvt import (
     stage_attention,
 )
 from amap.models.flatten_pvt_v2 import PyramidVisionTransformerV2
-from rebuild import rebuild_modules
 
 PVT_NAMES = ['flatten_pvt_tiny', 'flatten_pvt_small', 'flatten_pvt_medium', 'flatten_pvt_large']
 PVT_V2_NAMES = [f'flatten_pvt_v2_b{i}' for i in range(6)]
@@ -162,9 +162,7 @@ def test_smaller_widths_build_and_run(cls):
               dict(v=3, mlp=100)]
 
     def build() -> nn.Module:
-        model = cls(**dict(_SMALL, attn_type='LLLS'))
-        return rebuild_modules(model, {f'{name}.{part}': {k: v for k, v in w.items() if (k == 'mlp') == (part == 'mlp')}
-                                       for name, w in zip(names, widths) for part in ('attn', 'mlp')})
+        return rebuild_blocks(cls(**dict(_SMALL, attn_type='LLLS')), dict(zip(names, widths)))
 
     model = _randomise(build())
     blocks = [blk for i in range(4) for blk in getattr(model, f'block{i + 1}')]

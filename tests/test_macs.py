@@ -14,6 +14,7 @@ import amap  # noqa: F401  (registers the FLatten zoo)
 from amap.errors import ConfigError
 from amap.macs import CATEGORIES, count_macs, count_params
 from amap.models.attention import HeadDWC, focusing_function, linear_attention
+from amap.prune.artifact import build_pruned
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Small modules with decoupled per-head q/k (dq) and v (dv) widths, as a pruned model has them
@@ -141,16 +142,20 @@ def test_zoo_attention_modules_follow_the_formulas(dq: int, dv: int, shared: boo
 
 
 def test_pruned_flatten_deit_follows_the_formulas_block_by_block() -> None:
-    # A pruned FLatten-DeiT: every block keeps its own per-head qk / v widths and MLP width.
-    widths = [dict(qk_dim=32, v_dim=32, mlp_hidden=128), dict(qk_dim=5, v_dim=17, mlp_hidden=40),
-              dict(qk_dim=20, v_dim=3, mlp_hidden=7), dict(qk_dim=1, v_dim=1, mlp_hidden=1)]
-    model = timm.create_model('flatten_deit_nano', pretrained=False, num_classes=10, block_widths=widths)
+    # A pruned FLatten-DeiT: every block keeps its own per-head qk / v widths and MLP width, built as load_pruned does.
+    widths = [dict(qk=32, v=32, mlp=128), dict(qk=5, v=17, mlp=40), dict(qk=20, v=3, mlp=7), dict(qk=1, v=1, mlp=1)]
+    attn = 'FocusedLinearAttentionAdapter'
+    structure = [rec for i, w in enumerate(widths) for rec in (
+        {'module': f'blocks.{i}.attn', 'adapter': attn, 'widths': dict(qk=w['qk'], v=w['v'])},
+        {'module': f'blocks.{i}.mlp', 'adapter': 'MlpAdapter', 'widths': dict(mlp=w['mlp'])})]
+    model = build_pruned({'architecture': 'flatten_deit_nano', 'model_kwargs': {'num_classes': 10},
+                          'structure': structure})
     r = count_macs(model)
     C, H, grid, k = 64, 2, 8, 5
     P = grid * grid
     N = P + 1  # class token
     for i, w in enumerate(widths):
-        dq, dv, D = w['qk_dim'], w['v_dim'], w['mlp_hidden']
+        dq, dv, D = w['qk'], w['v'], w['mlp']
         expected = (N * C * H * (2 * dq + dv) + N * H * dv * C  # qkv, proj
                     + H * (2 * N * dq * dv + N * dq)  # focused linear attention
                     + P * H * dv * k * k  # DWC on the patch tokens only

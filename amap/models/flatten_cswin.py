@@ -25,7 +25,8 @@ cannot run) instead of failing inside the forward pass.
 Per-head widths are decoupled for pruned models: ``qk_dim`` (q/k channels per head) and ``v_dim`` (v channels per head)
 default to the original head width; ``qkv`` then has ``[q | k | v]`` rows, each part split into the branch halves by
 heads, ``proj`` reads ``heads * v_dim`` channels, and LePE and the depthwise conv act on v channels. The softmax scale
-stays ``head_dim ** -0.5`` of the original head width. Pass per-block widths with ``block_widths``.
+stays ``head_dim ** -0.5`` of the original head width. A pruned block is :class:`CSWinBlock` rebuilt with smaller
+widths (:meth:`~amap.models.helpers.Rebuildable.rebuild`).
 """
 from __future__ import annotations
 
@@ -40,18 +41,10 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from . import attention
-from .helpers import (
-    BLOCK_WIDTH_KEYS,
-    ClassifierMixin,
-    Rebuildable,
-    block_attn_types,
-    expand_block_widths,
-    flatten_cfg,
-    init_weights,
-)
+from .helpers import ClassifierMixin, Rebuildable, block_attn_types, flatten_cfg, init_weights
 
 __all__ = [
-    'CSWinTransformer', 'CSWinBlock', 'LePEAttention', 'FocusedLinearAttention', 'MergeBlock', 'BLOCK_WIDTH_KEYS',
+    'CSWinTransformer', 'CSWinBlock', 'LePEAttention', 'FocusedLinearAttention', 'MergeBlock',
 ]
 
 
@@ -195,7 +188,7 @@ class CSWinBlock(Rebuildable, nn.Module):
         reso: Side of the square token map.
         num_heads: Heads of the block (each of two branches gets ``num_heads // 2``).
         split_size: Stripe width.
-        mlp_ratio: MLP hidden width as a multiple of ``dim`` (unless ``mlp_hidden`` is given).
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
         qkv_bias: Bias on the ``qkv`` projection.
         qk_scale: Softmax scale override (softmax attention only).
         drop: Dropout in the MLP.
@@ -209,7 +202,6 @@ class CSWinBlock(Rebuildable, nn.Module):
         attn_type: ``'L'`` focused linear attention or ``'S'`` softmax attention.
         qk_dim: q/k channels per head (default: the original head width).
         v_dim: v channels per head (default: the original head width).
-        mlp_hidden: MLP hidden width (default ``int(dim * mlp_ratio)``).
         dwc_shared: Share linear attention's depthwise conv across heads (the official layout).
     """
 
@@ -233,7 +225,6 @@ class CSWinBlock(Rebuildable, nn.Module):
             attn_type: str = 'L',
             qk_dim: int | None = None,
             v_dim: int | None = None,
-            mlp_hidden: int | None = None,
             dwc_shared: bool = True,
     ) -> None:
         super().__init__()
@@ -265,7 +256,6 @@ class CSWinBlock(Rebuildable, nn.Module):
         self.branch_heads = branch_heads
         self.qk_dim = qk_dim or head_dim
         self.v_dim = v_dim or head_dim
-        self.mlp_hidden = mlp_hidden or int(dim * mlp_ratio)
 
         heads_total = self.branch_num * branch_heads
         self.qkv = nn.Linear(dim, heads_total * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
@@ -285,7 +275,7 @@ class CSWinBlock(Rebuildable, nn.Module):
                     qk_dim=self.qk_dim, v_dim=self.v_dim, attn_drop=attn_drop, qk_scale=qk_scale)
                 for idx in idxs])
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.mlp = Mlp(in_features=dim, hidden_features=self.mlp_hidden, out_features=dim, act_layer=act_layer,
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), out_features=dim, act_layer=act_layer,
                        drop=drop)
         self.norm2 = norm_layer(dim)
 
@@ -377,9 +367,6 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
         kernel_size: Depthwise-conv kernel of linear attention.
         attn_type: Per stage ``'L'`` (linear), ``'S'`` (softmax) or ``'M'`` (mixed: the first ``int(attn_type[4:])``
             blocks of the stage linear, the rest softmax).
-        block_widths: Optional per-block widths for pruned models: one dict per block, in order over all stages,
-            with any of ``qk_dim``, ``v_dim`` (channels per head), ``mlp_hidden`` and ``dwc_shared``; missing keys
-            keep the original widths.
     """
 
     def __init__(
@@ -405,7 +392,6 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str = 'LLLL',
-            block_widths: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         img_h, img_w = to_2tuple(img_size)
@@ -416,7 +402,6 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
         if len(la_splits) < 4 or len(depth) != 4 or len(split_size) < 4 or len(num_heads) < 4:
             raise ModelError('CSWin needs 4 stages: depth, num_heads, split_size and la_split_size must give 4 values')
         num_blocks = sum(depth)
-        widths = expand_block_widths(block_widths, num_blocks)
         resolutions = _stage_resolutions(img_size)
 
         self.img_size = img_size
@@ -425,7 +410,6 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
         self.grad_checkpointing = use_chk
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
-        self.block_widths = widths
 
         self.stage1_conv_embed = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim, 7, 4, 2),
@@ -445,7 +429,7 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
                         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                         attn_drop=attn_drop_rate, drop_path=dpr[first + i], norm_layer=norm_layer,
                         last_stage=s == 3, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                        attn_type=attn_types[i], **widths[first + i])
+                        attn_type=attn_types[i])
                 except ModelError as e:
                     raise ModelError(f'stage{s + 1} block {i}: {e}') from None
                 blocks.append(block)

@@ -10,12 +10,12 @@ key names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.norm1/
 * ``attn.dwc`` (a :class:`~amap.models.attention.HeadDWC`) runs on the values of the *patch* tokens only, laid out on
   their grid; the class token is kept out of it (its DWC contribution is zero).
 
-Per-head widths (``qk_dim`` / ``v_dim``) and the MLP hidden width are per-block arguments, so a pruned model is this
-same class built with smaller widths (``block_widths``).
+Per-head widths (``qk_dim`` / ``v_dim``) are arguments of the attention layer, so a pruned layer is that class rebuilt
+with smaller widths (:meth:`~amap.models.helpers.Rebuildable.rebuild`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from .attention import FocusedLinearAttention
-from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, expand_block_widths, flatten_cfg, init_weights
+from .helpers import ClassifierMixin, flatten_cfg, init_weights
 
-__all__ = ['DeiTFocusedLinearAttention', 'FLattenDeiTBlock', 'FLattenDeiT', 'BLOCK_WIDTH_KEYS']
+__all__ = ['DeiTFocusedLinearAttention', 'FLattenDeiTBlock', 'FLattenDeiT']
 
 class DeiTFocusedLinearAttention(FocusedLinearAttention):
     """Focused linear attention over prefix (class) tokens and a grid of patch tokens.
@@ -51,7 +51,7 @@ class FLattenDeiTBlock(nn.Module):
         num_heads: Number of heads.
         grid_size: Patch-token grid ``(H, W)``.
         num_prefix_tokens: Tokens before the patch tokens.
-        mlp_ratio: MLP hidden width over ``dim`` (used when ``mlp_hidden_dim`` is None).
+        mlp_ratio: MLP hidden width over ``dim``.
         qkv_bias: Add a bias to the qkv projection.
         proj_drop: Dropout after projections and in the MLP.
         attn_drop: Attention dropout (unused by linear attention).
@@ -60,10 +60,6 @@ class FLattenDeiTBlock(nn.Module):
         norm_layer: Normalization layer.
         focusing_factor: Focusing power.
         kernel_size: DWC kernel size.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        mlp_hidden_dim: MLP hidden width (default ``int(dim * mlp_ratio)``).
-        dwc_shared: Share the DWC kernels across heads.
     """
 
     def __init__(
@@ -81,21 +77,15 @@ class FLattenDeiTBlock(nn.Module):
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             focusing_factor: float = 3,
             kernel_size: int = 5,
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            mlp_hidden_dim: int | None = None,
-            dwc_shared: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = DeiTFocusedLinearAttention(
             dim, num_heads=num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias,
-            attn_drop=attn_drop, proj_drop=proj_drop, focusing_factor=focusing_factor, kernel_size=kernel_size,
-            qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
+            attn_drop=attn_drop, proj_drop=proj_drop, focusing_factor=focusing_factor, kernel_size=kernel_size)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        hidden = int(dim * mlp_ratio) if mlp_hidden_dim is None else int(mlp_hidden_dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,8 +118,6 @@ class FLattenDeiT(ClassifierMixin, nn.Module):
         act_layer: MLP activation.
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel size of linear attention.
-        block_widths: Optional widths per block: one dict per block with any of ``qk_dim`` / ``v_dim`` (per head),
-            ``mlp_hidden`` and ``dwc_shared``; missing keys keep the defaults. This is how a pruned model is built.
     """
 
     def __init__(
@@ -154,7 +142,6 @@ class FLattenDeiT(ClassifierMixin, nn.Module):
             act_layer: Callable[..., nn.Module] = nn.GELU,
             focusing_factor: float = 3,
             kernel_size: int = 5,
-            block_widths: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ('token', 'avg'):
@@ -174,16 +161,13 @@ class FLattenDeiT(ClassifierMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
-        widths = expand_block_widths(block_widths, depth)
-        self.block_widths = None if block_widths is None else widths
         dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.blocks = nn.Sequential(*[
             FLattenDeiTBlock(
                 embed_dim, num_heads=num_heads, grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, focusing_factor=focusing_factor,
-                kernel_size=kernel_size, qk_dim=widths[i].get('qk_dim'), v_dim=widths[i].get('v_dim'),
-                mlp_hidden_dim=widths[i].get('mlp_hidden'), dwc_shared=widths[i].get('dwc_shared', True))
+                kernel_size=kernel_size)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)

@@ -13,12 +13,12 @@ Per stage, the official constructor picks the attention from two strings:
 The released models use ``attn_type='LLLL'`` and ``la_sr_ratios='1111'`` (the repository's configs), which is what
 the registered factories build; the constructor's own default stays ``la_sr_ratios='8421'`` as in the official code.
 
-Widths: every attention module accepts per-head ``qk_dim`` and ``v_dim`` and every block an MLP ``mlp_hidden``, so a
-pruned model is the same class built with smaller widths; the model takes them per block through ``block_widths``.
+Widths: every attention module accepts per-head ``qk_dim`` and ``v_dim``, so a pruned attention layer is its class
+rebuilt with smaller widths (:meth:`~amap.models.helpers.Rebuildable.rebuild`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -30,11 +30,11 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from .attention import FocusedLinearAttention, SpatialReduction, head_widths
-from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, Rebuildable, expand_block_widths, flatten_cfg, init_weights
+from .helpers import ClassifierMixin, Rebuildable, flatten_cfg, init_weights
 
 __all__ = [
     'PyramidVisionTransformer', 'PvtAttention', 'PvtFocusedLinearAttention', 'PvtBlock', 'PvtPatchEmbed',
-    'stage_attention', 'pvt_attention', 'expand_block_widths', 'BLOCK_WIDTH_KEYS',
+    'stage_attention', 'pvt_attention',
 ]
 
 def stage_attention(
@@ -169,12 +169,12 @@ class PvtFocusedLinearAttention(FocusedLinearAttention):
 
 def pvt_attention(attn_type: str, dim: int, num_patches: int, num_heads: int, **kwargs: Any) -> nn.Module:
     """The attention module of a PVT/PVTv2 block for ``attn_type`` 'L' (:class:`PvtFocusedLinearAttention`) or 'S'
-    (:class:`PvtAttention`); ``kwargs`` are the modules' arguments (``focusing_factor``, ``kernel_size`` and
-    ``dwc_shared`` go to linear attention only)."""
+    (:class:`PvtAttention`); ``kwargs`` are the modules' arguments (``focusing_factor`` and ``kernel_size`` go to
+    linear attention only)."""
     if attn_type == 'L':
         return PvtFocusedLinearAttention(dim, num_patches, num_heads=num_heads, **kwargs)
     if attn_type == 'S':
-        for name in ('focusing_factor', 'kernel_size', 'dwc_shared'):
+        for name in ('focusing_factor', 'kernel_size'):
             kwargs.pop(name, None)
         return PvtAttention(dim, num_heads=num_heads, **kwargs)
     raise ModelError(f"attn_type {attn_type!r} must be 'L' (focused linear) or 'S' (softmax)")
@@ -187,7 +187,7 @@ class PvtBlock(nn.Module):
         dim: Token width.
         num_patches: Tokens of the stage at the model's ``img_size``.
         num_heads: Number of heads.
-        mlp_ratio: MLP hidden width as a multiple of ``dim`` (when ``mlp_hidden`` is not given).
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
         qkv_bias: Bias on ``q`` and ``kv``.
         qk_scale: Explicit softmax scale (softmax attention only).
         drop: Dropout after ``proj`` and in the MLP.
@@ -200,10 +200,6 @@ class PvtBlock(nn.Module):
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel of linear attention.
         attn_type: ``'L'`` focused linear or ``'S'`` softmax attention.
-        qk_dim: q/k channels per head (default ``dim // num_heads``).
-        v_dim: v channels per head (default ``dim // num_heads``).
-        mlp_hidden: MLP hidden width (default ``int(dim * mlp_ratio)``).
-        dwc_shared: Share the DWC kernel bank across heads (linear attention).
     """
 
     def __init__(
@@ -224,20 +220,16 @@ class PvtBlock(nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str = 'L',
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            mlp_hidden: int | None = None,
-            dwc_shared: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = pvt_attention(
             attn_type, dim, num_patches, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
             proj_drop=drop, sr_ratio=sr_ratio, linear=linear, focusing_factor=focusing_factor,
-            kernel_size=kernel_size, qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
+            kernel_size=kernel_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = self._make_mlp(dim, mlp_hidden or int(dim * mlp_ratio), act_layer, drop, linear)
+        self.mlp = self._make_mlp(dim, int(dim * mlp_ratio), act_layer, drop, linear)
 
     def _make_mlp(self, dim: int, hidden: int, act_layer: Callable[..., nn.Module], drop: float,
                   linear: bool) -> nn.Module:
@@ -250,14 +242,6 @@ class PvtBlock(nn.Module):
         """Run the block on tokens ``(B, H * W, dim)``."""
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         return x + self.drop_path(self._run_mlp(self.norm2(x), H, W))
-
-    def widths(self) -> dict[str, Any]:
-        """The block's widths as a ``block_widths`` entry."""
-        attn = self.attn
-        widths: dict[str, Any] = {'qk_dim': attn.qk_dim, 'v_dim': attn.v_dim, 'mlp_hidden': self.mlp.fc1.out_features}
-        if isinstance(attn, FocusedLinearAttention):
-            widths['dwc_shared'] = attn.dwc.shared
-        return widths
 
 
 class PvtPatchEmbed(PatchEmbed):
@@ -294,7 +278,7 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
     """FLatten-PVT (v1): four stages of patch embedding + absolute position embedding + PVT blocks; mean-pooled tokens
     go to the ``head``.
 
-    The constructor takes exactly the official arguments (same names and defaults) plus ``block_widths``. Like the
+    The constructor takes exactly the official arguments (same names and defaults). Like the
     official model, the final ``norm`` exists (and is in the state dict) but is not applied in ``forward``.
 
     Args:
@@ -318,8 +302,6 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel of linear attention.
         attn_type: One letter per stage, 'L' (focused linear) or 'S' (softmax); ``None`` means 'LLLL'.
-        block_widths: Optional per-block widths, one dict per block in model order with any of ``qk_dim``,
-            ``v_dim``, ``mlp_hidden``, ``dwc_shared`` (how a pruned model is described); ``None``: default widths.
     """
 
     def __init__(
@@ -344,7 +326,6 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str | None = 'LLLL',
-            block_widths: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -352,8 +333,6 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
         self.num_stages = num_stages
         self.num_features = self.head_hidden_size = embed_dims[3]
         self.stage_attention = stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages)
-        widths = expand_block_widths(block_widths, sum(depths[:num_stages]))
-        self.block_widths = None if block_widths is None else [dict(w) for w in widths]  # as given
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         cur = 0
@@ -367,7 +346,7 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
                 dim=embed_dims[i], num_patches=num_patches, num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[cur + j], norm_layer=norm_layer, sr_ratio=sr_ratio, focusing_factor=focusing_factor,
-                kernel_size=kernel_size, attn_type=letter, **widths[cur + j])
+                kernel_size=kernel_size, attn_type=letter)
                 for j in range(depths[i])])
             cur += depths[i]
             setattr(self, f'patch_embed{i + 1}', patch_embed)
@@ -386,10 +365,6 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (as in the official model)."""
         return {'cls_token'}
-
-    def get_block_widths(self) -> list[dict[str, Any]]:
-        """The actual widths of every block in model order, in the form the ``block_widths`` argument takes."""
-        return [blk.widths() for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
 
     def _pos_embed(self, stage: int, height: int, width: int) -> Tensor:
         """Stage ``stage``'s position embedding for a ``height x width`` grid (bilinear resize when it differs)."""

@@ -11,7 +11,7 @@ The registered factories build the released models (``attn_type='LLLL'``, ``la_s
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -22,7 +22,7 @@ from timm.models.pvt_v2 import OverlapPatchEmbed
 from torch import Tensor, nn
 
 from .flatten_pvt import PvtBlock, stage_attention
-from .helpers import ClassifierMixin, expand_block_widths, flatten_cfg, init_weights_with_conv
+from .helpers import ClassifierMixin, flatten_cfg, init_weights_with_conv
 
 __all__ = ['PyramidVisionTransformerV2', 'PvtV2Block', 'DWConvMlp', 'DWConv']
 
@@ -105,7 +105,7 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
     """FLatten-PVTv2: four stages of overlapping patch embedding + PVTv2 blocks + norm; mean-pooled tokens go to the
     ``head``.
 
-    The constructor takes exactly the official arguments (same names and defaults) plus ``block_widths``.
+    The constructor takes exactly the official arguments (same names and defaults).
     ``patch_size`` is accepted but unused, as in the official model (stage 1 is a 7x7/4 conv, later stages 3x3/2).
 
     The arguments it shares with :class:`~amap.models.flatten_pvt.PyramidVisionTransformer` mean the same; these differ:
@@ -140,7 +140,6 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str | None = 'LLLL',
-            block_widths: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -148,8 +147,6 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
         self.num_stages = num_stages
         self.num_features = self.head_hidden_size = embed_dims[3]
         self.stage_attention = stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages)
-        widths = expand_block_widths(block_widths, sum(depths[:num_stages]))
-        self.block_widths = None if block_widths is None else [dict(w) for w in widths]  # as given
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         size = to_2tuple(img_size)
@@ -166,7 +163,7 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
                 dim=embed_dims[i], num_patches=num_patches, num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[cur + j], norm_layer=norm_layer, sr_ratio=sr_ratio, linear=linear,
-                focusing_factor=focusing_factor, kernel_size=kernel_size, attn_type=letter, **widths[cur + j])
+                focusing_factor=focusing_factor, kernel_size=kernel_size, attn_type=letter)
                 for j in range(depths[i])])
             cur += depths[i]
             setattr(self, f'patch_embed{i + 1}', patch_embed)
@@ -180,10 +177,6 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (as in the official model)."""
         return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
-
-    def get_block_widths(self) -> list[dict[str, Any]]:
-        """The actual widths of every block in model order, in the form the ``block_widths`` argument takes."""
-        return [blk.widths() for i in range(self.num_stages) for blk in getattr(self, f'block{i + 1}')]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Run the stages; returns the last stage's normalised tokens ``(B, N, num_features)``."""

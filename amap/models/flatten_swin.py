@@ -11,8 +11,8 @@ Attention per stage is chosen by ``attn_type``, one letter per stage: ``L`` focu
 attention with relative position bias (window 7, or 12 when ``window_size > 56``; ``softmax_window_size`` overrides it),
 ``M`` a mix whose first ``n`` blocks are linear (``n`` follows the per-stage letters, e.g. ``'LLMS3'``).
 
-Per-head widths are decoupled (``qk_dim`` / ``v_dim``, see :mod:`amap.models.attention`) and every block takes its MLP
-hidden width, so a pruned model is this class built with smaller widths (``block_widths``).
+Per-head widths are decoupled (``qk_dim`` / ``v_dim``, see :mod:`amap.models.attention`): a pruned attention layer is
+its class rebuilt with smaller widths (:meth:`~amap.models.helpers.Rebuildable.rebuild`).
 """
 from __future__ import annotations
 
@@ -31,12 +31,11 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from . import attention, helpers
 from .attention import head_widths
-from .helpers import BLOCK_WIDTH_KEYS, ClassifierMixin, Rebuildable, block_attn_types, expand_block_widths
+from .helpers import ClassifierMixin, Rebuildable, block_attn_types
 
 __all__ = [
     'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'BasicLayer',
     'FLattenSwinTransformer',
-    'BLOCK_WIDTH_KEYS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ class SwinTransformerBlock(nn.Module):
         num_heads: Number of heads.
         window_size: Window size before clamping.
         shift_size: Cyclic shift (0 for W-MSA blocks, ``window_size // 2`` for SW-MSA blocks).
-        mlp_ratio: MLP hidden width over ``dim`` (used when ``mlp_hidden_dim`` is None).
+        mlp_ratio: MLP hidden width over ``dim``.
         qkv_bias: Add a bias to the qkv projection.
         qk_scale: Softmax scale override (``S`` attention only).
         drop, attn_drop: Dropout after projections, on attention weights.
@@ -171,9 +170,6 @@ class SwinTransformerBlock(nn.Module):
         act_layer, norm_layer: MLP activation, normalization layer.
         focusing_factor, kernel_size: Focusing power and DWC kernel size (``L`` attention).
         attn_type: ``'L'`` (focused linear) or ``'S'`` (softmax with relative position bias).
-        qk_dim, v_dim: q/k and v channels per head (default ``dim // num_heads``).
-        mlp_hidden_dim: MLP hidden width (default ``int(dim * mlp_ratio)``).
-        dwc_shared: Share the DWC kernels across heads (``L`` attention).
     """
 
     def __init__(
@@ -194,10 +190,6 @@ class SwinTransformerBlock(nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str = 'L',
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            mlp_hidden_dim: int | None = None,
-            dwc_shared: bool = True,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -218,18 +210,16 @@ class SwinTransformerBlock(nn.Module):
         if attn_type == 'L':
             self.attn = FocusedLinearAttention(
                 dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                attn_drop=attn_drop, proj_drop=drop, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                qk_dim=qk_dim, v_dim=v_dim, dwc_shared=dwc_shared)
+                attn_drop=attn_drop, proj_drop=drop, focusing_factor=focusing_factor, kernel_size=kernel_size)
         elif attn_type == 'S':
             self.attn = WindowAttention(
                 dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                attn_drop=attn_drop, proj_drop=drop, qk_dim=qk_dim, v_dim=v_dim)
+                attn_drop=attn_drop, proj_drop=drop)
         else:
             raise ModelError(f"attn_type={attn_type!r} per block must be 'L' (linear) or 'S' (softmax)")
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        hidden = int(dim * mlp_ratio) if mlp_hidden_dim is None else int(mlp_hidden_dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
         mask = None
         if self.shift_size > 0:
@@ -303,7 +293,6 @@ class BasicLayer(nn.Module):
             class, for compatibility with the official signature).
         use_checkpoint: Recompute the blocks in the backward pass (activation checkpointing) while training.
         attn_type: ``'L'``, ``'S'``, ``'M<n>'`` (first ``n`` blocks linear, the rest softmax), or a letter per block.
-        block_widths: Optional per-block widths, one dict per block (keys of :data:`BLOCK_WIDTH_KEYS`).
         softmax_window_size: Window of softmax blocks; None applies the official rule above.
         mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, norm_layer, focusing_factor, kernel_size: Passed to every
             :class:`SwinTransformerBlock`.
@@ -328,7 +317,6 @@ class BasicLayer(nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str | Sequence[str] = 'L',
-            block_widths: Sequence[dict[str, Any]] | None = None,
             softmax_window_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -340,7 +328,6 @@ class BasicLayer(nn.Module):
         if softmax_window_size is None:
             softmax_window_size = 7 if window_size <= 56 else 12
         windows = [window_size if t == 'L' else softmax_window_size for t in attn_types]
-        widths = list(block_widths) if block_widths is not None else [{}] * depth
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(
                 dim=dim, input_resolution=self.input_resolution, num_heads=num_heads, window_size=windows[i],
@@ -348,8 +335,7 @@ class BasicLayer(nn.Module):
                 qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
                 drop_path=drop_path[i] if isinstance(drop_path, Sequence) else drop_path,
                 norm_layer=norm_layer, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                attn_type=attn_types[i], qk_dim=widths[i].get('qk_dim'), v_dim=widths[i].get('v_dim'),
-                mlp_hidden_dim=widths[i].get('mlp_hidden'), dwc_shared=widths[i].get('dwc_shared', True))
+                attn_type=attn_types[i])
             for i in range(depth)])
         self.downsample = PatchMerging(dim, 2 * dim, norm_layer=norm_layer) if downsample else None
 
@@ -396,7 +382,6 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         focusing_factor: Focusing power of linear attention.
         kernel_size: DWC kernel size of linear attention.
         attn_type: Attention per stage (``L``/``S``/``M``; see the module docstring).
-        block_widths: Optional widths per block over all stages (see :func:`~amap.models.helpers.expand_block_widths`).
         softmax_window_size: Window of softmax (``S``) blocks before clamping (ours). None keeps the official rule:
             7, or 12 when ``window_size > 56``.
         **kwargs: Accepted and ignored, as the official constructor does (a warning names them).
@@ -425,7 +410,6 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
             focusing_factor: float = 3,
             kernel_size: int = 5,
             attn_type: str = 'LLLL',
-            block_widths: Sequence[dict[str, Any]] | None = None,
             softmax_window_size: int | None = None,
             **kwargs: Any,
     ) -> None:
@@ -455,8 +439,6 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         total = sum(depths)
-        widths = expand_block_widths(block_widths, total)
-        self.block_widths = None if block_widths is None else widths
         dpr = torch.linspace(0, drop_path_rate, total, device='cpu').tolist()
         stage_types = block_attn_types(attn_type, depths)
         self.layers = nn.ModuleList()
@@ -469,7 +451,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[start:end], norm_layer=norm_layer, downsample=i < self.num_layers - 1,
                 use_checkpoint=use_checkpoint, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                attn_type=stage_types[i], block_widths=widths[start:end], softmax_window_size=softmax_window_size))
+                attn_type=stage_types[i], softmax_window_size=softmax_window_size))
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

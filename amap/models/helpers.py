@@ -1,5 +1,5 @@
 """What every FLatten family shares beyond attention: weight initialisation, the classifier head, timm's default
-configuration, and the per-block widths argument (``block_widths``).
+configuration, and :class:`Rebuildable` (how a module is built again at other widths).
 
 The families' model classes mix in :class:`ClassifierMixin` (``get_classifier``, ``reset_classifier``, ``forward``) and
 initialise with :func:`init_weights`; their ``default_cfgs`` come from :func:`flatten_cfg`.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,7 @@ from torch import Tensor, nn
 from ..errors import ModelError
 
 __all__ = ['Rebuildable', 'init_weights', 'init_weights_with_conv', 'ClassifierMixin', 'flatten_cfg',
-           'block_attn_types', 'BLOCK_WIDTH_KEYS', 'expand_block_widths']
-
-#: Keys a ``block_widths`` entry may set (missing keys keep the block's default width).
-BLOCK_WIDTH_KEYS = ('qk_dim', 'v_dim', 'mlp_hidden', 'dwc_shared')
+           'block_attn_types']
 
 
 class Rebuildable:
@@ -145,34 +142,3 @@ def block_attn_types(attn_type: str, depths: Sequence[int]) -> list[list[str]]:
     return [['L' if letter == 'L' or (letter == 'M' and i < int(suffix)) else 'S' for i in range(depth)]
             for letter, depth in zip(letters, depths)]
 
-
-def expand_block_widths(
-        block_widths: Sequence[Mapping[str, Any]] | None,
-        num_blocks: int,
-) -> list[dict[str, Any]]:
-    """Check a model's ``block_widths`` argument and return one dict per block (empty dicts when ``None``).
-
-    Args:
-        block_widths: ``None`` or one mapping per block, in model order (stage 1 block 0, block 1, ..., last stage),
-            with any of the keys ``qk_dim``, ``v_dim``, ``mlp_hidden`` (ints) and ``dwc_shared`` (bool).
-        num_blocks: Number of blocks of the model.
-
-    Returns:
-        A list of ``num_blocks`` dicts.
-
-    Raises:
-        ModelError: Wrong length or an unknown key.
-    """
-    if block_widths is None:
-        return [{} for _ in range(num_blocks)]
-    block_widths = list(block_widths)
-    if len(block_widths) != num_blocks:
-        raise ModelError(f'block_widths has {len(block_widths)} entries but the model has {num_blocks} blocks; '
-                         'give one dict per block in order')
-    out = []
-    for i, widths in enumerate(block_widths):
-        unknown = set(widths) - set(BLOCK_WIDTH_KEYS)
-        if unknown:
-            raise ModelError(f'block_widths[{i}] has unknown keys {sorted(unknown)}; allowed: {list(BLOCK_WIDTH_KEYS)}')
-        out.append(dict(widths))
-    return out

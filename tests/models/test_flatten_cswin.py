@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from rebuild_helpers import rebuild_blocks
 from safetensors import safe_open
 from torch import nn
 
@@ -160,9 +161,9 @@ def test_non_released_narrow_stripes_build_and_run_deterministically():
 
 
 def test_pruned_widths_build_and_run():
-    widths = [{'qk_dim': 3, 'v_dim': 5, 'mlp_hidden': 20, 'dwc_shared': False}, {'qk_dim': 2},
-              {'v_dim': 4, 'mlp_hidden': 33}, {'qk_dim': 6, 'v_dim': 7}, {}]
-    model = _perturb(CSWinTransformer(**dict(SMALL_LLSS, block_widths=widths))).eval()
+    widths = {'stage1.0': {'qk': 3, 'v': 5, 'mlp': 20, 'dwc_shared': False}, 'stage2.0': {'qk': 2},
+              'stage3.0': {'v': 4, 'mlp': 33}, 'stage3.1': {'qk': 6, 'v': 7}}
+    model = _perturb(rebuild_blocks(CSWinTransformer(**SMALL_LLSS), widths, attn='')).eval()
     b1, b3 = model.stage1[0], model.stage3[0]
     # stage 1: 2 heads of qk 3 / v 5, un-shared depthwise conv (one kernel per kept v channel of every head)
     assert b1.qkv.weight.shape == (2 * (2 * 3 + 5), 16) and b1.proj.weight.shape == (16, 2 * 5)
@@ -195,9 +196,8 @@ def test_zeroed_qk_channels_equal_sliced_model():
     # stage1.0: linear attention, 2 heads of 8, drop channel 5 of every head; stage3.0: softmax, 4 heads of 16
     # in two branches, drop channel 3 of every head
     drops = {'stage1.0': (2, 8, 5), 'stage3.0': (4, 16, 3)}
-    widths = [{}] * 5
-    widths[0], widths[2] = {'qk_dim': 7}, {'qk_dim': 15}
-    sliced = CSWinTransformer(**dict(SMALL_LLSS, block_widths=widths)).eval()
+    sliced = rebuild_blocks(CSWinTransformer(**SMALL_LLSS), {'stage1.0': {'qk': 7}, 'stage3.0': {'qk': 15}}, attn='')
+    sliced.eval()
 
     state = full.state_dict()
     for block, (heads, hd, ch) in drops.items():
@@ -235,8 +235,8 @@ def test_zeroed_qk_channels_equal_sliced_model():
 def test_unshared_dwc_with_copied_kernels_equals_shared():
     torch.manual_seed(1)
     shared = _perturb(CSWinTransformer(**SMALL_LLSS)).eval()
-    widths = [{'dwc_shared': False}] * 2 + [{}] * 3
-    unshared = CSWinTransformer(**dict(SMALL_LLSS, block_widths=widths)).eval()
+    widths = {'stage1.0': {'dwc_shared': False}, 'stage2.0': {'dwc_shared': False}}
+    unshared = rebuild_blocks(CSWinTransformer(**SMALL_LLSS), widths, attn='').eval()
     state = shared.state_dict()
     for block, heads in (('stage1.0', 2), ('stage2.0', 2)):
         for p in ('weight', 'bias'):
@@ -272,8 +272,6 @@ def test_gradient_checkpointing_gives_same_output_and_grads():
     (dict(SMALL_LLSS, la_split_size='8-8-4-2'), 'la_split_size entry to 16'),
     (dict(STRIPES, split_size=[3, 2, 2, 2]), 'divides 16'),
     (dict(STRIPES, img_size=100), 'img_size 100'),
-    (dict(STRIPES, block_widths=[{}] * 4), 'block_widths has 4 entries'),
-    (dict(STRIPES, block_widths=[{'qk': 3}] + [{}] * 4), 'unknown keys'),
     (dict(STRIPES, attn_type='LLXS'), 'attn_type'),
 ])
 def test_bad_arguments_raise_model_error(kwargs, message):

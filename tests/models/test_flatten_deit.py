@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from rebuild_helpers import rebuild_blocks
 from torch import nn
 
 import amap  # noqa: F401  (registers the zoo)
@@ -114,8 +115,9 @@ def test_eval_is_deterministic():
 
 
 def test_smaller_per_head_widths_build_and_run():
-    widths = [dict(qk_dim=4, v_dim=6, mlp_hidden=10), dict(qk_dim=3, v_dim=5, dwc_shared=False), {}, dict(v_dim=1)]
-    model = timm.create_model('flatten_deit_nano', block_widths=widths).eval()
+    widths = [dict(qk=4, v=6, mlp=10), dict(qk=3, v=5, dwc_shared=False), {}, dict(v=1)]
+    model = rebuild_blocks(timm.create_model('flatten_deit_nano'), {f'blocks.{i}': w for i, w in enumerate(widths)})
+    model.eval()
     sd = model.state_dict()
     assert sd['blocks.0.attn.qkv.weight'].shape == (2 * (2 * 4 + 6), 64)
     assert sd['blocks.0.attn.proj.weight'].shape == (64, 2 * 6)
@@ -129,10 +131,6 @@ def test_smaller_per_head_widths_build_and_run():
     assert sd['blocks.3.attn.qkv.weight'].shape == (2 * (2 * 32 + 1), 64)
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(ModelError):
-        timm.create_model('flatten_deit_nano', block_widths=widths[:3])
-    with pytest.raises(ModelError):
-        timm.create_model('flatten_deit_nano', block_widths=[dict(mlp=3)] * 4)
 
 
 def test_qk_gate_zeroing_equals_slicing_the_channels_out():
@@ -155,7 +153,8 @@ def test_qk_gate_zeroing_equals_slicing_the_channels_out():
             state[p + 'qkv.bias'] = state[p + 'qkv.bias'][rows]
             state[p + 'scale'] = state[p + 'scale'][..., idx]
             state[p + 'positional_encoding'] = state[p + 'positional_encoding'][..., idx]
-        small = timm.create_model('flatten_deit_nano', block_widths=[dict(qk_dim=keep)] * 4).eval()
+        small = rebuild_blocks(timm.create_model('flatten_deit_nano'), {f'blocks.{i}': dict(qk=keep) for i in range(4)})
+        small.eval()
         small.load_state_dict(state, strict=True)
         gated = full(x)
         sliced = small(x)
@@ -165,7 +164,8 @@ def test_qk_gate_zeroing_equals_slicing_the_channels_out():
 
 def test_unshared_dwc_with_copied_kernels_equals_shared():
     shared = _randomize(timm.create_model('flatten_deit_nano'))
-    unshared = timm.create_model('flatten_deit_nano', block_widths=[dict(dwc_shared=False)] * 4).eval()
+    unshared = rebuild_blocks(timm.create_model('flatten_deit_nano'),
+                              {f'blocks.{i}': dict(dwc_shared=False) for i in range(4)}).eval()
     state = shared.state_dict()
     for key in [k for k in state if '.attn.dwc.' in k]:
         state[key] = state[key].repeat(2, *([1] * (state[key].dim() - 1)))

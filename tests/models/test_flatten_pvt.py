@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from rebuild_helpers import rebuild_blocks, rebuild_modules
 from safetensors import safe_open
 from torch import nn
 
@@ -88,7 +89,7 @@ def test_constructor_takes_official_arguments_and_defaults(cls, expected):
         assert name in params, name
         got = params[name].default
         assert (list(got) if isinstance(got, tuple) else got) == default, name
-    assert set(params) - set(expected) == {'block_widths'}
+    assert set(params) == set(expected)
 
 
 @pytest.mark.parametrize('name', ['flatten_pvt_tiny', 'flatten_pvt_v2_b0'])
@@ -156,41 +157,41 @@ def test_pvt_v1_position_embedding_resized_for_other_input_sizes():
 # ---------------------------------------------------------------------------------------------- widths and hooks
 @pytest.mark.parametrize('cls', [PyramidVisionTransformer, PyramidVisionTransformerV2])
 def test_smaller_widths_build_and_run(cls):
-    widths = [dict(qk_dim=4, v_dim=8, mlp_hidden=20), dict(qk_dim=3, v_dim=5, dwc_shared=False),
-              dict(qk_dim=2, v_dim=7, mlp_hidden=33), dict(qk_dim=16, v_dim=1), dict(v_dim=3, mlp_hidden=100)]
-    model = _randomise(cls(**dict(_SMALL, attn_type='LLLS'), block_widths=widths))
+    names = ['block1.0', 'block2.0', 'block3.0', 'block3.1', 'block4.0']
+    widths = [dict(qk=4, v=8, mlp=20), dict(qk=3, v=5, dwc_shared=False), dict(qk=2, v=7, mlp=33), dict(qk=16, v=1),
+              dict(v=3, mlp=100)]
+
+    def build() -> nn.Module:
+        return rebuild_blocks(cls(**dict(_SMALL, attn_type='LLLS')), dict(zip(names, widths)))
+
+    model = _randomise(build())
     blocks = [blk for i in range(4) for blk in getattr(model, f'block{i + 1}')]
+    got = []
     for blk, w, heads in zip(blocks, widths, [1, 2, 4, 4, 8]):
         attn, dim = blk.attn, blk.norm1.normalized_shape[0]
-        dq, dv = w.get('qk_dim', dim // heads), w.get('v_dim', dim // heads)
+        dq, dv = w.get('qk', dim // heads), w.get('v', dim // heads)
         assert attn.q.weight.shape == (heads * dq, dim)
         assert attn.kv.weight.shape == (heads * (dq + dv), dim)
         assert attn.proj.weight.shape == (dim, heads * dv)
-        assert blk.mlp.fc1.out_features == w.get('mlp_hidden', 4 * dim)
+        assert blk.mlp.fc1.out_features == w.get('mlp', 4 * dim)
         if isinstance(attn, PvtFocusedLinearAttention):
             assert attn.scale.shape == (1, 1, heads * dq)
             assert attn.positional_encoding.shape[-1] == heads * dq
             shared = w.get('dwc_shared', True)
             assert attn.dwc.weight.shape[0] == (dv if shared else heads * dv)
+        got.append(dict(qk_dim=attn.qk_dim, v_dim=attn.v_dim, mlp_hidden=blk.mlp.fc1.out_features,
+                        **({'dwc_shared': attn.dwc.shared} if isinstance(attn, PvtFocusedLinearAttention) else {})))
     expected = [dict(qk_dim=4, v_dim=8, mlp_hidden=20, dwc_shared=True),
                 dict(qk_dim=3, v_dim=5, mlp_hidden=128, dwc_shared=False),
                 dict(qk_dim=2, v_dim=7, mlp_hidden=33, dwc_shared=True),
                 dict(qk_dim=16, v_dim=1, mlp_hidden=256, dwc_shared=True),
                 dict(qk_dim=16, v_dim=3, mlp_hidden=100)]  # last stage is softmax: no DWC
-    assert model.get_block_widths() == expected
-    assert model.block_widths == widths  # the argument as given, like the other families
-    rebuilt = cls(**dict(_SMALL, attn_type='LLLS'), block_widths=model.get_block_widths())
+    assert got == expected
+    rebuilt = build()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
-
-
-def test_block_widths_are_validated():
-    with pytest.raises(ModelError, match='5 blocks'):
-        PyramidVisionTransformer(**_SMALL, block_widths=[{}] * 4)
-    with pytest.raises(ModelError, match='unknown keys'):
-        PyramidVisionTransformerV2(**_SMALL, block_widths=[{}] * 4 + [{'qkdim': 3}])
 
 
 class _ChannelMask(nn.Module):
@@ -221,11 +222,11 @@ def test_qk_gate_zeroing_equals_slicing_the_channels(cls):
             mask[keep] = 1
             attn.qk_gate = _ChannelMask(mask)
             keeps.append(keep)
-            widths.append({'qk_dim': keep_per_head})
-    sliced = cls(**kwargs, block_widths=widths).eval()
+            widths.append({'qk': keep_per_head})
+    blk_names = [f'block{i + 1}.{j}' for i in range(4) for j in range(kwargs['depths'][i])]
+    sliced = rebuild_modules(cls(**kwargs), {f'{n}.attn': w for n, w in zip(blk_names, widths)}).eval()
     state = full.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith('qk_gate.mask')}
-    blk_names = [f'block{i + 1}.{j}' for i in range(4) for j in range(kwargs['depths'][i])]
     for name, keep in zip(blk_names, keeps):
         p = f'{name}.attn.'
         qk_channels = state[p + 'q.weight'].shape[0]

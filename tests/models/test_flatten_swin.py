@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from rebuild_helpers import rebuild_blocks, rebuild_modules
 from safetensors import safe_open
 from torch import nn
 
@@ -159,9 +160,9 @@ def test_eval_is_deterministic():
 
 
 def test_smaller_per_head_widths_build_and_run():
-    widths = [dict(qk_dim=4, v_dim=6, mlp_hidden=10), dict(qk_dim=3, v_dim=5, dwc_shared=False),
-              dict(qk_dim=7, v_dim=2, mlp_hidden=20), dict(qk_dim=2, v_dim=3)]
-    model = timm.create_model('flatten_swin_nano', block_widths=widths).eval()
+    widths = {'layers.0.blocks.0': dict(qk=4, v=6, mlp=10), 'layers.1.blocks.0': dict(qk=3, v=5, dwc_shared=False),
+              'layers.2.blocks.0': dict(qk=7, v=2, mlp=20), 'layers.2.blocks.1': dict(qk=2, v=3)}
+    model = rebuild_blocks(timm.create_model('flatten_swin_nano'), widths).eval()
     sd = model.state_dict()
     # stage 1: 24 channels, 2 heads; linear attention over the 16x16 map
     assert sd['layers.0.blocks.0.attn.qkv.weight'].shape == (2 * (2 * 4 + 6), 24)
@@ -181,17 +182,13 @@ def test_smaller_per_head_widths_build_and_run():
     assert sd['layers.2.blocks.1.attn.relative_position_bias_table'].shape == (7 * 7, 8)
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(ModelError):
-        timm.create_model('flatten_swin_nano', block_widths=widths[:3])
-    with pytest.raises(ModelError):
-        timm.create_model('flatten_swin_nano', block_widths=[dict(qk=3)] * 4)
 
 
 def test_softmax_scale_stays_the_original_head_dim():
     attn = WindowAttention(64, window_size=(4, 4), num_heads=4, qk_dim=5, v_dim=3)
     assert attn.scale == 16 ** -0.5
     assert WindowAttention(64, window_size=(4, 4), num_heads=4, qk_scale=0.3, qk_dim=5).scale == 0.3
-    model = timm.create_model('flatten_swin_nano', block_widths=[{}, {}, dict(qk_dim=3), {}])
+    model = rebuild_blocks(timm.create_model('flatten_swin_nano'), {'layers.2.blocks.0': dict(qk=3)})
     assert model.layers[2].blocks[0].attn.scale == 12 ** -0.5  # 96 channels / 8 heads
 
     # and it is the right scale: q/k channels removed from the weights == the same channels sliced away
@@ -215,7 +212,7 @@ def test_softmax_scale_stays_the_original_head_dim():
 def _slice_linear_attention_qk(full: FLattenSwinTransformer, keep: int) -> tuple[FLattenSwinTransformer, int]:
     """Gate ``keep`` q/k channels per head in every linear-attention block of ``full`` through ``qk_gate``, and
     return a model built with ``qk_dim=keep`` there whose weights are ``full``'s with the other channels sliced out."""
-    widths, plans = [], {}
+    plans = {}
     for i, layer in enumerate(full.layers):
         for j, blk in enumerate(layer.blocks):
             attn = blk.attn
@@ -225,12 +222,9 @@ def _slice_linear_attention_qk(full: FLattenSwinTransformer, keep: int) -> tuple
                 mask[idx] = 1
                 attn.qk_gate = _ChannelMask(mask)
                 plans[f'layers.{i}.blocks.{j}.attn.'] = (idx, attn.num_heads * attn.head_dim)
-                widths.append(dict(qk_dim=keep))
-            else:
-                widths.append({})
     small = FLattenSwinTransformer(img_size=32, patch_size=2, num_classes=10, embed_dim=24, depths=(1, 1, 2),
-                                   num_heads=(2, 4, 8), window_size=16, attn_type='LLS', drop_path_rate=0.,
-                                   block_widths=widths).eval()
+                                   num_heads=(2, 4, 8), window_size=16, attn_type='LLS', drop_path_rate=0.)
+    small = rebuild_modules(small, {prefix[:-1]: dict(qk=keep) for prefix in plans}).eval()
     state = {k: v for k, v in full.state_dict().items() if not k.endswith('qk_gate.mask')}
     for prefix, (idx, c) in plans.items():
         rows = torch.cat([idx, c + idx, torch.arange(2 * c, state[prefix + 'qkv.weight'].shape[0])])
@@ -258,7 +252,9 @@ def test_qk_gate_zeroing_equals_slicing_the_channels_out():
 
 def test_unshared_dwc_with_copied_kernels_equals_shared():
     shared = _randomize(timm.create_model('flatten_swin_nano'))
-    unshared = timm.create_model('flatten_swin_nano', block_widths=[dict(dwc_shared=False)] * 4).eval()
+    unshared = timm.create_model('flatten_swin_nano')
+    linear = [name for name, m in unshared.named_modules() if isinstance(m, FocusedLinearAttention)]
+    unshared = rebuild_modules(unshared, {name: dict(dwc_shared=False) for name in linear}).eval()
     state = shared.state_dict()
     for key in [k for k in state if '.attn.dwc.' in k]:
         heads = shared.get_submodule(key.rsplit('.', 2)[0]).num_heads

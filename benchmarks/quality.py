@@ -38,12 +38,12 @@ flatten_swin_micro and timm_deit_micro (the DeiTs at width 96 with 3 heads of 32
 ``embed_dim=96``, and timm's DeiT-Tiny with patch 4, 6 blocks, width 96 and MLP ratio 2 at 32 px); a missing or
 unfinished base is skipped with the ``amap train`` command that makes it.
 
-Cost: a run trains ``search_epochs + finetune_epochs`` epochs (plus about 8 evaluations); with CIFAR-10 (781 steps
-of 64 images per epoch) and the micro models' 0.4-1.5 s per step on one core of these machines, that is 0.5-2 hours
-per run, and the default grid is 3 bases x 2 targets x 11 methods x 3 seeds = 198 runs (Torch-Pruning is not
-applicable to the FLatten bases, 24 of them end at once). Cut it with ``--train-subset`` / ``--val-subset``, fewer
-``--seeds`` / ``--methods`` / ``--models``, and use both cores with two processes (``--shard 0/2`` and
-``--shard 1/2``), then one plain invocation collects every finished run.
+Cost: a run trains ``search_epochs + finetune_epochs`` epochs (plus one evaluation per epoch and about 3 per curve
+point); with CIFAR-10 (781 steps of 64 images per epoch) and the micro models' 0.4-1.5 s per step on one core of these
+machines, that is 0.5-2 hours per run, and the default grid is 3 bases x (2 targets x 12 methods + ``unpruned``) x 3
+seeds = 225 runs (Torch-Pruning is not applicable to the FLatten bases, 24 of them end at once). Cut it with
+``--train-subset`` / ``--val-subset``, fewer ``--seeds`` / ``--methods`` / ``--models``, and use both cores with two
+processes (``--shard 0/2`` and ``--shard 1/2``), then one plain invocation collects every finished run.
 
 ``--quick`` (the CI smoke test, about a minute): a small timm DeiT (2 blocks, width 96, patch 8) trained on the
 fly for 8 epochs of the embedded digits data, pruned to 70% by amap, magnitude and torch_pruning_magnitude, and

@@ -11,13 +11,22 @@ number of training epochs -- and top-1 is measured before pruning, right after t
   same groups, head balance and target guarantee;
 * ``torch_pruning_magnitude`` / ``torch_pruning_taylor``: Torch-Pruning's MetaPruner with GroupMagnitudeImportance /
   GroupTaylorImportance, head-dim pruning of the attention and MLP hidden dims, its ratio pushed by bisection to the
-  same MACs (``benchmarks/torch_pruning_baseline.py``).
+  same MACs (``benchmarks/torch_pruning_baseline.py``);
+* ``unpruned``: the base itself, fine-tuned with the same budget, recipe and teacher (MAC ratio 1): the reference of
+  "near-lossless" (one run per base and seed, shown under every target).
 
 Budget: AMAP's search trains the weights (with distillation) while it searches, so it spends ``search_epochs`` +
 ``finetune_epochs`` epochs of training; the criteria that need no search (every baseline) fine-tune for
 ``search_epochs + finetune_epochs`` epochs instead, so every method gets the same number of training epochs with the
-same teacher. Everything except Torch-Pruning runs through :func:`amap.pipeline.run`; Torch-Pruning's model is
-fine-tuned by the pipeline's own fine-tune loop (same optimiser, schedule, distillation).
+same teacher. Everything except Torch-Pruning and ``unpruned`` runs through :func:`amap.pipeline.run`; their models
+are fine-tuned by the pipeline's own fine-tune loop (same optimiser, schedule, distillation).
+
+Equal work: every run records a curve, top-1 against optimizer steps spent since the unpruned model (AMAP's search
+steps count), at the cut (0 steps, or the end of AMAP's search) and at each of ``--curve-epochs`` (epochs of steps,
+default 0.25, 1, 3 and the whole budget; AMAP has the points at or after its search). The fine-tune is stopped at
+each point (``max_finetune_steps``), evaluated, and continued from its checkpoint there (``resume``: the same
+schedule, so the last point is the run's final top-1). One PNG per (base, target) beside the results plots the mean
+curves (``<out stem>_<base>_t<target>.png``), linked from the Markdown.
 
 Every run writes ``report.json`` in its own folder (``--work-dir``, default ``~/.cache/amap-bench/quality``); a run
 whose report exists is reused, an interrupted one continues (the pipeline resumes), so a killed benchmark picks up
@@ -29,17 +38,18 @@ flatten_swin_micro and timm_deit_micro (the DeiTs at width 96 with 3 heads of 32
 ``embed_dim=96``, and timm's DeiT-Tiny with patch 4, 6 blocks, width 96 and MLP ratio 2 at 32 px); a missing or
 unfinished base is skipped with the ``amap train`` command that makes it.
 
-Cost: a run trains ``search_epochs + finetune_epochs`` epochs (plus about 8 evaluations); with CIFAR-10 (781 steps
-of 64 images per epoch) and the micro models' 0.4-1.5 s per step on one core of these machines, that is 0.5-2 hours
-per run, and the default grid is 3 bases x 2 targets x 11 methods x 3 seeds = 198 runs (Torch-Pruning is not
-applicable to the FLatten bases, 24 of them end at once). Cut it with ``--train-subset`` / ``--val-subset``, fewer
-``--seeds`` / ``--methods`` / ``--models``, and use both cores with two processes (``--shard 0/2`` and
-``--shard 1/2``), then one plain invocation collects every finished run.
+Cost: a run trains ``search_epochs + finetune_epochs`` epochs (plus one evaluation per epoch and about 3 per curve
+point); with CIFAR-10 (781 steps of 64 images per epoch) and the micro models' 0.4-1.5 s per step on one core of these
+machines, that is 0.5-2 hours per run, and the default grid is 3 bases x (2 targets x 12 methods + ``unpruned``) x 3
+seeds = 225 runs (Torch-Pruning is not applicable to the FLatten bases, 24 of them end at once). Cut it with
+``--train-subset`` / ``--val-subset``, fewer ``--seeds`` / ``--methods`` / ``--models``, and use both cores with two
+processes (``--shard 0/2`` and ``--shard 1/2``), then one plain invocation collects every finished run.
 
 ``--quick`` (the CI smoke test, about a minute): a small timm DeiT (2 blocks, width 96, patch 8) trained on the
-fly for 8 epochs of the embedded digits data, pruned to 70% by amap, magnitude and torch_pruning_magnitude with
-1 seed, on a 960-image training subset (30 steps per epoch): a 3-epoch search (90 steps, about what the search needs
-to reach the target) + 2 fine-tune epochs, or 5 fine-tune epochs for the baselines.
+fly for 8 epochs of the embedded digits data, pruned to 70% by amap, magnitude and torch_pruning_magnitude, and
+``unpruned``, with 1 seed, on a 960-image training subset (30 steps per epoch): a 3-epoch search (90 steps, about what
+the search needs to reach the target) + 2 fine-tune epochs, or 5 fine-tune epochs for the others; curve points 0.25,
+1, 3 and 5 epochs.
 
 Usage::
 
@@ -52,6 +62,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -59,6 +71,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +95,7 @@ TRAIN_COMMANDS = {  # the recipes of the baselines in BENCHMARKS.md (width 96, 3
                         '"embed_dim": 96, "num_heads": 3, "mlp_ratio": 2.0}}\' --img-size 32 --data {data} '
                         f'--epochs 18 {_RECIPE} --out {{out}}'),
 }
-METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
+METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch-Pruning, unpruned)
     'amap': {},
     'amap_no_similarity': {'similarity': False},
     'amap_no_head_balance': {'head_balance': False},
@@ -104,8 +117,11 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: Torch-Pruning
     'taylor_uniform': {'criterion': 'taylor_uniform'},
     'torch_pruning_magnitude': None,
     'torch_pruning_taylor': None,
+    'unpruned': None,  # the reference: the base itself fine-tuned with the same budget, recipe and teacher
 }
-QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude']
+TARGETLESS = {'unpruned'}  # one run per (base, seed), shown under every target
+QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned']
+CURVE_EPOCHS = (0.25, 1.0, 3.0)  # default curve points (epochs of optimizer steps), then the whole budget
 VARIANTS = ['amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
             'amap_init_low0.95']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
@@ -211,10 +227,35 @@ def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int
 
 # -------------------------------------------------------------------------------------------------------- one run
 def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    """Search / fine-tune epochs of a method: the same total of training epochs for everyone."""
-    if _is_amap(method):
-        return {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs}
-    return {'search_epochs': 0, 'finetune_epochs': args.search_epochs + args.finetune_epochs}
+    """Search / fine-tune epochs and curve points of a method: the same total of training epochs (the last curve
+    point) for everyone; AMAP's search counts."""
+    search = args.search_epochs if _is_amap(method) else 0
+    return {'search_epochs': search, 'finetune_epochs': round(args.curve_epochs[-1]) - search,
+            'curve_epochs': list(args.curve_epochs)}
+
+
+@functools.lru_cache
+def _steps_per_epoch(data_json: str) -> int:
+    """Training batches per epoch of the data settings ``data_json`` (one optimizer step each)."""
+    from amap.data import DataConfig, build_loaders
+    return build_loaders(DataConfig(**json.loads(data_json))).steps_per_epoch
+
+
+def _finetune_stops(budget: dict[str, Any], steps_per_epoch: int, search_steps: int) -> list[int]:
+    """The fine-tune steps at which the curve is measured: every curve point past the ``search_steps`` spent before
+    the cut (the last point ends the fine-tune)."""
+    stops = {round(e * steps_per_epoch) - search_steps for e in budget['curve_epochs']}
+    return sorted(n for n in stops if n > 0)
+
+
+def _point(steps: int, steps_per_epoch: int, top1: float) -> dict[str, Any]:
+    """One curve point: top-1 after ``steps`` optimizer steps since the unpruned model."""
+    return {'steps': steps, 'epochs': steps / steps_per_epoch, 'top1': top1}
+
+
+def _add_seconds(total: dict[str, float], seconds: dict[str, float] | None) -> None:
+    for k, v in (seconds or {}).items():
+        total[k] = total.get(k, 0.0) + v
 
 
 def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
@@ -226,26 +267,47 @@ def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
             'params': {'before': params['before'], 'after': params['after'],
                        'ratio': params['after'] / params['before']},
             'seconds': dict(report.get('seconds') or {}),
+            'curve': list(report['curve']),
             # where the AMAP search ended: far above the target, the target guarantee cut the rest from indicators
             # that had not learned yet (a search too short for its budget)
             'search_final_mac_ratio': history[-1].get('mac_ratio') if history else None}
 
 
 def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
-                      budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
+                      budget: dict[str, Any], device: str = 'auto', progress: dict[str, Any] | None = None,
+                      on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The pipeline run, its fine-tune stopped at every curve point (``max_finetune_steps``) and continued from
+    there (``resume``: the same schedule) to the next; the report of the last with ``curve`` and the seconds of all.
+
+    ``progress`` (what ``on_progress`` was last given) holds the points measured before an interruption."""
     from amap.pipeline import CONFIG_FILE, run
+    spe = _steps_per_epoch(json.dumps(data, sort_keys=True))
+    search_steps = math.ceil(budget['search_epochs'] * spe)  # the pipeline's search length (one batch per update)
+    points = {p['steps']: p for p in (progress or {}).get('curve', [])}
+    seconds = dict((progress or {}).get('seconds', {}))
     prune = {**METHODS[method], 'seed': seed}
-    res = run(checkpoint=str(base), data=data, target=target, prune=prune,
-              search_epochs=budget['search_epochs'], finetune_epochs=budget['finetune_epochs'], out=str(out),
-              resume=(out / CONFIG_FILE).is_file(), latency=False, progress=False, seed=seed, device=device,
-              teacher='original')
-    return res.report
+    stops: list[int | None] = [*_finetune_stops(budget, spe, search_steps)] or [None]  # None: no fine-tune
+    for i, stop in enumerate(stops):
+        if stop is not None and search_steps + stop in points and i < len(stops) - 1:
+            continue  # measured before an interruption (the last is always run: it gives the report)
+        report = run(checkpoint=str(base), data=data, target=target, prune=prune,
+                     search_epochs=budget['search_epochs'], finetune_epochs=budget['finetune_epochs'], out=str(out),
+                     resume=(out / CONFIG_FILE).is_file(), latency=False, progress=False, seed=seed, device=device,
+                     teacher='original', max_finetune_steps=stop).report
+        points.setdefault(search_steps, _point(search_steps, spe, report['top1']['after_surgery']))  # the cut
+        if stop is not None:
+            points[search_steps + stop] = _point(search_steps + stop, spe, report['top1']['after_finetune'])
+        _add_seconds(seconds, report.get('seconds'))
+        if on_progress is not None:
+            on_progress({'curve': sorted(points.values(), key=lambda p: p['steps']), 'seconds': seconds})
+    return {**report, 'curve': sorted(points.values(), key=lambda p: p['steps']), 'seconds': seconds}
 
 
-def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
-                      budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
-    """Torch-Pruning to the target (on the CPU), then the pipeline's fine-tune (same optimiser, schedule,
-    distillation) on ``device``."""
+def run_direct(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
+               budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
+    """Torch-Pruning to the target (on the CPU), or no pruning (``unpruned``), then the pipeline's fine-tune (same
+    optimiser, schedule, distillation) on ``device``, stopped at every curve point (``max_finetune_steps``) and
+    continued from its checkpoint there (``resume``) to the next."""
     from amap.data import build_loaders
     from amap.macs import count_macs, count_params
     from amap.pipeline import FINETUNE, _calibration_batches, _finetune, load_config
@@ -254,7 +316,6 @@ def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: i
     from amap.utils.distributed import DistInfo, resolve_device
     from benchmarks.torch_pruning_baseline import prune_to_target
 
-    importance = method.removeprefix('torch_pruning_')
     cfg = load_config(checkpoint=str(base), data=data, target=target, search_epochs=0,
                       finetune_epochs=budget['finetune_epochs'], out=str(out), latency=False, progress=False,
                       seed=seed, device=device, teacher='original')
@@ -269,31 +330,42 @@ def run_torch_pruning(base: Path, out: Path, target: float, method: str, seed: i
     top1_before = evaluate(original.to(dev), bundle.val_loader, device=dev)['top1']
     original.cpu()
     seconds['load_and_evaluate'] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    calib = _calibration_batches(bundle, seed, DistInfo(), PruneConfig().calib_batches)  # on the CPU
     size = (3, cfg.data.img_size, cfg.data.img_size)
-    tp = prune_to_target(original, target, size, importance=importance, calib=calib, log=_log)
-    seconds['torch_pruning'] = time.perf_counter() - t0
-    model = tp.model.to(dev)
-    top1_surgery = evaluate(model, bundle.val_loader, device=dev)['top1']
+    extra: dict[str, Any] = {}
+    if method == 'unpruned':
+        model = copy.deepcopy(original).to(dev)
+        macs_before = count_macs(original, size).total
+        macs = {'before': macs_before, 'target': macs_before, 'target_ratio': 1.0}
+        params_before, top1_surgery = count_params(original), top1_before
+    else:
+        importance = method.removeprefix('torch_pruning_')
+        t0 = time.perf_counter()
+        calib = _calibration_batches(bundle, seed, DistInfo(), PruneConfig().calib_batches)  # on the CPU
+        tp = prune_to_target(original, target, size, importance=importance, calib=calib, log=_log)
+        seconds['torch_pruning'] = time.perf_counter() - t0
+        model = tp.model.to(dev)
+        macs = {'before': tp.macs_before, 'target': tp.target_macs, 'target_ratio': target}
+        params_before, top1_surgery = tp.params_before, evaluate(model, bundle.val_loader, device=dev)['top1']
+        extra['torch_pruning'] = {'importance': importance, 'pruning_ratio': tp.pruning_ratio,
+                                  'bisection': tp.bisection}
     teacher = copy.deepcopy(original).to(dev).eval().requires_grad_(False)
     t0 = time.perf_counter()
     shutil.rmtree(out / FINETUNE, ignore_errors=True)  # the structure is recomputed: never resume a stale fine-tune
-    top1_final, ft_history = top1_surgery, []
-    if cfg.finetune_epochs > 0:
-        model, ft_history, top1_final = _finetune(cfg, info, bundle, model, teacher)
+    spe = bundle.steps_per_epoch
+    curve, ft_history = [_point(0, spe, top1_surgery)], []
+    for stop in _finetune_stops(budget, spe, 0):  # each continues the previous one's checkpoint
+        model, ft_history, top1 = _finetune(dataclasses.replace(cfg, max_finetune_steps=stop, resume=True), info,
+                                            bundle, model, teacher)
+        curve.append(_point(stop, spe, top1))
     seconds['finetune'] = time.perf_counter() - t0
     seconds['total'] = time.perf_counter() - t_start
     model.eval()
     macs_after = count_macs(model, size, device=dev).total
     return {
-        'macs': {'before': tp.macs_before, 'after': macs_after, 'ratio': macs_after / tp.macs_before,
-                 'target': tp.target_macs, 'target_ratio': target},
-        'params': {'before': tp.params_before, 'after': count_params(model)},
-        'top1': {'before': top1_before, 'after_surgery': top1_surgery, 'after_finetune': top1_final},
-        'seconds': seconds, 'finetune_history': ft_history,
-        'torch_pruning': {'importance': importance, 'pruning_ratio': tp.pruning_ratio, 'bisection': tp.bisection},
-        'config': cfg.to_dict(),
+        'macs': {**macs, 'after': macs_after, 'ratio': macs_after / macs['before']},
+        'params': {'before': params_before, 'after': count_params(model)},
+        'top1': {'before': top1_before, 'after_surgery': top1_surgery, 'after_finetune': curve[-1]['top1']},
+        'seconds': seconds, 'finetune_history': ft_history, 'curve': curve, **extra, 'config': cfg.to_dict(),
     }
 
 
@@ -302,7 +374,8 @@ def _settings(base: Path, target: float, method: str, seed: int, data: dict[str,
     """Everything that decides a run's result: a finished run is reused only when these are unchanged."""
     from amap.train import read_trained_meta
     meta = read_trained_meta(base) or {}
-    doc = {'base': str(base), 'base_step': meta.get('step'), 'target': target, 'method': method,
+    doc = {'base': str(base), 'base_step': meta.get('step'), 'target': None if method in TARGETLESS else target,
+           'method': method,
            'options': METHODS[method], 'seed': seed, 'data': data, 'budget': budget}
     return json.loads(json.dumps(doc))
 
@@ -320,12 +393,13 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     the summary (or why the method is not applicable).
     """
     from benchmarks.torch_pruning_baseline import NotApplicable
-    out = Path(args.work_dir).expanduser() / base_name / f't{target:g}' / method / f'seed{seed}'
+    out = Path(args.work_dir).expanduser() / base_name
+    out = (out if method in TARGETLESS else out / f't{target:g}') / method / f'seed{seed}'
     marker = out / 'benchmark.json'
     budget = _budget(args, method)
     settings = _settings(base, target, method, seed, data, budget)
     key = {'base': base_name, 'target': target, 'method': method, 'seed': seed, 'folder': str(out), 'budget': budget}
-    fresh = True
+    fresh, progress = True, None
     if marker.is_file():
         doc = read_json(marker)
         if doc.get('settings') == settings:
@@ -333,7 +407,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
                 return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
             if 'summary' in doc:
                 return {**key, **doc['summary'], 'reused': True}
-            fresh = False  # interrupted with the same settings: continue it
+            fresh, progress = False, doc.get('progress')  # interrupted with the same settings: continue it
         else:
             _log(f'{out}: settings changed since the last run; running it afresh')
     elif out.exists() and any(out.iterdir()):
@@ -348,14 +422,15 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     t0 = time.perf_counter()
     if METHODS[method] is None:
         try:
-            report = run_torch_pruning(base, out, target, method, seed, data, budget, args.device)
+            report = run_direct(base, out, target, method, seed, data, budget, args.device)
         except NotApplicable as e:
             _log(f'  not applicable: {e}')
             atomic_write_json(marker, {'settings': settings, 'not_applicable': str(e)})
             return {**key, 'not_applicable': str(e), 'reused': False}
         atomic_write_json(out / 'report.json', report)
     else:
-        report = run_amap_pipeline(base, out, target, method, seed, data, budget, args.device)
+        report = run_amap_pipeline(base, out, target, method, seed, data, budget, args.device, progress,
+                                   lambda done: atomic_write_json(marker, {'settings': settings, 'progress': done}))
     report.setdefault('seconds', {}).setdefault('total', time.perf_counter() - t0)
     summary = _summary_of(report)
     atomic_write_json(marker, {'settings': settings, 'summary': summary})
@@ -392,6 +467,12 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row['params'] = _stats([r['params']['after'] for r in rs])
         row['param_ratio'] = _stats([r['params']['ratio'] for r in rs])
         row['seconds'] = _stats([r['seconds'].get('total', float('nan')) for r in rs])
+        by_steps: dict[int, list[dict]] = {}
+        for r in rs:
+            for point in r['curve']:
+                by_steps.setdefault(point['steps'], []).append(point)
+        row['curve'] = [{'steps': n, 'epochs': ps[0]['epochs'], 'top1': _stats([q['top1'] for q in ps])}
+                        for n, ps in sorted(by_steps.items())]
         finals = [r['search_final_mac_ratio'] for r in rs if r.get('search_final_mac_ratio') is not None]
         if finals:
             row['search_final_mac_ratio'] = _stats(finals)
@@ -401,12 +482,14 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Issue 5's goals per (base, target): AMAP has the best mean top-1 of all methods (its own ablations and
-    variants are not competitors: they tell which component matters); at 70% it is within 0.5 points of the unpruned
-    model. ``margin`` is AMAP's mean minus the best other method's, ``spread`` the larger of their seed stds."""
+    variants are not competitors: they tell which component matters, nor is ``unpruned``: it is the reference); at
+    70% it is within 0.5 points of the unpruned model. ``margin`` is AMAP's mean minus the best other method's,
+    ``spread`` the larger of their seed stds. With ``unpruned`` run, ``gap_to_unpruned_finetuned`` is the gap to the
+    unpruned model fine-tuned with the same budget (the reference of "near-lossless")."""
     out = []
     for base, target in dict.fromkeys((r['base'], r['target']) for r in rows):
         rs = {r['method']: r for r in rows if r['base'] == base and r['target'] == target and 'not_applicable' not in r}
-        others = [m for m in rs if not _is_amap(m)]
+        others = [m for m in rs if not _is_amap(m) and m not in TARGETLESS]
         if 'amap' not in rs or not others:
             continue
         amap_top1 = rs['amap']['top1_after_finetune']['mean']
@@ -420,8 +503,13 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                            rs[other]['top1_after_finetune']['std']),
                              'amap_top1': amap_top1, 'unpruned_top1': rs['amap']['top1_before']['mean']}
         g['gap_to_unpruned'] = g['unpruned_top1'] - amap_top1
+        if 'unpruned' in rs:
+            g['unpruned_finetuned_top1'] = rs['unpruned']['top1_after_finetune']['mean']
+            g['gap_to_unpruned_finetuned'] = g['unpruned_finetuned_top1'] - amap_top1
         if math.isclose(target, 0.7):
             g['within_0.5_of_unpruned'] = bool(g['gap_to_unpruned'] <= GOAL_GAP)
+            if 'unpruned' in rs:
+                g['within_0.5_of_unpruned_finetuned'] = bool(g['gap_to_unpruned_finetuned'] <= GOAL_GAP)
         out.append(g)
     return out
 
@@ -431,6 +519,56 @@ def _pm(s: dict[str, Any], digits: int = 2) -> str:
     if s['n'] < 2:
         return f'{s["mean"]:.{digits}f}'
     return f'{s["mean"]:.{digits}f} ± {s["std"]:.{digits}f}'
+
+
+def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """One PNG per (base, target) beside ``out`` (``<stem>_<base>_t<target>.png``): mean top-1 over seeds against
+    epochs of optimizer steps since the unpruned model, one line per method; returns ``[{base, target, png}]``."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from amap.utils.io import atomic_path
+    plots = []
+    for base, target in dict.fromkeys((r['base'], r['target']) for r in rows):
+        rs = [r for r in rows if r['base'] == base and r['target'] == target and r.get('curve')]
+        if not rs:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in rs:
+            ax.plot([q['epochs'] for q in r['curve']], [q['top1']['mean'] for q in r['curve']], marker='o',
+                    linestyle='--' if r['method'] in TARGETLESS else '-', label=r['method'])
+        ax.set_xlabel('epochs of optimizer steps since the unpruned model (AMAP: search + fine-tune)')
+        ax.set_ylabel('top-1 (%)')
+        ax.set_title(f'{base}, MAC target {target:g} (mean over seeds)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out.parent / f'{out.stem}_{base}_t{target:g}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format='png', dpi=100)
+        plt.close(fig)
+        plots.append({'base': base, 'target': target, 'png': path.name})
+    return plots
+
+
+def _curve_tables(payload: dict[str, Any]) -> list[str]:
+    """Markdown: per (base, target) its plot and the curve points (mean ± std top-1) of every method."""
+    lines = ['## Top-1 against optimizer steps', '',
+             'Top-1 after N epochs of optimizer steps since the unpruned model (AMAP\'s search counts: its first '
+             'point is the cut after the search; every other method\'s first point, 0, is its cut, or the unpruned '
+             'model itself). Mean ± sample std over seeds.', '']
+    for plot in payload.get('plots', []):
+        rs = [r for r in payload['rows'] if r['base'] == plot['base'] and r['target'] == plot['target']
+              and r.get('curve')]
+        steps = sorted({(q['steps'], q['epochs']) for r in rs for q in r['curve']})
+        head = ['method'] + [f'{e:.3g} ep ({n} steps)' for n, e in steps]
+        table = [[r['method']] + [next((_pm(q['top1']) for q in r['curve'] if q['steps'] == n), '') for n, _ in steps]
+                 for r in rs]
+        lines += [f'### {plot["base"]}, target {plot["target"]:g}', '', f'![top-1 against steps]({plot["png"]})', '',
+                  markdown_table(head, table), '']
+    return lines
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
@@ -447,7 +585,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f'{meta["data"].get("val_subset")}, batch {meta["data"]["batch_size"]}). Budget: AMAP (and its ablations) '
         f'search {b["search_epochs"]} epoch(s) (weights trained with distillation) + fine-tune '
         f'{b["finetune_epochs"]} epoch(s); every other method fine-tunes {b["search_epochs"] + b["finetune_epochs"]} '
-        f'epoch(s). Distillation from the unpruned model (kd_alpha 0.5) for everyone. Seeds: {meta["seeds"]}. '
+        f'epoch(s) (`unpruned`: the base itself, MAC ratio 1). Curve points: {b["curve_epochs"]} epochs of optimizer '
+        f'steps. Distillation from the unpruned model (kd_alpha 0.5) for everyone. Seeds: {meta["seeds"]}. '
         'Values: mean ± sample std over seeds. Top-1 in %. Wall time: whole run (load, calibrate, search/prune, '
         'fine-tune, evaluations).', '']
     if meta['bases']:
@@ -487,6 +626,17 @@ def render_markdown(payload: dict[str, Any]) -> str:
                        f'{g["gap_to_unpruned"]:+.2f}', '' if within is None else ('yes' if within else 'NO')])
         lines += [markdown_table(['base', 'target', 'best method', 'AMAP best', 'AMAP - best other (points)',
                                   'unpruned - AMAP (points)', 'within 0.5 at 70%'], gt, left=3), '']
+        ref = [g for g in payload['goals'] if 'gap_to_unpruned_finetuned' in g]
+        if ref:
+            lines += ['Against the unpruned model fine-tuned with the same budget, recipe and teacher (`unpruned`):',
+                      '']
+            lines += [markdown_table(['base', 'target', 'unpruned fine-tuned', 'AMAP', 'gap (points)',
+                                      'within 0.5 at 70%'],
+                                     [[g['base'], f'{g["target"]:g}', f'{g["unpruned_finetuned_top1"]:.2f}',
+                                       f'{g["amap_top1"]:.2f}', f'{g["gap_to_unpruned_finetuned"]:+.2f}',
+                                       {True: 'yes', False: 'NO', None: ''}[
+                                           g.get('within_0.5_of_unpruned_finetuned')]] for g in ref], left=2), '']
+    lines += _curve_tables(payload)
     short = [r for r in payload['rows'] if 'search_final_mac_ratio' in r
              and r['search_final_mac_ratio']['max'] > r['target'] + SEARCH_SLACK]
     if short:
@@ -518,6 +668,16 @@ def _shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _epochs(text: str) -> list[float]:
+    try:
+        points = [float(v) for v in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated epochs such as 0.25,1,3, got {text!r}') from None
+    if any(e <= 0 for e in points) or points != sorted(set(points)):
+        raise argparse.ArgumentTypeError(f'expected increasing positive epochs, got {text!r}')
+    return points
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -531,7 +691,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS), help='default: all but VARIANTS')
     p.add_argument('--seeds', nargs='*', type=int, default=None, help='seeds (default: 0 1 2)')
     p.add_argument('--search-epochs', type=int, default=None, help='AMAP search epochs (default 1; quick 3)')
-    p.add_argument('--finetune-epochs', type=int, default=None, help='fine-tune epochs (default 5; quick 2)')
+    p.add_argument('--finetune-epochs', type=int, default=None,
+                   help='fine-tune epochs after the AMAP search (default 5; quick 2; or set by --curve-epochs)')
+    p.add_argument('--curve-epochs', type=_epochs, default=None, metavar='E,E,...',
+                   help="top-1 is recorded after these epochs of optimizer steps since the unpruned model (AMAP's "
+                        'search counts); the last ends every run, so it sets the budget (default: 0.25,1,3 below '
+                        'search + fine-tune epochs, then that total)')
     p.add_argument('--batch-size', type=int, default=None, help='batch size (default 64; quick 32)')
     p.add_argument('--train-subset', type=int, default=None, help='class-balanced training subset (default: all)')
     p.add_argument('--val-subset', type=int, default=None, help='class-balanced evaluation subset (default: all)')
@@ -564,7 +729,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds if args.seeds else ([0] if q else [0, 1, 2])
     # quick: 3 epochs of the 960-image subset = 90 search steps, about what the search needs to reach the target
     args.search_epochs = args.search_epochs if args.search_epochs is not None else (3 if q else 1)
-    args.finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if q else 5)
+    if args.curve_epochs is None:
+        args.finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if q else 5)
+        total = args.search_epochs + args.finetune_epochs
+        args.curve_epochs = [e for e in CURVE_EPOCHS if e < total] + [float(total)]
+    else:
+        last = args.curve_epochs[-1]
+        if last != round(last) or last < args.search_epochs:
+            p.error(f'--curve-epochs: the last point ends the budget: a whole number of epochs, at least '
+                    f'--search-epochs ({args.search_epochs}); got {last:g}')
+        if args.finetune_epochs is not None and args.search_epochs + args.finetune_epochs != last:
+            p.error(f'--curve-epochs ends at {last:g} epochs but --search-epochs + --finetune-epochs is '
+                    f'{args.search_epochs + args.finetune_epochs}; pass one of them')
+        args.finetune_epochs = round(last) - args.search_epochs
     args.batch_size = args.batch_size or (32 if q else 64)
     if q:
         args.train_subset = args.train_subset or 960
@@ -601,7 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     from amap.train import read_trained_meta
     plan = [(b, t, m, s) for b in bases for t in args.targets for m in args.methods for s in args.seeds]
     shard, shards = args.shard
-    mine = plan[shard::shards]
+    owner: dict[tuple, int] = {}  # a run without a target (unpruned) is one folder: one shard runs all its entries
+    mine = [e for i, e in enumerate(plan)
+            if owner.setdefault((e[0], e[2], e[3]) if e[2] in TARGETLESS else e, i % shards) == shard]
     _log(f'{len(plan)} runs planned ({len(bases)} bases x {len(args.targets)} targets x {len(args.methods)} methods x '
          f'{len(args.seeds)} seeds)' + (f'; this shard ({shard}/{shards}) runs {len(mine)}' if shards > 1 else ''))
     runs: list[dict[str, Any]] = []
@@ -627,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append({'base': base_name, 'target': target, 'method': method, 'seed': seed,
                            'error': f'{type(e).__name__}: {e}'})
     rows = aggregate(runs)
+    plots = plot_curves(rows, Path(args.out))
     base_info = {}
     for name, path in bases.items():
         meta = read_trained_meta(path) or {}
@@ -642,10 +822,11 @@ def main(argv: list[str] | None = None) -> int:
                  'data': data, 'targets': args.targets, 'methods': args.methods, 'seeds': args.seeds,
                  'budget': {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs,
                             'baseline_finetune_epochs': args.search_epochs + args.finetune_epochs,
+                            'curve_epochs': args.curve_epochs,
                             'kd_alpha': 0.5, 'teacher': 'original'},
                  'work_dir': str(work), 'bases': base_info, 'skipped_bases': skipped,
                  'torch_pruning_version': tp_version},
-        'rows': rows, 'goals': goals(rows), 'runs': runs, 'failed': failed,
+        'rows': rows, 'goals': goals(rows), 'plots': plots, 'runs': runs, 'failed': failed,
     }
     json_path, md_path = write_results(args.out, payload, render_markdown(payload))
     _log(f'wrote {json_path} and {md_path} ({payload["meta"]["seconds"]:.0f} s)')

@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/quality.py: --quick runs as a user runs it (a subprocess, on the embedded digits data)
-and must write JSON + Markdown with every method at the MAC target, top-1 values that are percentages, and reuse
-finished runs when run again.
+and must write JSON + Markdown with every method at the MAC target (``unpruned`` at a MAC ratio of 1), top-1 values
+that are percentages, a curve of top-1 against optimizer steps per run and its plot, and reuse finished runs when run
+again.
 
 Accuracies are never compared between methods here (a few dozen steps decide nothing); only that each was measured.
 """
@@ -13,8 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-QUICK_METHODS = {'amap', 'magnitude', 'torch_pruning_magnitude'}
+QUICK_METHODS = {'amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned'}
+PRUNED = QUICK_METHODS - {'unpruned'}
 
 
 def _run(out: Path, work: Path, *extra: str) -> tuple[dict, str]:
@@ -45,7 +49,7 @@ def test_quality_quick(tmp_path):
 
     runs = {r['method']: r for r in data['runs']}
     assert set(runs) == QUICK_METHODS
-    for method, r in runs.items():
+    for method, r in ((m, runs[m]) for m in PRUNED):
         assert 'not_applicable' not in r, f'{method}: {r.get("not_applicable")}'  # a timm DeiT: Torch-Pruning works
         ratio = r['macs']['ratio']
         assert ratio <= 0.7 + 1e-9, (method, ratio)
@@ -63,15 +67,48 @@ def test_quality_quick(tmp_path):
     assert runs['magnitude']['budget']['finetune_epochs'] == budget['baseline_finetune_epochs']
     assert runs['torch_pruning_magnitude']['budget']['finetune_epochs'] == budget['baseline_finetune_epochs']
 
+    # unpruned: the base fine-tuned with the same budget, one run for every target
+    ref = runs['unpruned']
+    assert ref['macs']['ratio'] == 1.0 and ref['macs']['after'] == ref['macs']['before']
+    assert ref['params']['after'] == ref['params']['before']
+    assert ref['top1']['after_surgery'] == ref['top1']['before'] and _percent(ref['top1']['after_finetune'])
+    assert ref['budget']['finetune_epochs'] == budget['baseline_finetune_epochs']
+    assert Path(ref['folder']).parent.parent.name == 'quick_timm_deit'  # not under a target
+
+    # curves: top-1 against optimizer steps since the unpruned model, at the cut and every curve point
+    assert budget['curve_epochs'] == [0.25, 1.0, 3.0, 5.0]
+    steps_per_epoch = 30  # 960 images in batches of 32
+    for method, r in runs.items():
+        curve = r['curve']
+        steps = [q['steps'] for q in curve]
+        assert steps == sorted(set(steps)) and len(steps) >= 2, (method, steps)
+        assert all(q['epochs'] == q['steps'] / steps_per_epoch and _percent(q['top1']) for q in curve), curve
+        cut = r['budget']['search_epochs'] * steps_per_epoch  # AMAP's first point is its cut, after the search
+        assert steps[0] == cut and curve[0]['top1'] == r['top1']['after_surgery'], (method, curve[0])
+        assert steps[1:] == [round(e * steps_per_epoch) for e in budget['curve_epochs'] if e * steps_per_epoch > cut]
+        assert curve[-1]['epochs'] == budget['curve_epochs'][-1]  # the last point ends the budget
+        assert curve[-1]['top1'] == r['top1']['after_finetune'], (method, curve[-1])
+    assert len(runs['amap']['curve']) == 2 and len(runs['magnitude']['curve']) == 5
+
     rows = {r['method']: r for r in data['rows']}
     assert set(rows) == QUICK_METHODS
     for method, row in rows.items():
         assert row['seeds'] == [0]
         assert row['top1_after_finetune']['mean'] == runs[method]['top1']['after_finetune']
-        assert row['top1_after_finetune']['std'] == 0.0 and row['mac_ratio']['max'] <= 0.7 + 1e-9
+        assert row['top1_after_finetune']['std'] == 0.0
+        assert row['mac_ratio']['max'] <= (1.0 if method == 'unpruned' else 0.7 + 1e-9)
+        assert [(q['steps'], q['top1']['mean']) for q in row['curve']] == \
+            [(q['steps'], q['top1']) for q in runs[method]['curve']]
     (goal,) = data['goals']
-    assert goal['best_method'] in QUICK_METHODS and isinstance(goal['amap_is_best'], bool)
+    assert goal['best_method'] in PRUNED and isinstance(goal['amap_is_best'], bool)  # unpruned is no competitor
+    assert goal['unpruned_finetuned_top1'] == runs['unpruned']['top1']['after_finetune']
+    assert isinstance(goal['within_0.5_of_unpruned_finetuned'], bool)
     md = out.with_suffix('.md').read_text()
+    # the plot of the curves, beside the results and linked from the Markdown
+    (plot,) = data['plots']
+    png = out.parent / 'quality_quick_quick_timm_deit_t0.7.png'
+    assert plot['png'] == png.name and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5000
+    assert f'({png.name})' in md and '150 steps' in md
     for method in QUICK_METHODS:
         assert f'| {method} |' in md
     assert 'torch-pruning' in md and 'mean ± sample std' in md
@@ -86,3 +123,15 @@ def test_quality_quick(tmp_path):
     assert collected['meta']['not_run'] == [{'base': 'quick_timm_deit', 'target': 0.7, 'method': 'random', 'seed': 0}]
     assert collected['meta']['complete'] is False and not (work / 'quick_timm_deit' / 't0.7' / 'random').exists()
     assert 'Not run' in (tmp_path / 'collected.md').read_text()
+
+
+def test_curve_epochs_set_the_budget():
+    from benchmarks.quality import parse_args
+    quick = parse_args(['--quick'])
+    assert quick.curve_epochs == [0.25, 1.0, 3.0, 5.0] and quick.search_epochs + quick.finetune_epochs == 5
+    args = parse_args(['--data', 'x', '--search-epochs', '1', '--curve-epochs', '0.5,2,4'])
+    assert args.curve_epochs == [0.5, 2.0, 4.0] and args.finetune_epochs == 3
+    for bad in (['--curve-epochs', '1,2.5'], ['--curve-epochs', '3,1'], ['--curve-epochs', '0.5'],
+                ['--curve-epochs', '1,4', '--finetune-epochs', '2']):
+        with pytest.raises(SystemExit):
+            parse_args(['--data', 'x', '--search-epochs', '1', *bad])

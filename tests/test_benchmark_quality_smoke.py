@@ -125,7 +125,8 @@ def test_quality_quick(tmp_path):
     assert 'Not run' in (tmp_path / 'collected.md').read_text()
 
 
-def test_curve_epochs_set_the_budget():
+def test_curve_epochs_set_the_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is a folder of scripts, importable from the repo root
     from benchmarks.quality import parse_args
     quick = parse_args(['--quick'])
     assert quick.curve_epochs == [0.25, 1.0, 3.0, 5.0] and quick.search_epochs + quick.finetune_epochs == 5

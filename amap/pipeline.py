@@ -204,19 +204,14 @@ def _load_search_state(folder: Path, loop: Search, info: DistInfo) -> None:
     restore_rng_states(doc, info)
 
 
-def _settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """Every option, the pruning options in full (defaults included), as JSON values."""
-    return cfg.to_dict()
-
-
 def _begin_run(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:
     """Claim the output folder's names (refusing ones AMAP did not write); resume only the same run."""
     record = {'checkpoint_sha256': file_digest(cfg.checkpoint)}
     begin_run(out, command='prune', names=OWNED_NAMES, resume=cfg.resume, overwrite=cfg.overwrite,
               resumable=(out / CONFIG_FILE).is_file(), record=record, info=info)
     if cfg.resume:
-        saved = {**_settings(load_config(out / CONFIG_FILE, out=cfg.out)), **record, **run_record(out, 'prune')}
-        check_resume(saved, {**_settings(cfg), **record}, free=RESUME_FREE, where=str(out))
+        saved = {**load_config(out / CONFIG_FILE, out=cfg.out).to_dict(), **record, **run_record(out, 'prune')}
+        check_resume(saved, {**cfg.to_dict(), **record}, free=RESUME_FREE, where=str(out))
 
 
 def _prepare_out(cfg: PipelineConfig, out: Path, info: DistInfo) -> None:

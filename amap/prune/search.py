@@ -9,7 +9,8 @@ straight-through masks) and ``lambda_t`` ramped linearly from 0 to ``resource_la
 ``lambda_warmup`` fraction of the steps. The quadratic penalty alone settles above the target wherever the task's
 gradient outweighs its shrinking pull near ``r = 1``; with ``resource_control='dual'`` the multiplier ``mu`` (a
 Lagrange multiplier, 0 with ``'penalty'``) grows while the structure is above the target after the warm-up and shrinks
-below it (never under 0), so the search itself ends at the target. Indicators have their own optimiser
+below it (never under 0), to keep pushing where the penalty stalls; not shown to help yet (on a random-weight model
+it overshot the target, docs/amap-method.md section 11). Indicators have their own optimiser
 (``indicator_opt``, ``indicator_lr``; :mod:`amap.prune.indicator_opt`) and are clamped to ``[0, upper]`` (``upper``
 is 1 unless an initialisation started them above it); reweights stay positive.
 """
@@ -53,7 +54,7 @@ class SearchSettings:
         resource_lambda: Final weight of the resource loss.
         lambda_warmup: Fraction of the search over which the resource weight ramps up.
         resource_control: penalty (the quadratic resource loss alone) or dual (plus a multiplier that grows while the
-            structure is above the target, so the search ends at it).
+            structure is above the target; an option under evaluation).
         dual_rate: Growth of the dual multiplier: 10% above the target for a tenth of the search adds
             ``dual_rate * resource_lambda`` to it.
         kd_alpha: Weight of the distillation loss (0: none); ``amap prune`` also fine-tunes with it.

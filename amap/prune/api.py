@@ -1,4 +1,5 @@
-"""``amap.prune(model, loader, target)``: one call from a trained model to a physically smaller one under a MAC target.
+"""``amap.prune(model, loader, target)``: one call from a trained model to a physically smaller one under a MAC target
+(or a latency target measured on this device: ``resource='latency'``).
 
 It drives the stages of :class:`~amap.prune.staged.StagedPruning` (prepare -> calibrate -> search -> finalize -> cut),
 as the ``amap prune`` pipeline does. Every component of the method is a switch of :class:`PruneConfig`, so an ablation
@@ -35,13 +36,15 @@ class PruneResult:
         structure: Per pruned module: widths per head and kept channel indices.
         macs_before: MACs per image of the original model (counted).
         macs_after: MACs per image of the pruned model (counted).
-        target_macs: The target in MACs.
+        target_macs: The target in MACs (for a latency target: the MACs of the structure selected for it).
         params_before: Parameters of the original model.
         params_after: Parameters of the pruned model.
         history: Search records (step, losses, MAC ratio, kept channels).
         config: The options used.
         seconds: Wall time per stage.
         base: ``{'architecture': timm name, 'model_kwargs': {...}}`` of the unpruned model (for the artifact).
+        latency: For a latency target: predicted and measured latency (ms per batch) before and after, the speed-ups,
+            the closed loop's attempts and its verdict (see :func:`amap.latency.closed_loop.close_loop`).
     """
 
     model: nn.Module
@@ -55,6 +58,7 @@ class PruneResult:
     config: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None
 
     @property
     def ratio(self) -> float:
@@ -66,7 +70,7 @@ class PruneResult:
         return {'macs_before': self.macs_before, 'macs_after': self.macs_after, 'target_macs': self.target_macs,
                 'ratio': self.ratio, 'target_ratio': self.target_macs / self.macs_before,
                 'params_before': self.params_before, 'params_after': self.params_after, 'seconds': self.seconds,
-                'config': self.config}
+                'config': self.config, **({'latency': self.latency} if self.latency is not None else {})}
 
 
 def _input_size(model: nn.Module, input_size: tuple[int, int, int] | None, loader: Iterable) -> tuple[int, int, int]:
@@ -90,12 +94,17 @@ def prune(
         base: dict[str, Any] | None = None,
         **overrides: Any,
 ) -> PruneResult:
-    """Prune a trained model to a MAC target.
+    """Prune a trained model to a MAC target, or to a latency target measured on this device.
+
+    ``amap.prune(model, loader, target=0.6, resource='latency', latency_batch=32, latency_threads=1,
+    latency_backend='eager')`` asks for 0.6 of the unpruned model's latency at batch 32 (also ``speedup=1.6`` or
+    ``target_ms=...``); the result's ``latency`` holds the predicted and measured latency before and after.
 
     Args:
         model: The trained model (modified in place and returned in the result).
         train_loader: Batches ``(images, labels)`` for calibration and the search.
-        target: MAC ratio in (0, 1) or absolute MACs; overrides ``config.target``.
+        target: MAC ratio in (0, 1) or absolute MACs (a latency ratio with ``resource='latency'``); overrides
+            ``config.target``.
         config: Options (default :class:`PruneConfig`); keyword ``overrides`` set single fields.
         input_size: ``(C, H, W)``; default: taken from the first batch.
         device: Device to run on (default: the model's).
@@ -135,7 +144,7 @@ def prune(
     return PruneResult(model=model, structure=structure, macs_before=int(macs_before), macs_after=int(macs_after),
                        target_macs=job.target_macs, params_before=params_before, params_after=count_params(model),
                        history=job.history, config=asdict(cfg), seconds={'setup': setup, **job.seconds},
-                       base=base or _base_of(model))
+                       base=base or _base_of(model), latency=job.latency)
 
 
 def _config(config: PruneConfig | None, target: float, overrides: dict[str, Any]) -> PruneConfig:

@@ -1,5 +1,5 @@
 """The options of the pruning method (:class:`PruneConfig`, with the search loop's :class:`SearchSettings` nested as
-``search``) and the MAC target.
+``search``) and the target (MACs, or latency measured on the device).
 
 Every field is declared once: ``amap.prune(..., **overrides)``, the ``prune:`` section of an ``amap prune`` YAML file
 and the ``amap prune`` flags are read off these dataclasses. The field metadata says what the command line needs
@@ -24,7 +24,11 @@ from .criteria import CRITERIA
 from .groups import GROUP_KINDS
 from .search import SearchSettings
 
-__all__ = ['PruneConfig', 'SearchSettings', 'FLAT_SEARCH_KEYS', 'nest_search_options', 'resolve_target']
+__all__ = ['PruneConfig', 'SearchSettings', 'FLAT_SEARCH_KEYS', 'nest_search_options', 'resolve_target',
+           'resolve_cost_target', 'RESOURCES', 'LATENCY_BACKENDS']
+
+RESOURCES = ('macs', 'latency')
+LATENCY_BACKENDS = ('eager', 'onnxruntime')
 
 # flat option name (before ``search`` was nested) -> field of SearchSettings
 FLAT_SEARCH_KEYS = {'search_steps': 'steps', **{f.name: f.name for f in dataclasses.fields(SearchSettings)
@@ -70,7 +74,20 @@ class PruneConfig:
     """Options of :func:`amap.prune`. Defaults are the full method as docs/amap-method.md describes it.
 
     Args:
-        target: MAC target: a ratio in (0, 1) of the unpruned model's MACs, or an absolute MAC count (> 1).
+        target: The target: a ratio in (0, 1) of the unpruned model's MACs (or, with ``resource='latency'``, of its
+            measured latency), or an absolute MAC count (> 1).
+        resource: What the target counts: macs (analytic) or latency (measured on this device at
+            ``latency_batch``; the search, the target guarantee and a closed-loop check then use it).
+        speedup: Latency target as a speed-up over the unpruned model (1.6 is a target of 1/1.6); replaces
+            ``target``; needs ``resource='latency'``.
+        target_ms: Latency target in milliseconds per batch of ``latency_batch``; replaces ``target``; needs
+            ``resource='latency'``.
+        latency_batch: Batch size the latency target is for.
+        latency_threads: Intra-op threads the latency is measured with (1 suits a shared CPU).
+        latency_backend: What runs the model when timing: eager (PyTorch; CUDA events on a GPU) or onnxruntime.
+        latency_calib_rounds: Timed rounds of the latency calibration and of the closed-loop check (rounds are
+            added when the device is noisy).
+        latency_cache: Reuse (and write) the calibration cached under ``$AMAP_CACHE`` (default ``~/.cache/amap``).
         criterion: ``amap`` (the learned indicators) or a baseline importance criterion under the same constraints:
             ``magnitude``, ``magnitude_l2``, ``taylor``, ``random`` (global allocation), ``uniform``,
             ``taylor_uniform`` (per layer).
@@ -104,6 +121,14 @@ class PruneConfig:
     """
 
     target: float = field(default=0.7, metadata={'flags': ('--target', '-t')})
+    resource: str = field(default='macs', metadata={'choices': RESOURCES})
+    speedup: float | None = None
+    target_ms: float | None = None
+    latency_batch: int = field(default=1, metadata={'min': 1})
+    latency_threads: int = field(default=1, metadata={'min': 1})
+    latency_backend: str = field(default='eager', metadata={'choices': LATENCY_BACKENDS})
+    latency_calib_rounds: int = field(default=5, metadata={'min': 1})
+    latency_cache: bool = True
     criterion: str = field(default='amap', metadata={'choices': CRITERIA})
     kinds: tuple[str, ...] = GROUP_KINDS
     similarity: bool = True
@@ -130,6 +155,7 @@ class PruneConfig:
         self.kinds = tuple(self.kinds)
         if not self.kinds or set(self.kinds) - set(GROUP_KINDS):
             raise ConfigError(f'kinds {list(self.kinds)} must be a non-empty subset of {list(GROUP_KINDS)}')
+        self._check_latency_options()
         _check_target_value(self.target)
         if self.attn_init_low is not None and not 0 < self.attn_init_low <= 1:
             raise ConfigError(f'attn_init_low must be in (0, 1] or null, got {self.attn_init_low}')
@@ -139,6 +165,28 @@ class PruneConfig:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':
             raise ConfigError('head_balance=False is an ablation of the amap criterion only')
+
+    def _check_latency_options(self) -> None:
+        if self.resource not in RESOURCES:
+            raise ConfigError(f'resource {self.resource!r} is unknown; choose from {list(RESOURCES)}')
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise ConfigError(f'latency_backend {self.latency_backend!r} is unknown; choose from '
+                              f'{list(LATENCY_BACKENDS)}')
+        for name in ('speedup', 'target_ms'):
+            if getattr(self, name) is not None and self.resource != 'latency':
+                raise ConfigError(f"{name} is a latency target: add resource='latency' (--resource latency)")
+        if self.speedup is not None and self.target_ms is not None:
+            raise ConfigError('give either speedup or target_ms, not both')
+        if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
+            raise ConfigError(f'speedup {self.speedup} must be above 1, e.g. 1.6 for 1.6x faster')
+        if self.target_ms is not None and not (math.isfinite(self.target_ms) and self.target_ms > 0):
+            raise ConfigError(f'target_ms {self.target_ms} must be a positive number of milliseconds')
+        if self.resource == 'latency' and self.speedup is None and self.target_ms is None and self.target >= 1:
+            raise ConfigError(f'target {self.target:g} is not a latency ratio in (0, 1); give an absolute latency '
+                              f'as target_ms (--target-ms)')
+        for name in ('latency_batch', 'latency_threads', 'latency_calib_rounds'):
+            if getattr(self, name) < 1:
+                raise ConfigError(f'{name} must be >= 1, got {getattr(self, name)}')
 
     @property
     def searches(self) -> bool:
@@ -162,3 +210,16 @@ def resolve_target(target: float, full_macs: float) -> float:
     if target >= full_macs:
         raise ConfigError(f'target of {target:.4g} MACs is not below the model\'s {full_macs:.4g} MACs')
     return float(target)
+
+
+def resolve_cost_target(cfg: PruneConfig, full: float) -> float:
+    """The target in the units of ``cfg.resource`` (MACs, or ms per batch) given the unpruned model's ``full`` cost:
+    ``target_ms``, ``1 / speedup`` or ``target`` as a ratio of ``full`` (MACs: also an absolute count)."""
+    if cfg.resource == 'macs':
+        return resolve_target(cfg.target, full)
+    if cfg.target_ms is not None:
+        if cfg.target_ms >= full:
+            raise ConfigError(f'target_ms {cfg.target_ms:g} is not below the unpruned model\'s measured {full:.4g} ms '
+                              f'at batch {cfg.latency_batch}; lower --target-ms')
+        return float(cfg.target_ms)
+    return full / cfg.speedup if cfg.speedup is not None else cfg.target * full

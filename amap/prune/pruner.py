@@ -6,6 +6,8 @@ It is the state the search, the baseline criteria, the target guarantee and the 
   once (batch 1) so every adapter knows its token counts;
 * :meth:`Pruner.macs` is the analytic, differentiable MAC count of the whole model as a function of the kept channels
   (the fixed part, i.e. everything the groups do not touch, is taken from the executed MAC counter);
+* :meth:`Pruner.cost` is the same in the unit the target is set in, :attr:`Pruner.resource` (MACs unless a
+  :class:`~amap.latency.LatencyModel` replaced it), which the search and the target guarantee use;
 * :meth:`Pruner.structure` describes the current (hard) structure per module.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..macs import count_macs
 from .adapters import Adapter, find_adapters
 from .groups import GROUP_KINDS, ChannelGroup
 from .indicator import ChannelIndicator
+from .resource import MacResource, Resource
 
 __all__ = ['Pruner']
 
@@ -84,6 +87,8 @@ class Pruner(nn.Module):
         with torch.no_grad():
             self.full_macs = float(full)
             self.fixed_macs = self.full_macs - float(sum(a.macs({}) for a in self.adapters))
+        #: What targets are counted in (see :mod:`amap.prune.resource`); MACs unless replaced.
+        self.resource: Resource = MacResource(self.full_macs, self.fixed_macs)
 
     # -------------------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -139,16 +144,30 @@ class Pruner(nn.Module):
         Args:
             counts: Optional ``{indicator key: (H,) kept counts}`` to evaluate a hypothetical structure.
         """
+        return self._total(self.fixed_macs, lambda a, kept: a.macs(kept), counts)
+
+    def cost(self, counts: dict[str, Tensor] | None = None, *, exact: bool = False) -> Tensor:
+        """Cost of the gated model in :attr:`resource` units; differentiable in the indicators when ``counts`` is
+        None (see :meth:`macs`). ``exact`` is the step-shaped cost an integer structure really has (for latency),
+        else the smooth one the search follows."""
+        r = self.resource
+        return self._total(r.fixed, lambda a, kept: r.adapter_cost(a, kept, exact=exact), counts)
+
+    def _total(self, fixed: float, per_adapter, counts: dict[str, Tensor] | None) -> Tensor:
         device = next(iter(self.indicators.values())).m.device
         if counts is not None:
             counts = {k: c.to(device) for k, c in counts.items()}
-        total = torch.tensor(self.fixed_macs, device=device, dtype=torch.float64)  # exact integers up to 2**53
+        total = torch.tensor(fixed, device=device, dtype=torch.float64)  # exact integers up to 2**53
         for adapter in self.adapters:
-            total = total + adapter.macs(self._kept_of(adapter, counts))
+            total = total + per_adapter(adapter, self._kept_of(adapter, counts))
         return total
 
     def adapter_macs(self, adapter: Adapter, counts: dict[str, Tensor]) -> float:
         return float(adapter.macs(self._kept_of(adapter, counts)))
+
+    def adapter_cost(self, adapter: Adapter, counts: dict[str, Tensor]) -> float:
+        """Exact cost of one adapter's module at ``counts`` in :attr:`resource` units."""
+        return float(self.resource.adapter_cost(adapter, self._kept_of(adapter, counts), exact=True))
 
     @torch.no_grad()
     def hard_counts(self) -> dict[str, Tensor]:

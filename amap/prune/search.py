@@ -1,10 +1,11 @@
-"""The search: train weights, indicators and reweights jointly under a MAC target (docs/amap-method.md, section 3).
+"""The search: train weights, indicators and reweights jointly under a resource target (docs/amap-method.md, section 3).
 
 Loss per step::
 
     (1 - kd_alpha) * task + kd_alpha * KD(student, frozen original) + lambda_t * (r - 1) ** 2 + mu_t * (r - 1)
 
-with ``r = R(b) / R_target``, ``R(b)`` the analytic MACs of the gated structure (differentiable through the
+with ``r = R(b) / R_target``, ``R(b)`` the cost of the gated structure in the pruner's resource
+(:meth:`~amap.prune.pruner.Pruner.cost`: the analytic MACs, or the smooth latency model; differentiable through the
 straight-through masks) and ``lambda_t`` ramped linearly from 0 to ``resource_lambda`` over the first
 ``lambda_warmup`` fraction of the steps. The quadratic penalty alone settles above the target wherever the task's
 gradient outweighs its shrinking pull near ``r = 1``; with ``resource_control='dual'`` the multiplier ``mu`` (a
@@ -147,7 +148,7 @@ class Search:
 
     Args:
         pruner: The pruner (gates installed, indicators initialised).
-        target_macs: MACs per image to reach.
+        target_macs: Cost to reach, in the pruner's resource units (MACs per image by default).
         settings: Loop hyper-parameters.
         teacher: Frozen original model for distillation (None: no distillation).
         device: Device of the model.
@@ -251,7 +252,7 @@ class Search:
                                 '(--amp off), then --resume')
             self.scaler.scale(loss / len(micro)).backward()
             sums += torch.tensor([loss.item(), task.item(), kd.item()], dtype=torch.float64) / len(micro)
-        excess = pruner.macs() / self.target_macs - 1  # once per update, outside autocast (float64)
+        excess = pruner.cost() / self.target_macs - 1  # once per update, outside autocast (float64)
         res = lam * excess ** 2 + self.mu * excess
         self.scaler.scale(res.float()).backward()
         if self.grad_sync is not None:
@@ -283,7 +284,10 @@ class Search:
                 loss_v += res_v
             rec = {'step': step, 'loss': loss_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
                    'lambda': lam, 'mu': mu, 'mac_ratio': hard / pruner.full_macs,
-                   'target_ratio': self.target_macs / pruner.full_macs, 'kept': kept_by_kind(pruner)}
+                   'target_ratio': self.target_macs / pruner.resource.full, 'kept': kept_by_kind(pruner)}
+            if pruner.resource.name != 'macs':  # the ratio the target is set in, e.g. latency_ratio
+                rec[f'{pruner.resource.name}_ratio'] = float(pruner.cost(pruner.hard_counts(), exact=True)) / \
+                    pruner.resource.full
             self.history.append(rec)
             return rec
         return None

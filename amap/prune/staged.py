@@ -2,11 +2,12 @@
 drive (docs/amap-method.md, section 8)::
 
     job = StagedPruning(model, input_size, config)
-    job.prepare()              # install the indicators; resolve and check the MAC target
+    job.prepare()              # install the indicators; calibrate the latency model (latency targets); resolve and
+                               # check the target
     job.calibrate(batches)     # similarity weights, linear-attention initialisation (amap criterion, as switched)
     job.search(loader)         # the indicator search (amap criterion only; resumable, see below)
     job.finalize()             # the structure at the target: target guarantee, or a baseline criterion's scores
-    structure = job.cut()      # surgery: the model is physically smaller
+    structure = job.cut()      # latency targets: measure the cut structure, tighten while it misses; surgery
 
 Resumable state, stage by stage: calibration is recomputed from the same batches (deterministic); the search is a
 :class:`~amap.prune.search.Search` whose ``state_dict`` can be saved between any two steps (``restore`` hands the
@@ -16,6 +17,7 @@ fresh loop to a loader of that state); the cut model with its structure, history
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .attn_init import attention_difference_init
-from .config import PruneConfig, resolve_target
+from .config import PruneConfig, resolve_cost_target
 from .criteria import criterion_structure
 from .pruner import Pruner
 from .search import Search
@@ -64,9 +66,15 @@ def prepare(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig
     return pruner
 
 
+def final_multiple(pruner: Pruner, cfg: PruneConfig) -> int:
+    """The multiple every final width keeps: ``channel_multiple`` and the step the resource rewards."""
+    return math.lcm(cfg.channel_multiple, pruner.resource.step)
+
+
 def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, calib: Batches) -> None:
-    """Fix the final structure at the target: the target guarantee on the searched indicators (amap), or the
-    baseline criterion's scores under the same constraints."""
+    """Fix the final structure at the target (in the pruner's resource units): the target guarantee on the searched
+    indicators (amap), or the baseline criterion's scores under the same constraints."""
+    multiple = final_multiple(pruner, cfg)
     if cfg.searches:
         counts = None
         if not cfg.head_balance:
@@ -75,20 +83,32 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
                       for k, c in pruner.hard_counts().items()}
             for ind in pruner.indicators.values():
                 ind.head_balance = True
-        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=cfg.channel_multiple)
+        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=multiple)
         return
     criterion_structure(cfg.criterion, pruner, target_macs, batches=calib, seed=cfg.seed, fill=cfg.fill,
-                        multiple=cfg.channel_multiple)
+                        multiple=multiple)
+
+
+def calibrate_resource(pruner: Pruner, cfg: PruneConfig, *, progress: bool = True) -> None:
+    """Give the pruner the resource the config's target counts: MACs (already there), or a latency model calibrated
+    on this device (:func:`amap.latency.calibrate_latency`; cached)."""
+    if cfg.resource == 'latency':
+        from ..latency import calibrate_latency
+        pruner.resource = calibrate_latency(
+            pruner, batch=cfg.latency_batch, threads=cfg.latency_threads, backend=cfg.latency_backend,
+            rounds=cfg.latency_calib_rounds, cache=cfg.latency_cache, progress=progress, seed=cfg.seed)
 
 
 @dataclass
 class CutModel:
-    """The outcome of the last stage: the physically smaller model and what led to it."""
+    """The outcome of the last stage: the physically smaller model and what led to it (``latency``: the closed
+    loop's predicted and measured latency, for a latency target)."""
 
     model: nn.Module
     structure: list[dict]
     history: list[dict]
     target_macs: float
+    latency: dict[str, Any] | None = None
 
 
 def load_cut(folder: str | Path, *, device: torch.device | str = 'cpu') -> CutModel:
@@ -96,7 +116,8 @@ def load_cut(folder: str | Path, *, device: torch.device | str = 'cpu') -> CutMo
     from .artifact import load_pruned, read_pruned_config
     config = read_pruned_config(folder)
     return CutModel(model=load_pruned(folder, device=device), structure=config['structure'],
-                    history=config['extra'].get('history', []), target_macs=config['extra']['target_macs'])
+                    history=config['extra'].get('history', []), target_macs=config['extra']['target_macs'],
+                    latency=config['extra'].get('latency'))
 
 
 class StagedPruning:
@@ -106,23 +127,29 @@ class StagedPruning:
         model: The trained model (modified in place).
         input_size: ``(C, H, W)`` of one input.
         config: The method's options.
+        progress: A progress bar while calibrating a latency model (on a terminal).
 
     Attributes:
         pruner: The pruner (after :meth:`prepare`).
-        target_macs: The target in MACs (after :meth:`prepare`).
+        target: The target in the pruner's resource units: MACs, or ms per batch (after :meth:`prepare`).
+        target_macs: The target in MACs; for a latency target, the MACs of the structure selected for it.
+        latency: For a latency target, the closed loop's numbers (after :meth:`cut`).
         loop: The search loop (during and after :meth:`search`).
         history: Search records.
         structure: Per pruned module: widths per head and kept indices (after :meth:`cut`).
-        seconds: Wall time of ``calibration`` (prepare + calibrate), ``search`` and ``surgery`` (finalize + cut).
+        seconds: Wall time of ``calibration`` (prepare + calibrate), ``latency_calibration`` (the latency model, in
+            prepare), ``search``, ``surgery`` (finalize + cut) and ``latency_check`` (the closed loop, in cut).
     """
 
     STAGES = ('new', 'prepared', 'calibrated', 'searched', 'finalized', 'cut')
 
-    def __init__(self, model: nn.Module, input_size: tuple[int, int, int], config: PruneConfig) -> None:
-        self.model, self.input_size, self.config = model, tuple(input_size), config
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int], config: PruneConfig, *,
+                 progress: bool = True) -> None:
+        self.model, self.input_size, self.config, self.progress = model, tuple(input_size), config, progress
         self.stage = 'new'
         self.pruner: Pruner | None = None
-        self.target_macs = 0.0
+        self.target = self.target_macs = 0.0
+        self.latency: dict[str, Any] | None = None
         self.calib: Batches = []
         self.loop: Search | None = None
         self.history: list[dict] = []
@@ -139,11 +166,18 @@ class StagedPruning:
         self.seconds[clock] = self.seconds.get(clock, 0.0) + time.perf_counter() - t0
 
     def prepare(self) -> None:
-        """Install the indicators and resolve the target; an unreachable target fails here, before any search."""
+        """Install the indicators, calibrate the latency model (a latency target) and resolve the target; an
+        unreachable target fails here, before any search."""
         t0 = self._enter('prepare', 'new')
         self.pruner = install(self.model, self.input_size, self.config)
-        self.target_macs = resolve_target(self.config.target, self.pruner.full_macs)
-        check_target(self.pruner, self.target_macs, self.config.channel_multiple)
+        t1 = time.perf_counter()
+        calibrate_resource(self.pruner, self.config, progress=self.progress)
+        if self.config.resource != 'macs':
+            self.seconds['latency_calibration'] = time.perf_counter() - t1
+            t0 += time.perf_counter() - t1  # not counted twice
+        self.target = resolve_cost_target(self.config, self.pruner.resource.full)
+        self.target_macs = self.target if self.config.resource == 'macs' else self.pruner.full_macs
+        check_target(self.pruner, self.target, final_multiple(self.pruner, self.config))
         self._leave('prepared', 'calibration', t0)
 
     def calibrate(self, batches: Batches) -> None:
@@ -189,7 +223,7 @@ class StagedPruning:
         if not self.config.searches:
             self.stage = 'searched'
             return self.history
-        self.loop = Search(self.pruner, self.target_macs, dataclasses.replace(self.config.search, **settings),
+        self.loop = Search(self.pruner, self.target, dataclasses.replace(self.config.search, **settings),
                            teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce)
         if restore is not None:
             restore(self.loop)
@@ -200,12 +234,16 @@ class StagedPruning:
     def finalize(self) -> None:
         """Fix the structure at the target (see :func:`finalize_structure`)."""
         t0 = self._enter('finalize', 'searched')
-        finalize_structure(self.pruner, self.config, self.target_macs, self.calib)
+        finalize_structure(self.pruner, self.config, self.target, self.calib)
         self._leave('finalized', 'surgery', t0)
 
     def cut(self) -> list[dict]:
-        """Surgery: remove the pruned channels, fold the reweights; returns the structure."""
+        """Surgery: remove the pruned channels, fold the reweights; returns the structure. For a latency target the
+        structure is measured on the device first and tightened while it misses (:mod:`amap.latency.closed_loop`)."""
         t0 = self._enter('cut', 'finalized')
+        if self.config.resource == 'latency':
+            self._close_loop()
+            t0 = time.perf_counter()  # the loop has its own clock
         self.structure = describe_structure(self.pruner)
         apply_surgery(self.pruner)
         self._leave('cut', 'surgery', t0)
@@ -216,11 +254,40 @@ class StagedPruning:
         """Save the cut model with its structure, search history and target (read back by :func:`load_cut`)."""
         from .artifact import save_pruned
         self._enter('save_cut', 'cut')
+        extra = {'history': self.history, 'target_macs': self.target_macs}
+        if self.latency is not None:
+            extra['latency'] = self.latency
         return save_pruned(self.model, folder, architecture=architecture, model_kwargs=model_kwargs,
-                           structure=self.structure, extra={'history': self.history, 'target_macs': self.target_macs})
+                           structure=self.structure, extra=extra)
 
     def result(self) -> CutModel:
         """The :class:`CutModel` of a job that ran :meth:`cut`."""
         self._enter('result', 'cut')
         return CutModel(model=self.model, structure=self.structure, history=self.history,
-                        target_macs=self.target_macs)
+                        target_macs=self.target_macs, latency=self.latency)
+
+    def _close_loop(self) -> None:
+        """Measure the selected structure against the unpruned model; tighten and select again while it misses."""
+        from ..latency.closed_loop import close_loop
+        from .target import fit_to_target
+
+        t0, cfg, pruner = time.perf_counter(), self.config, self.pruner
+
+        def reselect(target: float) -> None:
+            # the kept channels first (the fixed structure), the search's scores break ties among them
+            scores = {k: ind.hard_mask().float() + 1e-3 * _unit(ind.scores().detach().float())
+                      for k, ind in pruner.indicators.items()}
+            fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=False,
+                          multiple=final_multiple(pruner, cfg))
+
+        self.latency = close_loop(pruner, self.target, reselect, batch=cfg.latency_batch,
+                                  threads=cfg.latency_threads, backend=cfg.latency_backend,
+                                  rounds=2 * cfg.latency_calib_rounds, seed=cfg.seed)
+        self.target_macs = pruner.hard_macs()
+        self.seconds['latency_check'] = time.perf_counter() - t0
+
+
+def _unit(x: Tensor) -> Tensor:
+    """``x`` scaled into [0, 1]."""
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)

@@ -13,12 +13,13 @@ from .pruner import Pruner
 __all__ = ['apply_surgery', 'describe_structure']
 
 
-def apply_surgery(pruner: Pruner) -> nn.Module:
+def apply_surgery(pruner: Pruner, into: nn.Module | None = None) -> nn.Module:
     """Replace every gated module of the pruner's model by its sliced form (in place) and return the model.
 
     The pruner's structure must be head-balanced (every head of a group keeps the same number of channels).
+    ``into``: a copy of the model (made with the gates detached) to receive the sliced modules instead.
     """
-    model = pruner.model[0]
+    model = pruner.model[0] if into is None else into
     keep = pruner.keep()
     pruner.detach()
     for adapter in pruner.adapters:

@@ -1,4 +1,7 @@
-"""The target guarantee: turn scores into a structure whose MACs are at most the target, and as close as possible.
+"""The target guarantee: turn scores into a structure whose cost is at most the target, and as close as possible.
+
+The cost is the pruner's resource (:meth:`~amap.prune.pruner.Pruner.cost`, exact): MACs by default, or the
+step-shaped latency table of :class:`~amap.latency.LatencyModel`; "MAC" below stands for either.
 
 After the search (or from a baseline criterion's scores) the structure is adjusted greedily, head-balanced:
 
@@ -21,7 +24,7 @@ from ..errors import ConfigError
 from .indicator import topk_mask
 from .pruner import Pruner
 
-__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs', 'check_target', 'channel_step']
+__all__ = ['fit_to_target', 'apply_counts', 'uniform_counts', 'min_macs', 'min_cost', 'check_target', 'channel_step']
 
 
 def channel_step(num_heads: int, multiple: int) -> int:
@@ -43,22 +46,31 @@ def _snap_down(c: Tensor, ind, multiple: int) -> Tensor:
     return snapped.clamp(min=_lowest(ind, multiple))
 
 
+def _lowest_counts(pruner: Pruner, multiple: int) -> dict[str, Tensor]:
+    return {k: torch.full((ind.group.num_heads,), _lowest(ind, multiple)) for k, ind in pruner.indicators.items()}
+
+
 def min_macs(pruner: Pruner, multiple: int = 1) -> float:
     """MACs of the smallest structure the constraints allow (every head keeps ``min_keep`` channels, rounded up to
     the channel step of ``multiple``)."""
-    counts = {k: torch.full((ind.group.num_heads,), _lowest(ind, multiple)) for k, ind in pruner.indicators.items()}
-    return float(pruner.macs(counts))
+    return float(pruner.macs(_lowest_counts(pruner, multiple)))
+
+
+def min_cost(pruner: Pruner, multiple: int = 1) -> float:
+    """:func:`min_macs` in the pruner's resource units (exact cost)."""
+    return float(pruner.cost(_lowest_counts(pruner, multiple), exact=True))
 
 
 def check_target(pruner: Pruner, target_macs: float, multiple: int = 1) -> None:
-    """Raise :class:`ConfigError` when ``target_macs`` is below :func:`min_macs`, saying what the minimum is."""
-    low = min_macs(pruner, multiple)
+    """Raise :class:`ConfigError` when ``target_macs`` (in the pruner's resource units) is below :func:`min_cost`,
+    saying what the minimum is."""
+    low, r = min_cost(pruner, multiple), pruner.resource
     if target_macs < low:
         aligned = f' with widths in multiples of {multiple}' if multiple > 1 else ''
-        at_least = math.ceil(low / pruner.full_macs * 1000) / 1000
-        raise ConfigError(f'target of {target_macs / 1e6:.3g} MMACs ({target_macs / pruner.full_macs:.3f} of the '
+        at_least = math.ceil(low / r.full * 1000) / 1000
+        raise ConfigError(f'target of {r.format(target_macs)} ({target_macs / r.full:.3f} of the '
                           f'model) is below the smallest structure the constraints allow{aligned} '
-                          f'({low / 1e6:.3g} MMACs = {low / pruner.full_macs:.3f} of the model); raise --target '
+                          f'({r.format(low)} = {low / r.full:.3f} of the model); raise --target '
                           f'to at least {at_least:.3f} or prune more group kinds')
 
 
@@ -87,7 +99,7 @@ def _moves(pruner: Pruner, counts: dict[str, Tensor], ranked: dict[str, Tensor],
                 continue
             trial = dict(counts)
             trial[key] = new
-            new_cost = pruner.adapter_macs(adapter, trial)
+            new_cost = pruner.adapter_cost(adapter, trial)
             delta = abs(cost[adapter.name] - new_cost)
             if delta <= 0:
                 continue
@@ -109,11 +121,12 @@ def fit_to_target(
         multiple: int = 1,
         per_mac: bool = True,
 ) -> dict[str, Tensor]:
-    """Adjust kept counts so that MACs <= target, greedily by score per MAC, and fix the indicators' structure.
+    """Adjust kept counts so that the cost <= target, greedily by score per unit of cost (MACs, or latency), and fix
+    the indicators' structure.
 
     Args:
         pruner: The pruner (its indicators' current hard counts are the starting point unless ``counts`` is given).
-        target_macs: MACs per image not to exceed.
+        target_macs: Cost not to exceed, in the pruner's resource units (MACs per image by default).
         scores: ``{key: (H, d)}`` channel scores; default: the indicators' ``w * m``.
         counts: Starting ``{key: (H,) counts}``; default: the current hard structure.
         fill: Grow groups again while the target allows it.
@@ -130,8 +143,8 @@ def fit_to_target(
     if multiple > 1:
         counts = {k: _snap_down(c, inds[k], multiple) for k, c in counts.items()}
     ranked = {k: s.sort(dim=-1, descending=True).values for k, s in scores.items()}
-    cost = {a.name: pruner.adapter_macs(a, counts) for a in pruner.adapters}
-    total = pruner.fixed_macs + sum(cost.values())
+    cost = {a.name: pruner.adapter_cost(a, counts) for a in pruner.adapters}
+    total = pruner.resource.fixed + sum(cost.values())
 
     def moves(sign: int):
         return _moves(pruner, counts, ranked, cost, sign=sign, multiple=multiple, per_mac=per_mac)
@@ -147,7 +160,7 @@ def fit_to_target(
     while total > target_macs and (best := min(moves(-1), key=lambda m: m[0], default=None)) is not None:
         total = take(best)
     if total > target_macs:  # only reachable with a channel multiple (check_target covers the rest)
-        raise ConfigError(f'target of {target_macs / 1e6:.3g} MMACs cannot be met with widths in multiples of '
+        raise ConfigError(f'target of {pruner.resource.format(target_macs)} cannot be met with widths in multiples of '
                           f'{multiple}; raise the target or lower channel_multiple')
     while fill and (fitting := [m for m in moves(+1)
                                 if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= target_macs]):
@@ -180,7 +193,7 @@ def uniform_counts(pruner: Pruner, target_macs: float, multiple: int = 1) -> dic
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if float(pruner.macs(counts_at(mid))) <= target_macs:
+        if float(pruner.cost(counts_at(mid), exact=True)) <= target_macs:
             lo = mid
         else:
             hi = mid

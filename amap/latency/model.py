@@ -1,0 +1,143 @@
+"""The latency model the search and the target guarantee use: measured tables, additive over block modules.
+
+``L(counts) = constant + sum over pruned modules of T_shape(per-head kept counts)``, where ``T_shape`` is a table of
+one distinct block shape's module (an attention module as a function of its q/k and v counts per head, an MLP as a
+function of its hidden width) measured on the device (:mod:`amap.latency.calibrate`) and ``constant`` is what the
+rest of the model costs (the measured whole model minus its modules at full width).
+
+Each table is made monotone (a running maximum along every axis plus a small ramp, so that no segment is flat) and
+read two ways:
+
+* smooth (``exact=False``): multilinear through the measured points, extrapolated linearly below the first, so the
+  search's resource loss has a non-zero gradient everywhere;
+* exact (``exact=True``): each count rounded up to the width step the device rewards (an unaligned width costs what
+  the next aligned one costs, or more) before the lookup -- the step-shaped cost the final structure is selected
+  against. On the lattice of aligned counts both readings agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..prune.adapters import Adapter
+from ..prune.resource import Resource
+
+__all__ = ['OpTable', 'LatencyModel', 'monotone']
+
+RAMP = 1e-3  # the ramp added to every table, as a fraction of its range: no flat segment, no zero gradient
+
+
+def monotone(values: Tensor) -> Tensor:
+    """``values`` made non-decreasing along every axis (running maximum), plus a ramp of ``RAMP`` of the range per
+    axis so that every segment rises."""
+    v = values.double().clone()
+    for axis in range(v.dim()):
+        v = torch.cummax(v, dim=axis).values
+    span = float(v.max() - v.min()) or float(v.abs().max()) or 1.0
+    for axis in range(v.dim()):
+        n = v.shape[axis]
+        shape = [1] * v.dim()
+        shape[axis] = n
+        v = v + RAMP * span * torch.arange(n, dtype=v.dtype).reshape(shape) / max(n - 1, 1)
+    return v
+
+
+@dataclass
+class OpTable:
+    """Latency (ms) of one block shape's module on a grid of per-head kept counts.
+
+    Attributes:
+        kinds: The group kinds of the axes (``('qk', 'v')``, ``('mlp',)``).
+        full: Per-head full count of each axis.
+        steps: Per-head count step of each axis that keeps the layer width aligned (the exact reading rounds up to
+            it).
+        grid: Per axis, the ascending per-head counts measured (the last is the full count).
+        values: The measured latencies, nested lists indexed by grid position (ms).
+    """
+
+    kinds: list[str]
+    full: list[int]
+    steps: list[int]
+    grid: list[list[int]]
+    values: Any
+    _v: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._v = monotone(torch.tensor(self.values, dtype=torch.float64))
+        self._g = [torch.tensor(g, dtype=torch.float64) for g in self.grid]
+
+    def __call__(self, counts: list[Tensor], *, exact: bool = False) -> Tensor:
+        """Latency (ms) at per-head ``counts`` (one 0-d tensor per axis), multilinear between grid points."""
+        device = counts[0].device if counts else None
+        v = self._v.to(device)
+        for x, g, step, full in zip(counts, self._g, self.steps, self.full):
+            x = x.double()
+            if exact:
+                x = torch.clamp(torch.ceil(x.detach() / step - 1e-9) * step, max=full)
+            g = g.to(device)
+            if len(g) == 1:
+                v = v[0]
+                continue
+            i = torch.clamp(torch.searchsorted(g, x.detach().reshape(1), right=True) - 1, 0, len(g) - 2)[0]
+            t = (x - g[i]) / (g[i + 1] - g[i])
+            v = (1 - t) * v[i] + t * v[i + 1]
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith('_')}
+
+
+class LatencyModel(Resource):
+    """Latency (ms per batch) as a function of the kept counts: the :class:`~amap.prune.resource.Resource` a latency
+    target is set in.
+
+    Args:
+        tables: ``{shape key: OpTable}``, one per distinct block shape.
+        modules: ``{adapter (module) name: shape key}`` of every pruned module.
+        constant: Latency of everything else (ms).
+        full: Measured latency of the unpruned model (ms); ``constant + sum of the tables at full width``.
+        step: The width step the device rewards (the final structure's widths are multiples of it).
+        meta: How it was measured (device, backend, threads, batch, rounds, split-half noise, seconds).
+    """
+
+    name = 'latency'
+
+    def __init__(self, tables: dict[str, OpTable], modules: dict[str, str], *, constant: float, full: float,
+                 step: int, meta: dict[str, Any] | None = None) -> None:
+        self.tables, self.modules = tables, modules
+        self.fixed, self.full, self.step = float(constant), float(full), int(step)
+        self.meta = dict(meta or {})
+
+    def adapter_cost(self, adapter: Adapter, kept: dict[str, Tensor], *, exact: bool) -> Tensor:
+        key = self.modules.get(adapter.name)
+        if key is None:  # not timed on its own: part of the constant
+            return torch.zeros((), dtype=torch.float64)
+        table = self.tables[key]
+        xs = [kept[k].double().mean() if k in kept else torch.tensor(float(f), dtype=torch.float64)
+              for k, f in zip(table.kinds, table.full)]
+        return table(xs, exact=exact)
+
+    def format(self, value: float) -> str:
+        return f'{value:.3g} ms'
+
+    @property
+    def noise(self) -> float:
+        """Split-half disagreement of the calibration (a fraction; 0.03 is 3%)."""
+        return float(self.meta.get('noise', 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (:meth:`from_dict` reads it back)."""
+        return {'tables': {k: t.to_dict() for k, t in self.tables.items()}, 'modules': self.modules,
+                'constant': self.fixed, 'full': self.full, 'step': self.step, 'meta': self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyModel:
+        return cls({k: OpTable(**t) for k, t in d['tables'].items()}, dict(d['modules']), constant=d['constant'],
+                   full=d['full'], step=d['step'], meta=d.get('meta'))
+
+    def ratio(self, value: float) -> float:
+        return value / self.full if self.full > 0 else math.nan

@@ -5,8 +5,8 @@ one distinct block shape's module (an attention module as a function of its q/k 
 function of its hidden width) measured on the device (:mod:`amap.latency.calibrate`) and ``constant`` is what the
 rest of the model costs (the measured whole model minus its modules at full width).
 
-Each table is made monotone (a running maximum along every axis plus a small ramp, so that no segment is flat) and
-read two ways:
+Each table is made monotone (a running maximum along every axis, with a small minimum rise per grid step so that no
+segment is flat; data that rise anyway are unchanged) and read two ways:
 
 * smooth (``exact=False``): multilinear through the measured points, extrapolated linearly below the first, so the
   search's resource loss has a non-zero gradient everywhere;
@@ -28,21 +28,19 @@ from ..prune.resource import Resource
 
 __all__ = ['OpTable', 'LatencyModel', 'monotone']
 
-RAMP = 1e-3  # the ramp added to every table, as a fraction of its range: no flat segment, no zero gradient
+RAMP = 1e-3  # the least rise per grid step, as a fraction of a table's range: no flat segment, no zero gradient
 
 
 def monotone(values: Tensor) -> Tensor:
-    """``values`` made non-decreasing along every axis (running maximum), plus a ramp of ``RAMP`` of the range per
-    axis so that every segment rises."""
+    """``values`` made to rise along every axis by at least ``RAMP`` of their range per grid step: the running
+    maximum of ``values - ramp``, plus the ramp. Data that already rise that fast are returned unchanged."""
     v = values.double().clone()
-    for axis in range(v.dim()):
-        v = torch.cummax(v, dim=axis).values
     span = float(v.max() - v.min()) or float(v.abs().max()) or 1.0
     for axis in range(v.dim()):
-        n = v.shape[axis]
         shape = [1] * v.dim()
-        shape[axis] = n
-        v = v + RAMP * span * torch.arange(n, dtype=v.dtype).reshape(shape) / max(n - 1, 1)
+        shape[axis] = v.shape[axis]
+        ramp = RAMP * span * torch.arange(v.shape[axis], dtype=v.dtype).reshape(shape)
+        v = torch.cummax(v - ramp, dim=axis).values + ramp
     return v
 
 

@@ -1,0 +1,233 @@
+"""Pruning to a latency target, against synthetic costs (no timing assertions: a fake backend returns the cost).
+
+The synthetic device charges every Linear by its widths rounded up to a multiple of 8, and 20% more when a width is
+not a multiple of 8 (so the device rewards a step of 8), every attention module by ``heads x qk x v`` and every call
+a fixed overhead: it is additive over modules, so the calibrated model must reproduce it exactly on aligned widths.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import build
+from torch import nn
+
+import amap
+from amap.errors import ConfigError
+from amap.latency import LatencyModel, OpTable, calibrate_latency, detect_step
+from amap.latency.closed_loop import cut_copy
+from amap.latency.measure import Backend, interleaved, low_percentile, split_half
+from amap.latency.model import monotone
+from amap.prune.pruner import Pruner
+from amap.prune.target import fit_to_target
+
+STEP = 8
+
+
+def _up(x: int) -> int:
+    return -(-x // STEP) * STEP
+
+
+def synthetic_seconds(module: nn.Module) -> float:
+    """The synthetic device's time of one call of ``module``."""
+    total = 1e-6
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            odd = m.in_features % STEP or m.out_features % STEP
+            total += _up(m.in_features) * _up(m.out_features) * 1e-9 * (1.2 if odd else 1.0)
+        heads = getattr(m, 'num_heads', None)
+        dq = getattr(m, 'qk_dim', None) or getattr(m, 'head_dim', None)
+        if isinstance(heads, int) and isinstance(dq, int) and not isinstance(m, nn.Linear):
+            dv = getattr(m, 'v_dim', None) or dq
+            total += _up(heads * dq) * _up(heads * dv) / heads * 1e-8
+    return total
+
+
+class FakeBackend(Backend):
+    """Returns the synthetic cost instead of timing (``slow``: extra factor for models smaller than ``full``)."""
+
+    name = 'fake'
+
+    def __init__(self, slow: float = 1.0, full_params: int | None = None) -> None:
+        super().__init__('cpu', 1)
+        self.slow, self.full_params, self.calls = slow, full_params, 0
+
+    def runner(self, module, args, kwargs):
+        return lambda: module
+
+    def seconds(self, run, reps: int = 1) -> float:
+        self.calls += 1
+        module = run()
+        factor = self.slow if self.full_params and sum(p.numel() for p in module.parameters()) < self.full_params \
+            else 1.0
+        return synthetic_seconds(module) * factor
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('AMAP_CACHE', str(tmp_path / 'cache'))
+
+
+def _random_aligned_counts(pruner: Pruner, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    from amap.prune.target import channel_step
+    out = {}
+    for key, ind in pruner.indicators.items():
+        g = ind.group
+        s = channel_step(g.num_heads, STEP)
+        choices = list(range(s, g.dim + 1, s)) or [g.dim]
+        out[key] = torch.full((g.num_heads,), choices[int(torch.randint(len(choices), (1,), generator=gen))])
+    return out
+
+
+@pytest.mark.parametrize('name', ['flatten_deit', 'timm_deit'])
+def test_latency_model_reproduces_an_additive_cost(name):
+    model = build(name)
+    pruner = Pruner(model, (3, 32, 32))
+    lat = calibrate_latency(pruner, backend=FakeBackend(), rounds=2, progress=False, cache=False)
+    pruner.resource = lat
+    assert lat.step == STEP  # detected from the probes
+    assert lat.full == pytest.approx(1e3 * synthetic_seconds(model), rel=1e-9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        counts = _random_aligned_counts(pruner, gen)
+        fit_to_target(pruner, 1e9, counts=counts, fill=False)  # fix exactly these counts
+        measured = 1e3 * synthetic_seconds(cut_copy(pruner))
+        assert float(pruner.cost(counts, exact=True)) == pytest.approx(measured, rel=1e-9)
+        assert float(pruner.cost(counts)) == pytest.approx(measured, rel=1e-9)  # smooth = exact on the lattice
+
+
+def test_exact_cost_is_the_next_aligned_width_and_smooth_cost_has_a_gradient():
+    pruner = Pruner(build('flatten_deit'), (3, 32, 32))
+    pruner.resource = calibrate_latency(pruner, backend=FakeBackend(), rounds=1, progress=False, cache=False)
+    key = next(k for k, ind in pruner.indicators.items() if ind.group.kind == 'mlp')
+    full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
+    odd, aligned = dict(full), dict(full)
+    odd[key], aligned[key] = torch.tensor([41]), torch.tensor([48])
+    assert float(pruner.cost(odd, exact=True)) == pytest.approx(float(pruner.cost(aligned, exact=True)))
+    assert float(pruner.cost(odd)) < float(pruner.cost(aligned))  # the smooth reading interpolates
+    # the search's resource loss: a non-zero gradient on every indicator
+    pruner.cost().backward()
+    for ind in pruner.indicators.values():
+        assert ind.m.grad is not None and ind.m.grad.abs().sum() > 0
+
+
+def test_monotone_table_is_strictly_increasing_and_leaves_increasing_data_alone():
+    bumpy = torch.tensor([[1.0, 3.0, 2.0], [0.5, 3.0, 3.0]])
+    v = monotone(bumpy)
+    assert (v.diff(dim=0) > 0).all() and (v.diff(dim=1) > 0).all()
+    rising = torch.tensor([[1.0, 2.0, 4.0], [2.0, 3.0, 6.0]])
+    assert torch.allclose(monotone(rising), rising.double())
+    table = OpTable(kinds=['mlp'], full=[32], steps=[8], grid=[[8, 16, 32]], values=[1.0, 1.0, 0.5])
+    x = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+    table([x]).backward()
+    assert x.grad > 0  # flat and falling data still give the search a slope
+
+
+def test_detect_step_from_probes():
+    w0 = 256
+    widths = [w0 - 64, w0] + [w0 - 2 ** j for j in range(6)]
+
+    def times(step: int) -> list[float]:
+        return [float(-(-w // step) * step) * (1.2 if w % step else 1.0) for w in widths]
+
+    for step in (1, 2, 8, 16, 64):
+        assert detect_step(widths, times(step)) == step
+    noisy = times(16)
+    noisy[2 + 5] *= 1.2  # one outlier on the multiple of 32 does not make the step 64
+    assert detect_step(widths, noisy) == 16
+
+
+def test_calibration_is_cached_and_read_back(tmp_path):
+    pruner = Pruner(build('flatten_deit'), (3, 32, 32))
+    first = FakeBackend()
+    lat = calibrate_latency(pruner, backend=first, rounds=2, progress=False)
+    assert first.calls > 0
+    files = list((tmp_path / 'cache' / 'latency').glob('*.json'))
+    assert len(files) == 1 and json.loads(files[0].read_text())['key']['batch'] == 1
+    second = FakeBackend()
+    again = calibrate_latency(pruner, backend=second, rounds=2, progress=False)
+    assert second.calls == 0 and again.meta['cached'] == str(files[0])
+    assert again.to_dict()['tables'] == lat.to_dict()['tables'] and again.full == lat.full
+    counts = pruner.hard_counts()
+    assert float(again.adapter_cost(pruner.adapters[0], {}, exact=True)) == \
+        float(lat.adapter_cost(pruner.adapters[0], {}, exact=True))
+    as_json = json.loads(json.dumps(lat.to_dict()))
+    assert LatencyModel.from_dict(as_json).to_dict() == as_json
+    # another batch is another key
+    third = FakeBackend()
+    calibrate_latency(pruner, backend=third, batch=2, rounds=1, progress=False)
+    assert third.calls > 0 and len(list((tmp_path / 'cache' / 'latency').glob('*.json'))) == 2
+    assert counts  # the pruner is usable afterwards
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+
+
+def _fake_device(monkeypatch, slow: float = 1.0, full_params: int | None = None):
+    monkeypatch.setattr('amap.latency.calibrate.make_backend', lambda *a, **k: FakeBackend())
+    monkeypatch.setattr('amap.latency.closed_loop.make_backend',
+                        lambda *a, **k: FakeBackend(slow=slow, full_params=full_params))
+
+
+def test_prune_to_a_latency_target_snaps_to_the_step_and_reports_predicted_and_measured(monkeypatch):
+    _fake_device(monkeypatch)
+    model = build('flatten_deit')
+    before = 1e3 * synthetic_seconds(model)
+    result = amap.prune(model, _loader(), target=0.6, resource='latency', latency_batch=1, latency_threads=1,
+                        latency_backend='eager', search_steps=3)
+    lat = result.latency
+    assert lat['verdict'] == 'met' and len(lat['attempts']) == 1
+    assert lat['predicted_before_ms'] == pytest.approx(before)
+    assert lat['measured_after_ms'] == pytest.approx(1e3 * synthetic_seconds(result.model))
+    assert lat['predicted_after_ms'] == pytest.approx(lat['measured_after_ms'], rel=1e-9)
+    assert lat['measured_ratio'] <= 0.6 and lat['speedup_measured'] >= 1 / 0.6
+    assert lat['step'] == STEP
+    for rec in result.structure:
+        for kind, heads in rec['heads'].items():
+            assert heads * rec['widths'][kind] % STEP == 0, rec
+    assert result.summary()['latency']['target_ratio'] == pytest.approx(0.6)
+    assert 'latency_ratio' in result.history[-1]
+
+
+def test_closed_loop_tightens_when_the_cut_model_is_slower_than_predicted(monkeypatch):
+    model = build('flatten_deit')
+    _fake_device(monkeypatch, slow=1.15, full_params=sum(p.numel() for p in model.parameters()))
+    with pytest.warns(UserWarning, match='measurement noise|missed'):
+        result = amap.prune(model, _loader(), speedup=1.5, resource='latency', search_steps=2)
+    lat = result.latency
+    assert len(lat['attempts']) >= 2
+    assert lat['attempts'][0]['measured_ratio'] > 1 / 1.5
+    assert lat['attempts'][-1]['measured_ratio'] < lat['attempts'][0]['measured_ratio']
+
+
+def test_one_line_errors(monkeypatch):
+    _fake_device(monkeypatch)
+    with pytest.raises(ConfigError, match='latency_backend') as e:
+        amap.prune(build('flatten_deit'), _loader(), target=0.6, resource='latency', latency_backend='tensorrt')
+    assert '\n' not in str(e.value)
+    with pytest.raises(ConfigError, match='raise --target to at least') as e:
+        amap.prune(build('flatten_deit'), _loader(), target=0.01, resource='latency', search_steps=1)
+    assert '\n' not in str(e.value) and 'ms' in str(e.value)
+    with pytest.raises(ConfigError, match="resource='latency'"):
+        amap.prune(build('flatten_deit'), _loader(), speedup=1.6)
+    with pytest.raises(ConfigError, match='target_ms'):
+        amap.prune(build('flatten_deit'), _loader(), resource='latency', target_ms=1e6, search_steps=1)
+
+
+def test_timing_statistics():
+    class Counter(Backend):
+        def seconds(self, run, reps=1):
+            return run()
+
+    values = iter(range(1, 1000))
+    times = interleaved([lambda: next(values), lambda: next(values)], Counter(), rounds=4, warmup=1)
+    assert [len(t) for t in times] == [4, 4]
+    assert low_percentile([5.0, 1.0, 3.0, 2.0, 4.0]) == 2.0  # p20 by rank: the second of five
+    assert low_percentile([3.0, 1.0]) == 1.0
+    assert split_half([[1.0, 1.0, 1.0, 1.0]]) == 0.0
+    assert split_half([[1.0, 1.5, 1.0, 1.5]]) == pytest.approx(0.5)
+    assert math.isfinite(split_half([[2.0, 2.0]]))

@@ -287,6 +287,8 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
         'structure': cut.structure, 'history': cut.history, 'finetune_history': ft_history,
         'config': cfg.to_dict(),
     }
+    if cut.latency is not None:  # a latency target: predicted and measured latency (amap.latency.closed_loop)
+        report['latency_target'] = cut.latency
     if info.is_main:
         _write_results(cfg, out, data, original, model, report, base=(arch, arch_kwargs), seconds=seconds)
         seconds['total'] = time.perf_counter() - t_start
@@ -322,7 +324,7 @@ def _prune(cfg: PipelineConfig, info: DistInfo, data: Any, original: nn.Module, 
     t0 = time.perf_counter()
     calib = _calibration_batches(data, cfg.seed, info, cfg.prune.calib_batches)  # identical on every rank
     seconds['calibration'] = time.perf_counter() - t0
-    job = StagedPruning(copy.deepcopy(original), size, cfg.prune)
+    job = StagedPruning(copy.deepcopy(original), size, cfg.prune, progress=cfg.progress and info.is_main)
     job.prepare()
     job.calibrate(calib)
     _search(cfg, info, data, job, teacher)

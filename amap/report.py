@@ -10,7 +10,8 @@ from typing import Any
 from .prune.plot import plot_structure
 from .utils.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json
 
-__all__ = ['write_report', 'render_report', 'format_report', 'plot_search', 'REPORT_JSON', 'REPORT_MD']
+__all__ = ['write_report', 'render_report', 'format_report', 'format_latency_target', 'plot_search', 'REPORT_JSON',
+           'REPORT_MD']
 
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
@@ -26,12 +27,37 @@ def _fmt(value: Any, spec: str = '.2f', suffix: str = '') -> str:
     return str(value)
 
 
+def format_latency_target(lat: dict[str, Any]) -> list[str]:
+    """Markdown lines of a latency target: the target, predicted and measured latency before and after, speed-ups
+    and the closed loop's verdict."""
+    threads = lat.get('threads', 1)
+    lines = [f"Target {_fmt(lat.get('target_ratio'), '.3f')} of the measured latency (speed-up "
+             f"{_fmt(lat.get('speedup_target'), '.2f')}x) at batch {lat.get('batch')}, {threads} "
+             f"thread{'s' if threads != 1 else ''}, {lat.get('backend')}: measured "
+             f"{_fmt(lat.get('measured_ratio'), '.3f')} (speed-up {_fmt(lat.get('speedup_measured'), '.2f')}x), "
+             f"{lat.get('verdict', '')}.", '',
+             '| latency target | original | pruned | ratio | speed-up |', '|---|---:|---:|---:|---:|']
+    for what in ('predicted', 'measured'):
+        before, after = lat.get(f'{what}_before_ms'), lat.get(f'{what}_after_ms')
+        ratio = after / before if before and after is not None else None
+        lines.append(f'| {what} latency, batch {lat.get("batch")} (ms) | {_fmt(before, ".3f")} | '
+                     f'{_fmt(after, ".3f")} | {_fmt(ratio, ".3f")} | {_fmt(1 / ratio if ratio else None, ".2f")} |')
+    cal = lat.get('calibration') or {}
+    how = 'read from the cache' if cal.get('cached') else f"{_fmt(cal.get('seconds'), '.1f')} s"
+    lines += ['', f"Latency model: width step {lat.get('step')}, calibration {how}, split-half noise "
+                  f"{_fmt(100 * cal.get('noise', 0.0), '.1f')}% (check {_fmt(100 * lat.get('noise', 0.0), '.1f')}%), "
+                  f"{len(lat.get('attempts') or [])} check(s) of the cut model.", '']
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The Markdown summary table of a report."""
     macs, params, top1 = report.get('macs', {}), report.get('params', {}), report.get('top1', {})
-    lines = [f"# AMAP pruning report: {report.get('model', '?')}", '',
-             f"Target {_fmt(macs.get('target_ratio'), '.3f')} of the MACs, achieved {_fmt(macs.get('ratio'), '.4f')}.",
-             '', '| | original | pruned | ratio |', '|---|---:|---:|---:|',
+    lat = report.get('latency_target')
+    headline = format_latency_target(lat) if lat else \
+        [f"Target {_fmt(macs.get('target_ratio'), '.3f')} of the MACs, achieved {_fmt(macs.get('ratio'), '.4f')}.", '']
+    lines = [f"# AMAP pruning report: {report.get('model', '?')}", '', *headline,
+             '| | original | pruned | ratio |', '|---|---:|---:|---:|',
              f"| MACs (M) | {_fmt(macs.get('before', 0) / 1e6, '.2f')} | {_fmt(macs.get('after', 0) / 1e6, '.2f')} | "
              f"{_fmt(macs.get('ratio'), '.4f')} |",
              f"| parameters (M) | {_fmt(params.get('before', 0) / 1e6, '.3f')} | "
@@ -62,20 +88,22 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot_search(history: list[dict], path: str | os.PathLike) -> Path:
-    """MAC ratio and losses per search step (PNG)."""
+    """MAC ratio (or the ratio of the resource the target is in, e.g. latency) and losses per search step (PNG)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     steps = [h['step'] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ratio = next((k for k in history[-1] if k.endswith('_ratio') and k not in ('mac_ratio', 'target_ratio')),
+                 'mac_ratio') if history else 'mac_ratio'
     if history:
-        ax1.plot(steps, [h['mac_ratio'] for h in history], label='MAC ratio (hard structure)')
+        ax1.plot(steps, [h[ratio] for h in history], label=f"{ratio.replace('_', ' ')} (hard structure)")
         ax1.axhline(history[-1]['target_ratio'], color='tab:red', linestyle='--', label='target')
         for key in ('loss', 'task', 'kd', 'resource'):
             ax2.plot(steps, [h[key] for h in history], label=key)
     ax1.set_xlabel('search step')
-    ax1.set_ylabel('MACs / original')
+    ax1.set_ylabel(f"{ratio.split('_')[0]} / original")
     ax1.legend()
     ax2.set_xlabel('search step')
     ax2.set_ylabel('loss')

@@ -110,7 +110,9 @@ def device_name(device: torch.device | str) -> str:
 
 class Backend:
     """How a module is run and timed: ``runner(module, args, kwargs)`` makes a zero-argument callable that runs it
-    once, :meth:`seconds` times one call (synchronised on CUDA, with CUDA events).
+    once, :meth:`seconds` times one call: with CUDA events on a GPU; on a CPU with one thread, as the process's CPU
+    time (on a shared machine a call longer than the scheduler's time slice is preempted by other jobs, and its wall
+    time grows with their load; its CPU time does not); with more threads, as wall time.
 
     Args:
         device: Where to run (eager; ONNX Runtime runs on the CPU here).
@@ -121,6 +123,7 @@ class Backend:
 
     def __init__(self, device: torch.device | str = 'cpu', threads: int = 1) -> None:
         self.device, self.threads = torch.device(device), threads
+        self.clock = time.process_time if threads == 1 else time.perf_counter
 
     def runner(self, module: nn.Module, args: tuple, kwargs: dict) -> Runner:
         module = module.to(self.device).eval()
@@ -140,10 +143,10 @@ class Backend:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / reps
-        t0 = time.perf_counter()
+        t0 = self.clock()
         for _ in range(reps):
             run()
-        return (time.perf_counter() - t0) / reps
+        return (self.clock() - t0) / reps
 
 
 class _Closed(nn.Module):
@@ -231,8 +234,10 @@ def interleaved(
 ) -> list[list[float]]:
     """Time every runner once per round, in a new random order each round; returns seconds per runner and round.
 
-    A runner faster than :data:`MIN_SECONDS` is called several times back to back per round (as many as its first
-    warm-up call says make up that time, at most 100) and its time per call recorded.
+    Each timed call follows one untimed call of the same runner, so it finds its weights in the caches as a model
+    run over and over does (timed cold, after the other runners, a model measured up to 30% slower). A runner faster
+    than :data:`MIN_SECONDS` is called several times back to back per round (as many as its first warm-up call says
+    make up that time, at most 100) and its time per call recorded.
 
     Args:
         runners: Zero-argument callables.
@@ -250,6 +255,7 @@ def interleaved(
     for r in range(warmup + rounds):
         rng.shuffle(order)
         for i in order:
+            runners[i]()  # warm: weights and activations in the caches
             t = backend.seconds(runners[i], reps[i])
             if r >= warmup:
                 times[i].append(t)

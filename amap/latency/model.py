@@ -122,6 +122,9 @@ class LatencyModel(Resource):
     def format(self, value: float) -> str:
         return f'{value:.3g} ms'
 
+    def raise_target(self, ratio: float) -> str:
+        return f'raise --target to at least {ratio:.3f} (--speedup at most {math.floor(100 / ratio) / 100:.2f})'
+
     @property
     def noise(self) -> float:
         """Split-half disagreement of the calibration (a fraction; 0.03 is 3%)."""

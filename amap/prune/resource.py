@@ -48,6 +48,10 @@ class Resource(ABC):
     def format(self, value: float) -> str:
         """``value`` with its unit, for messages (``'12.3 MMACs'``, ``'4.56 ms'``)."""
 
+    def raise_target(self, ratio: float) -> str:
+        """How to ask for at least ``ratio`` of the full cost, for messages."""
+        return f'raise --target to at least {ratio:.3f}'
+
 
 class MacResource(Resource):
     """MACs per image: each adapter's analytic count (exact and smooth alike).

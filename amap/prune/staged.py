@@ -267,20 +267,23 @@ class StagedPruning:
                         target_macs=self.target_macs, latency=self.latency)
 
     def _close_loop(self) -> None:
-        """Measure the selected structure against the unpruned model; tighten and select again while it misses."""
+        """Measure the selected structure against the unpruned model; select again while it is off the target."""
         from ..latency.closed_loop import close_loop
-        from .target import fit_to_target
+        from .target import apply_counts, fit_to_target
 
         t0, cfg, pruner = time.perf_counter(), self.config, self.pruner
+        # the kept channels first (the structure selected), the search's scores rank the rest and break ties
+        scores = {k: ind.hard_mask().float() + 1e-3 * _unit(ind.scores().detach().float())
+                  for k, ind in pruner.indicators.items()}
 
-        def reselect(target: float) -> None:
-            # the kept channels first (the fixed structure), the search's scores break ties among them
-            scores = {k: ind.hard_mask().float() + 1e-3 * _unit(ind.scores().detach().float())
-                      for k, ind in pruner.indicators.items()}
-            fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=False,
-                          multiple=final_multiple(pruner, cfg))
+        def select(target: float | None, counts: dict[str, Tensor] | None) -> None:
+            if counts is not None:
+                apply_counts(pruner, counts, scores)
+            else:
+                fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=True,
+                              multiple=final_multiple(pruner, cfg))
 
-        self.latency = close_loop(pruner, self.target, reselect, batch=cfg.latency_batch,
+        self.latency = close_loop(pruner, self.target, select, batch=cfg.latency_batch,
                                   threads=cfg.latency_threads, backend=cfg.latency_backend,
                                   rounds=2 * cfg.latency_calib_rounds, seed=cfg.seed)
         self.target_macs = pruner.hard_macs()

@@ -70,8 +70,8 @@ def check_target(pruner: Pruner, target_macs: float, multiple: int = 1) -> None:
         at_least = math.ceil(low / r.full * 1000) / 1000
         raise ConfigError(f'target of {r.format(target_macs)} ({target_macs / r.full:.3f} of the '
                           f'model) is below the smallest structure the constraints allow{aligned} '
-                          f'({r.format(low)} = {low / r.full:.3f} of the model); raise --target '
-                          f'to at least {at_least:.3f} or prune more group kinds')
+                          f'({r.format(low)} = {low / r.full:.3f} of the model); {r.raise_target(at_least)} '
+                          f'or prune more group kinds')
 
 
 def _moves(pruner: Pruner, counts: dict[str, Tensor], ranked: dict[str, Tensor], cost: dict[str, float], *,

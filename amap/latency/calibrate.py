@@ -11,7 +11,9 @@
    interleaved rounds; each figure is a low percentile (p20) of its rounds. When the two halves of the rounds
    disagree by more than the tolerance, rounds are added (up to three times as many), then a warning says the
    device is too noisy.
-4. The constant is the whole model minus its pruned modules at full width.
+4. The whole model is timed too, at full width and with every pruned module at its smallest grid point: the tables
+   are scaled so that the model is exact at both (modules timed alone find other caches than inside the model),
+   and the constant is the whole model minus its scaled modules at full width.
 
 The result is cached as JSON (``$AMAP_CACHE`` or ``~/.cache/amap``, ``latency/<key>.json``) under a key of the device,
 backend, dtype, threads, batch and every shape (tokens and widths included): a second run on the same machine reuses
@@ -19,6 +21,7 @@ it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -277,29 +280,45 @@ def _measure_step(shapes: dict[str, _Shape], timer: Backend, rounds: int, seed: 
     return step, {'detected': True, 'widths': widths, 'ms': [1e3 * s for s in seconds], 'noise': noise}
 
 
+def _smallest_model(model: nn.Module, shapes: dict[str, _Shape], modules: dict[str, str],
+                    plans: dict[str, tuple]) -> nn.Module:
+    """A copy of ``model`` with every pruned module rebuilt at the smallest counts of its table's grid."""
+    small = copy.deepcopy(model)
+    for name, key in modules.items():
+        grid = plans[key][0]
+        small.set_submodule(name, shapes[key].build(tuple(g[0] for g in grid)), strict=True)
+    return small.eval()
+
+
 def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modules: dict[str, str],
                     timer: Backend, rounds: int, seed: int, bar: Any, step: int) -> LatencyModel:
     plans: dict[str, tuple[list[list[int]], list[int], list[tuple[int, ...]]]] = {}
-    runners = [timer.runner(model, (x,), {})]
     for key, shape in shapes.items():
         steps = [channel_step(h, step) for h in shape.heads]
         grid = [_grid(f, s, 5 if len(shape.kinds) > 1 else 9) for f, s in zip(shape.full, steps)]
-        points = list(product(*grid))
-        plans[key] = (grid, steps, points)
-        runners += [timer.runner(shape.build(pt), shape.args, shape.kwargs) for pt in points]
+        plans[key] = (grid, steps, list(product(*grid)))
+    runners = [timer.runner(model, (x,), {}), timer.runner(_smallest_model(model, shapes, modules, plans), (x,), {})]
+    for key, (_, _, points) in plans.items():
+        runners += [timer.runner(shapes[key].build(pt), shapes[key].args, shapes[key].kwargs) for pt in points]
     bar.total += (rounds + 1) * len(runners)
     seconds, noise = _timed(runners, timer, rounds, seed + 1, bar)
     ms = [1e3 * s for s in seconds]
-    full, at = ms[0], 1
-    tables = {}
-    for key, (grid, steps, points) in plans.items():
-        values = torch.tensor(ms[at:at + len(points)], dtype=torch.float64).reshape([len(g) for g in grid])
+    (full, small), at = ms[:2], 2
+    tables: dict[str, Tensor] = {}
+    for key, (grid, _, points) in plans.items():
+        tables[key] = torch.tensor(ms[at:at + len(points)], dtype=torch.float64).reshape([len(g) for g in grid])
         at += len(points)
-        shape = shapes[key]
-        tables[key] = OpTable(kinds=shape.kinds, full=shape.full, steps=steps, grid=grid, values=values.tolist())
-    at_full = sum(float(t([torch.tensor(float(f), dtype=torch.float64) for f in t.full]))
-                  for t in (tables[k] for k in modules.values()))
-    meta = {'noise': noise, 'points': len(runners), 'shapes': len(shapes)}
-    if not math.isfinite(full):
+    if not all(math.isfinite(v) for v in ms):
         raise RuntimeError('latency calibration measured a non-finite time')
-    return LatencyModel(tables, modules, constant=full - at_full, full=full, step=step, meta=meta)
+    # modules timed alone run in other caches than inside the model: scale them so that the model is exact for the
+    # whole model at full and at the smallest widths (the constant is what the rest costs)
+    m_full = sum(float(tables[k].flatten()[-1]) for k in modules.values())
+    m_small = sum(float(tables[k].flatten()[0]) for k in modules.values())
+    scale = (full - small) / (m_full - m_small) if m_full > m_small else 1.0
+    scaled = 0.25 < scale < 4
+    scale = scale if scaled else 1.0
+    ops = {key: OpTable(kinds=shapes[key].kinds, full=shapes[key].full, steps=plans[key][1], grid=plans[key][0],
+                        values=(scale * tables[key]).tolist()) for key in plans}
+    meta = {'noise': noise, 'points': len(runners), 'shapes': len(shapes), 'module_scale': scale,
+            'smallest_ms': small, 'scaled': scaled}
+    return LatencyModel(ops, modules, constant=full - scale * m_full, full=full, step=step, meta=meta)

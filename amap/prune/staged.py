@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.distributed import broadcast_object, is_main_process
 from .attn_init import attention_difference_init
 from .config import PruneConfig, resolve_cost_target
 from .criteria import criterion_structure
@@ -91,12 +92,16 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
 
 def calibrate_resource(pruner: Pruner, cfg: PruneConfig, *, progress: bool = True) -> None:
     """Give the pruner the resource the config's target counts: MACs (already there), or a latency model calibrated
-    on this device (:func:`amap.latency.calibrate_latency`; cached)."""
+    on this device (:func:`amap.latency.calibrate_latency`; cached). Under DDP rank 0 calibrates and every rank
+    uses its model, so that all select the same structure."""
     if cfg.resource == 'latency':
-        from ..latency import calibrate_latency
-        pruner.resource = calibrate_latency(
+        from ..latency import LatencyModel, calibrate_latency
+        lat = calibrate_latency(
             pruner, batch=cfg.latency_batch, threads=cfg.latency_threads, backend=cfg.latency_backend,
-            rounds=cfg.latency_calib_rounds, cache=cfg.latency_cache, progress=progress, seed=cfg.seed)
+            rounds=cfg.latency_calib_rounds, cache=cfg.latency_cache, progress=progress,
+            seed=cfg.seed) if is_main_process() else None
+        shared = broadcast_object(lat.to_dict() if lat is not None else None)
+        pruner.resource = lat if lat is not None else LatencyModel.from_dict(shared)
 
 
 @dataclass
@@ -283,9 +288,14 @@ class StagedPruning:
                 fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=True,
                               multiple=final_multiple(pruner, cfg))
 
-        self.latency = close_loop(pruner, self.target, select, batch=cfg.latency_batch,
-                                  threads=cfg.latency_threads, backend=cfg.latency_backend,
-                                  rounds=2 * cfg.latency_calib_rounds, seed=cfg.seed)
+        if is_main_process():  # under DDP rank 0 measures and every rank takes its structure
+            self.latency = close_loop(pruner, self.target, select, batch=cfg.latency_batch,
+                                      threads=cfg.latency_threads, backend=cfg.latency_backend,
+                                      rounds=2 * cfg.latency_calib_rounds, seed=cfg.seed)
+        mine = (self.latency, {k: c.tolist() for k, c in pruner.hard_counts().items()})
+        self.latency, counts = broadcast_object(mine)
+        if not is_main_process():
+            select(None, {k: torch.tensor(c) for k, c in counts.items()})
         self.target_macs = pruner.hard_macs()
         self.seconds['latency_check'] = time.perf_counter() - t0
 

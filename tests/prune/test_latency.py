@@ -233,3 +233,39 @@ def test_timing_statistics():
     assert split_half([[1.0, 1.0, 1.0, 1.0]]) == 0.0
     assert split_half([[1.0, 1.5, 1.0, 1.5]]) == pytest.approx(0.5)
     assert math.isfinite(split_half([[2.0, 2.0]]))
+
+
+def test_latency_flags_of_amap_prune():
+    import argparse
+
+    from amap.cli import build_parser
+    from amap.pipeline_config import PipelineConfig, load_config
+    from amap.utils.config import given_options
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    args = sub.choices['prune'].parse_args(['--resource', 'latency', '--speedup', '1.6', '--latency-batch', '32',
+                                            '--latency-threads', '2', '--latency-backend', 'onnxruntime'])
+    cfg = load_config(None, **given_options(args, PipelineConfig)).prune
+    assert (cfg.resource, cfg.speedup, cfg.latency_batch, cfg.latency_threads, cfg.latency_backend) == \
+        ('latency', 1.6, 32, 2, 'onnxruntime')
+    args = sub.choices['prune'].parse_args(['--target', '0.6', '--resource', 'latency', '--target-ms', '3.5'])
+    cfg = load_config(None, **given_options(args, PipelineConfig)).prune
+    assert cfg.target_ms == 3.5
+    with pytest.raises(SystemExit):  # argparse's choices: a bad backend is refused on the command line
+        sub.choices['prune'].parse_args(['--latency-backend', 'tensorrt'])
+
+
+def test_report_shows_predicted_and_measured_latency(monkeypatch):
+    from amap.report import format_report
+
+    _fake_device(monkeypatch)
+    result = amap.prune(build('flatten_deit'), _loader(), target=0.7, resource='latency', search_steps=1)
+    text = format_report({'model': 'flatten_deit_nano', 'latency_target': result.latency,
+                          'macs': {'before': result.macs_before, 'after': result.macs_after}})
+    lat = result.latency
+    assert 'Target 0.700 of the measured latency' in text
+    assert f"| predicted latency, batch 1 (ms) | {lat['predicted_before_ms']:.3f} | {lat['predicted_after_ms']:.3f}" \
+        in text
+    assert f"| measured latency, batch 1 (ms) | {lat['measured_before_ms']:.3f} | {lat['measured_after_ms']:.3f}" \
+        in text
+    assert 'of the MACs' not in text

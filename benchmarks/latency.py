@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--batches', nargs='+', type=int, default=[1, 32])
     p.add_argument('--backends', nargs='+', default=['eager', 'onnxruntime'])
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--rounds', type=int, default=5, help='calibration rounds (the check times twice as many)')
+    p.add_argument('--rounds', type=int, default=5, help='timed rounds of the calibration and of each check')
     p.add_argument('--criterion', default='magnitude', help="structure criterion ('amap' runs a short search)")
     p.add_argument('--quick', action='store_true', help='flatten_deit_micro, 1.3x, batch 1, eager')
     p.add_argument('--out', default='benchmarks/results/latency.json')

@@ -80,6 +80,7 @@ def measure_latency(
 # ----------------------------------------------------------------------------------------- timing for calibration
 BACKENDS = ('eager', 'onnxruntime')
 MIN_SECONDS = 2e-3  # a timed call shorter than this is repeated back to back (timer resolution, call overhead)
+WARM_BELOW = 0.05  # a call shorter than this is preceded by an untimed one (caches)
 
 Runner = Callable[[], Any]
 
@@ -234,10 +235,11 @@ def interleaved(
 ) -> list[list[float]]:
     """Time every runner once per round, in a new random order each round; returns seconds per runner and round.
 
-    Each timed call follows one untimed call of the same runner, so it finds its weights in the caches as a model
-    run over and over does (timed cold, after the other runners, a model measured up to 30% slower). A runner faster
-    than :data:`MIN_SECONDS` is called several times back to back per round (as many as its first warm-up call says
-    make up that time, at most 100) and its time per call recorded.
+    A call shorter than :data:`WARM_BELOW` follows one untimed call of the same runner, so it finds its weights in
+    the caches as a model run over and over does (timed cold, after the other runners, a small model measured up to
+    30% slower; a long call's weights do not stay in the caches anyway). A runner faster than :data:`MIN_SECONDS` is
+    called several times back to back per round (as many as its first warm-up call says make up that time, at most
+    100) and its time per call recorded.
 
     Args:
         runners: Zero-argument callables.
@@ -250,12 +252,14 @@ def interleaved(
     """
     rng = random.Random(seed + (len(times[0]) if times else 0))
     times = times if times is not None else [[] for _ in runners]
-    reps = [max(1, min(100, math.ceil(MIN_SECONDS / max(backend.seconds(run), 1e-9)))) for run in runners]
+    first = [backend.seconds(run) for run in runners]
+    reps = [max(1, min(100, math.ceil(MIN_SECONDS / max(t, 1e-9)))) for t in first]
     order = list(range(len(runners)))
     for r in range(warmup + rounds):
         rng.shuffle(order)
         for i in order:
-            runners[i]()  # warm: weights and activations in the caches
+            if first[i] < WARM_BELOW:
+                runners[i]()  # warm: weights and activations in the caches
             t = backend.seconds(runners[i], reps[i])
             if r >= warmup:
                 times[i].append(t)

@@ -85,8 +85,8 @@ class PruneConfig:
         latency_batch: Batch size the latency target is for.
         latency_threads: Intra-op threads the latency is measured with (1 suits a shared CPU).
         latency_backend: What runs the model when timing: eager (PyTorch; CUDA events on a GPU) or onnxruntime.
-        latency_calib_rounds: Timed rounds of the latency calibration and of the closed-loop check (rounds are
-            added when the device is noisy).
+        latency_calib_rounds: Timed rounds of the latency calibration (rounds are added when the device is noisy)
+            and of each check of the cut model.
         latency_cache: Reuse (and write) the calibration cached under ``$AMAP_CACHE`` (default ``~/.cache/amap``).
         criterion: ``amap`` (the learned indicators) or a baseline importance criterion under the same constraints:
             ``magnitude``, ``magnitude_l2``, ``taylor``, ``random`` (global allocation), ``uniform``,

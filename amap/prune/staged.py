@@ -291,7 +291,7 @@ class StagedPruning:
         if is_main_process():  # under DDP rank 0 measures and every rank takes its structure
             self.latency = close_loop(pruner, self.target, select, batch=cfg.latency_batch,
                                       threads=cfg.latency_threads, backend=cfg.latency_backend,
-                                      rounds=2 * cfg.latency_calib_rounds, seed=cfg.seed)
+                                      rounds=cfg.latency_calib_rounds, seed=cfg.seed)
         mine = (self.latency, {k: c.tolist() for k, c in pruner.hard_counts().items()})
         self.latency, counts = broadcast_object(mine)
         if not is_main_process():

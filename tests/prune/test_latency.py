@@ -39,6 +39,8 @@ def synthetic_seconds(module: nn.Module) -> float:
             total += _up(m.in_features) * _up(m.out_features) * 1e-9 * (1.2 if odd else 1.0)
         heads = getattr(m, 'num_heads', None)
         dq = getattr(m, 'qk_dim', None) or getattr(m, 'head_dim', None)
+        if dq is None and isinstance(heads, int) and isinstance(getattr(m, 'qkv', None), nn.Linear):
+            dq = m.qkv.out_features // (3 * heads)  # timm's Swin WindowAttention
         if isinstance(heads, int) and isinstance(dq, int) and not isinstance(m, nn.Linear):
             dv = getattr(m, 'v_dim', None) or dq
             total += _up(heads * dq) * _up(heads * dv) / heads * 1e-8
@@ -81,7 +83,8 @@ def _random_aligned_counts(pruner: Pruner, gen: torch.Generator) -> dict[str, to
     return out
 
 
-@pytest.mark.parametrize('name', ['flatten_deit', 'timm_deit'])
+@pytest.mark.parametrize('name', ['flatten_deit', 'timm_deit', 'flatten_swin', 'timm_swin', 'flatten_pvt_v2',
+                                  'flatten_cswin'])
 def test_latency_model_reproduces_an_additive_cost(name):
     model = build(name)
     pruner = Pruner(model, (3, 32, 32))

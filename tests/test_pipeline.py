@@ -179,3 +179,26 @@ def test_ddp_two_processes_match_one_process(trained, cifar10, tmp_path):
     # measured 2026-11-24: 1.5e-4. Summation order differs between 1 and 2 processes; Adam turns that noise in
     # near-zero gradients into steps of up to ~lr (2e-4) on a few weights. Structures and MAC ratios are identical.
     assert worst < 1e-3, worst
+
+
+def test_cli_latency_target(trained, cifar10, tmp_path, capsys, monkeypatch):
+    """`--resource latency`: the report carries predicted and measured latency at the target batch (no timing is
+    asserted: the machine is shared), and the final latency stage does not time that batch again."""
+    monkeypatch.setenv('AMAP_CACHE', str(tmp_path / 'cache'))
+    out = tmp_path / 'run'
+    latency = ('--resource', 'latency', '--speedup', '1.2', '--latency-batch', '32', '--latency-calib-rounds', '2',
+               '--latency-rounds', '2')
+    assert main(_prune_args(trained, cifar10, out, *latency)) == 0
+    report = json.loads((out / 'report.json').read_text())
+    lat = report['latency_target']
+    assert lat['batch'] == 32 and lat['target_ratio'] == pytest.approx(1 / 1.2)
+    assert {'predicted_before_ms', 'predicted_after_ms', 'measured_before_ms', 'measured_after_ms', 'verdict'} <= \
+        set(lat)
+    assert lat['measured_after_ms'] > 0 and lat['predicted_after_ms'] < lat['predicted_before_ms']
+    assert 'b1_ms' in report['latency']['cpu']['pruned'] and 'b32_ms' not in report['latency']['cpu']['pruned']
+    assert 'of the measured latency' in (out / 'report.md').read_text()
+    assert list((tmp_path / 'cache' / 'latency').glob('*.json'))
+    # a second run on the same machine reads the calibration back
+    assert main(_prune_args(trained, cifar10, tmp_path / 'again', *latency)) == 0
+    again = json.loads((tmp_path / 'again' / 'report.json').read_text())['latency_target']
+    assert again['calibration']['cached']

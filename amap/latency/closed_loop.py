@@ -135,7 +135,8 @@ def close_loop(
     if not verdict.startswith('met') or noise > TOLERANCE:
         warnings.warn(f'latency target {goal:.3f} of the unpruned model at batch {batch}: measured '
                       f'{kept["measured_ratio"]:.3f}, {verdict}', stacklevel=2)
-    return {'batch': batch, 'threads': threads, 'backend': timer.name, 'target_ms': target, 'target_ratio': goal,
+    return {'batch': batch, 'threads': threads, 'backend': timer.name, 'device_type': timer.device.type,
+            'target_ms': target, 'target_ratio': goal,
             'speedup_target': 1 / goal, 'predicted_before_ms': lat.full, 'predicted_after_ms': kept['predicted_ms'],
             'predicted_ratio': kept['predicted_ratio'], 'measured_before_ms': kept['measured_before_ms'],
             'measured_after_ms': kept['measured_after_ms'], 'measured_ratio': kept['measured_ratio'],

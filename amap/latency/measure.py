@@ -6,6 +6,7 @@ round times each model once, and each model's figure is the median over rounds (
 """
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import random
@@ -183,7 +184,9 @@ class OnnxRuntimeBackend(Backend):
         import warnings
 
         import onnxruntime as ort
-        closed = _Closed(module.cpu().eval(), args, kwargs)
+        if any(t.device.type != 'cpu' for t in module.parameters()):
+            module = copy.deepcopy(module).cpu()  # ONNX Runtime runs on the CPU here; the caller's model stays put
+        closed = _Closed(module.eval(), args, kwargs)
         tensors = tuple(args[i].cpu() for i in closed.slots)
         buf = io.BytesIO()
         names = [f'x{i}' for i in range(len(tensors))]

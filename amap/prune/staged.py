@@ -285,7 +285,7 @@ class StagedPruning:
             if counts is not None:
                 apply_counts(pruner, counts, scores)
             else:
-                fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=True,
+                fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=cfg.fill,
                               multiple=final_multiple(pruner, cfg))
 
         if is_main_process():  # under DDP rank 0 measures and every rank takes its structure

@@ -272,3 +272,14 @@ def test_report_shows_predicted_and_measured_latency(monkeypatch):
     assert f"| measured latency, batch 1 (ms) | {lat['measured_before_ms']:.3f} | {lat['measured_after_ms']:.3f}" \
         in text
     assert 'of the MACs' not in text
+
+
+def test_onnxruntime_backend_runs_the_module_it_times():
+    from amap.latency.measure import make_backend
+
+    backend = make_backend('onnxruntime', 'cpu', 1)
+    module = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)).eval()
+    x = torch.randn(2, 5, 16)
+    out = backend.runner(module, (x,), {})()
+    assert torch.allclose(torch.from_numpy(out[0]), module(x), atol=1e-5)
+    assert backend.seconds(backend.runner(module, (x,), {})) > 0

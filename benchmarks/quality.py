@@ -525,11 +525,9 @@ def _pm(s: dict[str, Any], digits: int = 2) -> str:
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """One PNG per (base, target) beside ``out`` (``<stem>_<base>_t<target>.png``): mean top-1 over seeds against
     epochs of optimizer steps since the unpruned model, one line per method; returns ``[{base, target, png}]``."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from amap.utils.figures import pyplot, save_png
+    plt = pyplot()
 
-    from amap.utils.io import atomic_path
     plots = []
     for base, target in dict.fromkeys((r['base'], r['target']) for r in rows):
         rs = [r for r in rows if r['base'] == base and r['target'] == target and r.get('curve')]
@@ -544,12 +542,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
         ax.set_title(f'{base}, MAC target {target:g} (mean over seeds)')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out.parent / f'{out.stem}_{base}_t{target:g}.png'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format='png', dpi=100)
-        plt.close(fig)
+        path = save_png(fig, out.parent / f'{out.stem}_{base}_t{target:g}.png')
         plots.append({'base': base, 'target': target, 'png': path.name})
     return plots
 

@@ -111,6 +111,11 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     'amap_multiple8': {'channel_multiple': 8},
     'amap_init_low0.75': {'attn_init': True, 'attn_init_low': 0.75},
     'amap_init_low0.95': {'attn_init': True, 'attn_init_low': 0.95},
+    # the search's parts, one at a time: indicators learned on frozen weights (the cut then starts from the base's
+    # weights, so the structure alone is compared), one Adam second moment per channel group, the dual control
+    'amap_frozen_weights': {'lr': 0.0},
+    'amap_group_adam': {'indicator_opt': 'group_adam'},
+    'amap_dual': {'resource_control': 'dual'},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -124,7 +129,7 @@ TARGETLESS = {'unpruned'}  # one run per (base, seed), shown under every target
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned']
 CURVE_EPOCHS = (0.25, 1.0, 3.0)  # default curve points (epochs of optimizer steps), then the whole budget
 VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
-            'amap_init_low0.95']  # not in the default grid
+            'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

@@ -35,30 +35,19 @@ DEMO_EPOCHS = 25
 
 
 # ---------------------------------------------------------------------------------------------------------- arguments
-def _add_data_args(p: argparse.ArgumentParser, *, training: bool) -> None:
+def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('data')
     g.add_argument('--data', default='digits',
                    help="ImageNet-layout folder (train/<class>/*, val/<class>/* or test/) or 'digits' (embedded "
                         "default; default: %(default)s)")
-    g.add_argument('--img-size', type=positive_int, default=None,
-                   help='input side in pixels (default: 32 for training; the checkpoint\'s for eval)')
-    g.add_argument('--batch-size', '-b', type=positive_int, default=128 if training else None,
-                   help='batch size per process' + (' (default: %(default)s)' if training else ''))
+    g.add_argument('--img-size', type=positive_int, default=None, help="input side in pixels (default: the "
+                                                                         "checkpoint's)")
+    g.add_argument('--batch-size', '-b', type=positive_int, default=None, help='batch size per process')
     g.add_argument('--workers', '-j', type=int, default=2, help='data loader processes (default: %(default)s)')
     g.add_argument('--interpolation', default=None, help='resize interpolation (default: bicubic)')
-    if training:
-        g.add_argument('--eval-batch-size', type=positive_int, default=None, help='default: 2 x --batch-size')
-        g.add_argument('--augment', default='basic', choices=('none', 'basic', 'strong'),
-                       help='training augmentation (default: %(default)s)')
-        g.add_argument('--randaugment', default=None, metavar='SPEC', help="timm RandAugment, e.g. 'rand-m9-mstd0.5'")
-        g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (default: off)')
-        g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (default: off)')
-        g.add_argument('--train-subset', type=positive_int, default=None, help='train on a class-balanced subset')
-        g.add_argument('--val-subset', type=positive_int, default=None, help='evaluate on a class-balanced subset')
-    else:
-        g.add_argument('--split', default='val', choices=('val', 'test', 'train'),
-                       help="split to evaluate ('val' falls back to test/; default: %(default)s)")
-        g.add_argument('--subset', type=positive_int, default=None, help='evaluate on a class-balanced subset')
+    g.add_argument('--split', default='val', choices=('val', 'test', 'train'),
+                   help="split to evaluate ('val' falls back to test/; default: %(default)s)")
+    g.add_argument('--subset', type=positive_int, default=None, help='evaluate on a class-balanced subset')
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, threads: int | None = None, device: bool = True) -> None:
@@ -92,40 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_job(sub: Any, name: str, kind: type, options: dict[str, Any], func: Any, *, help: str,
+             description: str) -> None:
+    """A command whose every flag but --config, --threads and --quiet is a field of dataclass ``kind`` (or of the
+    dataclasses nested in it): name, type, choices, help and default come from there."""
+    from .utils.config import add_dataclass_arguments
+    p = sub.add_parser(name, help=help, description=f'{description} Every option can come from --config YAML; flags '
+                                                      f'given on the command line win.')
+    p.add_argument('--config', default=None, metavar='YAML', help=f'options as YAML (keys as in {kind.__name__})')
+    add_dataclass_arguments(p, kind, options=options)
+    _add_run_args(p, device=False)
+    p.set_defaults(func=func)
+
+
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser('train', help='train a model (timm registry, FLatten zoo included)',
-                       description='Train a model; writes OUT/model.safetensors + model.json, checkpoints and '
-                                   'log.jsonl. Under torchrun it trains with DDP.')
-    p.add_argument('--model', '-m', default=DEMO_MODEL, help='timm model name (default: %(default)s)')
-    p.add_argument('--model-kwargs', type=json_dict, default={}, metavar='JSON',
-                   help='extra model arguments as a JSON object, e.g. \'{"drop_path_rate": 0.1}\'')
-    _add_data_args(p, training=True)
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=positive_int, default=10, help='default: %(default)s')
-    g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (default: %(default)s)')
-    g.add_argument('--weight-decay', '--wd', type=float, default=0.05, help='default: %(default)s')
-    g.add_argument('--warmup-epochs', type=float, default=1.0, help='default: %(default)s')
-    g.add_argument('--warmup-lr', type=float, default=1e-6, help='default: %(default)s')
-    g.add_argument('--min-lr', type=float, default=1e-5, help='default: %(default)s')
-    g.add_argument('--opt', default='adamw', help='timm optimizer name (default: %(default)s)')
-    g.add_argument('--sched', default='cosine', help='timm scheduler name, stepped per update (default: %(default)s)')
-    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm (default: off)')
-    g.add_argument('--label-smoothing', '--smoothing', type=float, default=0.0, help='default: %(default)s')
-    g.add_argument('--accum-steps', type=positive_int, default=1, help='batches per optimizer update')
-    g.add_argument('--seed', type=int, default=0, help='default: %(default)s')
-    g.add_argument('--max-steps', type=positive_int, default=None, help='stop after this many updates')
-    g = p.add_argument_group('output')
-    g.add_argument('--out', '-o', default='runs/train', help='output folder (default: %(default)s)')
-    g.add_argument('--resume', nargs='?', const=True, default=False, metavar='DIR',
-                   help='continue the run in --out (or in DIR) from its latest checkpoint')
-    g.add_argument('--overwrite', action='store_true', help='start afresh in an --out that holds a run')
-    g.add_argument('--checkpoint-every', type=int, default=0, metavar='STEPS',
-                   help='also checkpoint every STEPS updates (default: at the end of each epoch only)')
-    g.add_argument('--eval-every', type=int, default=1, metavar='EPOCHS', help='default: %(default)s')
-    g.add_argument('--log-every', type=int, default=20, metavar='STEPS', help='default: %(default)s')
-    g.add_argument('--no-progress', action='store_true', help='no progress bar')
-    _add_run_args(p)
-    p.set_defaults(func=_cmd_train)
+    from .train.config import CLI_OPTIONS, TrainConfig
+    _add_job(sub, 'train', TrainConfig, CLI_OPTIONS, _cmd_train,
+             help='train a model (timm registry, FLatten zoo included)',
+             description='Train a model; writes OUT/model.safetensors + model.json, checkpoints and log.jsonl. Under '
+                         'torchrun it trains with DDP.')
 
 
 def _add_eval(sub: Any) -> None:
@@ -136,7 +110,7 @@ def _add_eval(sub: Any) -> None:
     p.add_argument('--checkpoint', '-c', default=None, metavar='FILE', help='checkpoint file or amap run folder')
     p.add_argument('--model', '-m', default=None, help='timm model name (needed for foreign checkpoints)')
     p.add_argument('--model-kwargs', type=json_dict, default={}, metavar='JSON', help='extra model arguments')
-    _add_data_args(p, training=False)
+    _add_eval_data_args(p)
     p.add_argument('--json', action='store_true', help='print the metrics as JSON')
     _add_run_args(p)
     p.set_defaults(func=_cmd_eval)
@@ -155,20 +129,13 @@ def _add_macs(sub: Any) -> None:
 
 
 def _add_prune(sub: Any) -> None:
-    """Every flag but --config, --threads and --quiet is a field of PipelineConfig (or of the PruneConfig and
-    SearchSettings nested in it): name, type, choices, help and default come from there."""
     from .pipeline_config import CLI_OPTIONS, PipelineConfig
-    from .utils.config import add_dataclass_arguments
-    p = sub.add_parser('prune', help='prune a trained model to a MAC target (search, surgery, fine-tune, report)',
-                       description='Prune a trained model: calibrate, search the indicators under the MAC target, cut '
-                                   'a physically smaller model, fine-tune it with distillation from the original, '
-                                   'evaluate both and write OUT/model (config.json + model.safetensors), '
-                                   'report.json/report.md and plots. Every option can come from --config YAML; flags '
-                                   'given on the command line win. Under torchrun it runs with DDP.')
-    p.add_argument('--config', default=None, metavar='YAML', help='options as YAML (keys as in PipelineConfig)')
-    add_dataclass_arguments(p, PipelineConfig, options=CLI_OPTIONS)
-    _add_run_args(p, device=False)
-    p.set_defaults(func=_cmd_prune)
+    _add_job(sub, 'prune', PipelineConfig, CLI_OPTIONS, _cmd_prune,
+             help='prune a trained model to a MAC target (search, surgery, fine-tune, report)',
+             description='Prune a trained model: calibrate, search the indicators under the MAC target, cut a '
+                         'physically smaller model, fine-tune it with distillation from the original, evaluate both '
+                         'and write OUT/model (config.json + model.safetensors), report.json/report.md and plots. '
+                         'Under torchrun it runs with DDP.')
 
 
 def _add_report(sub: Any) -> None:
@@ -217,21 +184,9 @@ def _print(text: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import DataConfig
     from .train import TrainConfig, train
-    data = DataConfig(
-        data=args.data, img_size=args.img_size or 32, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, num_workers=args.workers, augment=args.augment,
-        randaugment=args.randaugment, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.label_smoothing,
-        train_subset=args.train_subset, val_subset=args.val_subset, interpolation=args.interpolation or 'bicubic')
-    cfg = TrainConfig(
-        model=args.model, model_kwargs=args.model_kwargs, data=data, epochs=args.epochs, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr, opt=args.opt, sched=args.sched, clip_grad=args.clip_grad,
-        label_smoothing=args.label_smoothing, amp=args.amp, seed=args.seed, out_dir=args.out, resume=args.resume,
-        overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-        device=args.device, log_every=args.log_every, max_steps=args.max_steps, accum_steps=args.accum_steps,
-        progress=not args.no_progress)
+    from .utils.config import given_options
+    cfg = TrainConfig.load(args.config, **given_options(args, TrainConfig))
     result = train(cfg)
     m = result.metrics
     _print(f'{cfg.model}: top-1 {m["top1"]:.2f}%  top-5 {m["top5"]:.2f}%  loss {m["loss"]:.4f}  '

@@ -11,13 +11,12 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .data import DataConfig
 from .errors import ConfigError
 from .prune.config import PruneConfig, SearchSettings, nest_search_options
-from .utils.config import check_keys, check_value, deep_merge, from_mapping
+from .utils.config import check_contained_out, check_keys, check_value, deep_merge, from_mapping, read_yaml
 from .utils.io import to_jsonable
 
 __all__ = ['PipelineConfig', 'CLI_OPTIONS', 'load_config']
@@ -102,30 +101,13 @@ class PipelineConfig:
         return to_jsonable(dataclasses.asdict(self))
 
 
-# the data options `amap prune` takes on the command line, and the flags that differ from the field names
+# the data options `amap prune` takes on the command line (their flags are in DataConfig's field metadata)
 CLI_OPTIONS: dict[str, dict[str, Any]] = {
     'data': {'only': ('data', 'img_size', 'batch_size', 'num_workers', 'train_subset', 'val_subset')},
-    'data.img_size': {'min': 1},
-    'data.batch_size': {'flags': ('--batch-size', '-b'), 'min': 1},
-    'data.num_workers': {'flags': ('--workers', '-j'), 'min': 0},
-    'data.train_subset': {'min': 1},
-    'data.val_subset': {'min': 1},
 }
 
 # options that configs written before ``prune`` held them kept at the top level (read into ``prune``)
 _TOP_LEVEL_PRUNE_KEYS = ('target', 'kd_alpha')
-
-
-def _check_contained_out(out: Any, where: str) -> None:
-    """A config file may only name an output folder below the current one: a file from someone else must not make
-    AMAP write (or, with ``overwrite``, delete its own stage folders) anywhere else. ``--out`` on the command line,
-    typed by the user, may point anywhere."""
-    if not isinstance(out, str) or not out.strip():
-        raise ConfigError(f'{where}: out must be a folder name, got {out!r}')
-    p = Path(out)
-    if p.is_absolute() or p.expanduser() != p or '..' in p.parts:
-        raise ConfigError(f'{where}: out {out!r} leaves the current folder; a config file may only name a folder '
-                          f'below it (give --out on the command line to write elsewhere)')
 
 
 def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike | None = None,
@@ -141,7 +123,7 @@ def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike |
     """
     doc, where = _read_source(source)
     if isinstance(source, (str, os.PathLike)) and 'out' in doc and overrides.get('out') is None:
-        _check_contained_out(doc['out'], where)
+        check_contained_out(doc['out'], where, key='out')
     overrides = {k: v for k, v in overrides.items() if v is not None}
     doc = deep_merge(_current_layout(doc, where), _current_layout(overrides, 'config'))
     check_keys(PipelineConfig, doc, where, aliases=_TOP_LEVEL_PRUNE_KEYS)
@@ -169,17 +151,7 @@ def _read_source(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike 
         return dataclasses.asdict(source), 'config'
     if source is None or isinstance(source, Mapping):
         return dict(source or {}), 'config'
-    import yaml
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f'config file {path} not found')
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]}); only plain YAML is accepted') from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f'{path}: expected a mapping of options at the top level')
-    return doc, str(path)
+    return read_yaml(source), str(source)
 
 
 def _current_layout(doc: Mapping[str, Any], where: str) -> dict[str, Any]:

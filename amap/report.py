@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .prune.plot import plot_structure
-from .utils.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json
+from .utils.figures import pyplot, save_png
+from .utils.io import atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ['write_report', 'render_report', 'format_report', 'format_latency_target', 'plot_search', 'REPORT_JSON',
            'REPORT_MD']
@@ -89,9 +90,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_search(history: list[dict], path: str | os.PathLike) -> Path:
     """MAC ratio (or the ratio of the resource the target is in, e.g. latency) and losses per search step (PNG)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [h['step'] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -108,12 +107,7 @@ def plot_search(history: list[dict], path: str | os.PathLike) -> Path:
     ax2.set_xlabel('search step')
     ax2.set_ylabel('loss')
     ax2.legend()
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> Path:

@@ -119,18 +119,15 @@ def _sha256(path: Path) -> str:
 
 
 def _plot(points: list[dict[str, float]], name: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from amap.utils.figures import pyplot, save_png
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([p['epoch'] for p in points], [p['top1'] for p in points], marker='.')
     ax.set_xlabel('epoch')
     ax.set_ylabel('CIFAR-10 test top-1 (%)')
     ax.set_title(name)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -111,6 +111,11 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     'amap_multiple8': {'channel_multiple': 8},
     'amap_init_low0.75': {'attn_init': True, 'attn_init_low': 0.75},
     'amap_init_low0.95': {'attn_init': True, 'attn_init_low': 0.95},
+    # the search's parts, one at a time: indicators learned on frozen weights (the cut then starts from the base's
+    # weights, so the structure alone is compared), one Adam second moment per channel group, the dual control
+    'amap_frozen_weights': {'lr': 0.0},
+    'amap_group_adam': {'indicator_opt': 'group_adam'},
+    'amap_dual': {'resource_control': 'dual'},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -124,7 +129,7 @@ TARGETLESS = {'unpruned'}  # one run per (base, seed), shown under every target
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned']
 CURVE_EPOCHS = (0.25, 1.0, 3.0)  # default curve points (epochs of optimizer steps), then the whole budget
 VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
-            'amap_init_low0.95']  # not in the default grid
+            'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
@@ -525,11 +530,9 @@ def _pm(s: dict[str, Any], digits: int = 2) -> str:
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """One PNG per (base, target) beside ``out`` (``<stem>_<base>_t<target>.png``): mean top-1 over seeds against
     epochs of optimizer steps since the unpruned model, one line per method; returns ``[{base, target, png}]``."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from amap.utils.figures import pyplot, save_png
+    plt = pyplot()
 
-    from amap.utils.io import atomic_path
     plots = []
     for base, target in dict.fromkeys((r['base'], r['target']) for r in rows):
         rs = [r for r in rows if r['base'] == base and r['target'] == target and r.get('curve')]
@@ -544,12 +547,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
         ax.set_title(f'{base}, MAC target {target:g} (mean over seeds)')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out.parent / f'{out.stem}_{base}_t{target:g}.png'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format='png', dpi=100)
-        plt.close(fig)
+        path = save_png(fig, out.parent / f'{out.stem}_{base}_t{target:g}.png')
         plots.append({'base': base, 'target': target, 'png': path.name})
     return plots
 

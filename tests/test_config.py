@@ -135,3 +135,71 @@ def test_add_dataclass_arguments_reads_types_choices_and_help():
     for bad in (['--who', 'z'], ['--count', '1'], ['--rate', 'fast']):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices['train']
+
+
+def _train_job(*argv: str):
+    from amap.train import TrainConfig
+    args = _train_parser().parse_args(list(argv))
+    return TrainConfig.load(args.config, **given_options(args, TrainConfig))
+
+
+def test_train_flags_come_from_the_dataclass_fields():
+    from amap.data import DataConfig
+    from amap.train import TrainConfig
+    actions = {a.dest: a for a in _train_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == 'data':
+            continue
+        assert field_docs(TrainConfig)[f.name].replace('%', '%%') in actions[f.name].help
+    assert actions['data.num_workers'].option_strings == ['--workers', '-j']
+    assert tuple(actions['data.augment'].choices) == ('none', 'basic', 'strong')
+    assert 'data.mean' not in actions and 'data.label_smoothing' not in actions
+    assert _train_job() == TrainConfig() and _train_job().data == DataConfig()
+
+
+def test_train_flags_of_earlier_versions_give_the_same_job(tmp_path):
+    from amap.data import DataConfig
+    from amap.train import TrainConfig
+    cfg = _train_job('-m', 'flatten_deit_micro', '--model-kwargs', '{"embed_dim": 96}', '--data', 'DIR', '--img-size',
+                     '40', '-b', '16', '-j', '0', '--eval-batch-size', '8', '--augment', 'strong', '--randaugment',
+                     'rand-m7', '--mixup', '0.2', '--cutmix', '0.1', '--train-subset', '50', '--val-subset', '20',
+                     '--interpolation', 'bilinear', '--epochs', '3', '--lr', '2e-3', '--wd', '0.1', '--warmup-epochs',
+                     '0.5', '--warmup-lr', '1e-5', '--min-lr', '1e-4', '--opt', 'sgd', '--sched', 'step', '--clip-grad',
+                     '1', '--smoothing', '0.1', '--accum-steps', '2', '--seed', '3', '--max-steps', '7', '-o', 'X',
+                     '--resume', '--overwrite', '--checkpoint-every', '5', '--eval-every', '2', '--log-every', '3',
+                     '--no-progress', '--device', 'cpu', '--amp', 'on')
+    data = DataConfig(data='DIR', img_size=40, batch_size=16, num_workers=0, eval_batch_size=8, augment='strong',
+                      randaugment='rand-m7', mixup=0.2, cutmix=0.1, train_subset=50, val_subset=20,
+                      interpolation='bilinear')
+    assert cfg == TrainConfig(model='flatten_deit_micro', model_kwargs={'embed_dim': 96}, data=data, epochs=3, lr=2e-3,
+                              weight_decay=0.1, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-4, opt='sgd',
+                              sched='step', clip_grad=1.0, label_smoothing=0.1, accum_steps=2, seed=3, max_steps=7,
+                              out_dir='X', resume=True, overwrite=True, checkpoint_every=5, eval_every=2, log_every=3,
+                              progress=False, device='cpu', amp='on')
+    assert _train_job('--resume', 'RUN').resume == 'RUN'
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(['--epochs', '0'])
+    # a run started by an earlier version (smoothing given in both places) resumes under the same flags
+    saved = TrainConfig(data=DataConfig(label_smoothing=0.1), label_smoothing=0.1).to_dict()
+    _train_job('--smoothing', '0.1').check_resume(saved, tmp_path / 'run' / 'checkpoints' / 'step_1')
+    with pytest.raises(ConfigError, match='label_smoothing=0.1, not 0.2'):
+        _train_job('--smoothing', '0.2').check_resume(saved, tmp_path / 'run' / 'checkpoints' / 'step_1')
+
+
+def test_train_config_file_with_flags_winning(tmp_path):
+    path = tmp_path / 'train.yaml'
+    path.write_text('model: flatten_deit_micro\nepochs: 4\ndata:\n  batch_size: 32\n  augment: none\n')
+    cfg = _train_job('--config', str(path), '--epochs', '6', '-b', '8')
+    assert (cfg.model, cfg.epochs, cfg.data.batch_size, cfg.data.augment) == ('flatten_deit_micro', 6, 8, 'none')
+    path.write_text('out_dir: /tmp/elsewhere\n')
+    with pytest.raises(ConfigError, match='leaves the current folder'):
+        _train_job('--config', str(path))
+    assert _train_job('--config', str(path), '--out', '/tmp/elsewhere').out_dir == '/tmp/elsewhere'
+    path.write_text('epochz: 4\n')
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        _train_job('--config', str(path))

@@ -1,7 +1,7 @@
 """The data configuration (:class:`DataConfig`), its names and choices, and its validation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
@@ -41,18 +41,18 @@ class DataConfig:
         re_prob: Random-erasing probability of ``'strong'``.
     """
     data: str = DIGITS
-    img_size: int = 32
-    batch_size: int = 128
-    eval_batch_size: int | None = None
-    num_workers: int = 2
-    augment: str = 'basic'
-    randaugment: str | None = None
+    img_size: int = field(default=32, metadata={'min': 1})
+    batch_size: int = field(default=128, metadata={'flags': ('--batch-size', '-b'), 'min': 1})
+    eval_batch_size: int | None = field(default=None, metadata={'min': 1})
+    num_workers: int = field(default=2, metadata={'flags': ('--workers', '-j'), 'min': 0})
+    augment: str = field(default='basic', metadata={'choices': AUGMENTS})
+    randaugment: str | None = field(default=None, metadata={'metavar': 'SPEC'})
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
-    train_subset: int | None = None
-    val_subset: int | None = None
-    interpolation: str = 'bicubic'
+    train_subset: int | None = field(default=None, metadata={'min': 1})
+    val_subset: int | None = field(default=None, metadata={'min': 1})
+    interpolation: str = field(default='bicubic', metadata={'choices': _INTERPOLATIONS})
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     re_prob: float = 0.25

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_path
+from ..utils.figures import pyplot, save_png
 
 __all__ = ['plot_structure', 'structure_table']
 
@@ -33,9 +33,7 @@ def plot_structure(result: Any, path: str | os.PathLike, *, title: str | None = 
         path: PNG path (written atomically).
         title: Figure title.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     structure = result if isinstance(result, list) else result.structure
     rows = structure_table(structure)
@@ -55,9 +53,4 @@ def plot_structure(result: Any, path: str | os.PathLike, *, title: str | None = 
         title = f'kept channels per block: {result.ratio:.3f} of the MACs'
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,18 @@ from typing import Any
 
 from ..data import DataConfig
 from ..errors import ConfigError
-from ..utils.config import from_mapping
+from ..utils.config import check_contained_out, deep_merge, from_mapping, read_yaml
 from ..utils.io import to_jsonable
 from ..utils.runfolder import check_resume
 
-__all__ = ['TrainConfig']
+__all__ = ['TrainConfig', 'CLI_OPTIONS']
+
+CLI_OPTIONS: dict[str, dict[str, Any]] = {
+    'data': {'only': ('data', 'img_size', 'batch_size', 'eval_batch_size', 'num_workers', 'augment', 'randaugment',
+                      'mixup', 'cutmix', 'train_subset', 'val_subset', 'interpolation', 're_prob')},
+}
+"""The data options ``amap train`` takes on the command line (``label_smoothing`` is the job's own field; ``mean``
+and ``std`` come from the model)."""
 
 _RESUME_FREE = frozenset({
     'out_dir', 'resume', 'overwrite', 'max_steps', 'progress', 'log_every', 'device', 'eval_every', 'checkpoint_every',
@@ -46,8 +54,8 @@ class TrainConfig:
             autocast, about 1.6x faster training on CPUs with AVX-512 BF16) or ``'off'``.
         seed: Seed of model initialisation, data order, augmentation and dropout.
         out_dir: Output folder (model, checkpoints, log).
-        resume: ``True`` to continue the run in ``out_dir`` from its latest checkpoint (an error if there is none),
-            or the path of a run folder / checkpoint folder to continue from.
+        resume: Continue the run in ``out_dir`` from its latest checkpoint (``True``; an error if there is none), or
+            from the run folder / checkpoint folder given.
         overwrite: Start afresh in an ``out_dir`` that holds a previous run (its checkpoints and log are deleted).
         checkpoint_every: Also checkpoint every this many updates (0: only at the end of each epoch).
         eval_every: Evaluate every this many epochs (the last epoch is always evaluated; 0: only the last).
@@ -58,32 +66,32 @@ class TrainConfig:
         progress: Show a progress bar (rank 0, interactive terminals only).
         keep_checkpoints: Number of checkpoint folders to keep.
     """
-    model: str = 'flatten_deit_nano'
+    model: str = field(default='flatten_deit_nano', metadata={'flags': ('--model', '-m')})
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
-    epochs: int = 10
+    epochs: int = field(default=10, metadata={'min': 1})
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    weight_decay: float = field(default=0.05, metadata={'flags': ('--weight-decay', '--wd')})
     warmup_epochs: float = 1.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     opt: str = 'adamw'
     sched: str = 'cosine'
     clip_grad: float | None = None
-    label_smoothing: float | None = None
-    amp: str = 'auto'
+    label_smoothing: float | None = field(default=None, metadata={'flags': ('--label-smoothing', '--smoothing')})
+    amp: str = field(default='auto', metadata={'choices': ('auto', 'on', 'off')})
     seed: int = 0
-    out_dir: str = 'runs/train'
-    resume: bool | str = False
+    out_dir: str = field(default='runs/train', metadata={'flags': ('--out', '-o'), 'metavar': 'DIR'})
+    resume: bool | str = field(default=False, metadata={'nargs': '?', 'const': True, 'metavar': 'DIR'})
     overwrite: bool = False
-    checkpoint_every: int = 0
-    eval_every: int = 1
+    checkpoint_every: int = field(default=0, metadata={'min': 0, 'metavar': 'STEPS'})
+    eval_every: int = field(default=1, metadata={'min': 0, 'metavar': 'EPOCHS'})
     device: str = 'auto'
-    log_every: int = 20
-    max_steps: int | None = None
-    accum_steps: int = 1
+    log_every: int = field(default=20, metadata={'min': 0, 'metavar': 'STEPS'})
+    max_steps: int | None = field(default=None, metadata={'min': 1})
+    accum_steps: int = field(default=1, metadata={'min': 1})
     progress: bool = True
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={'min': 1})
 
     def __post_init__(self) -> None:
         if isinstance(self.data, Mapping):
@@ -142,4 +150,30 @@ class TrainConfig:
         Raises:
             ConfigError: every setting that differs, with both values, in one line.
         """
-        check_resume(saved, self.to_dict(), free=_RESUME_FREE, where=str(folder.parent.parent))
+        check_resume(_effective_smoothing(saved), _effective_smoothing(self.to_dict()), free=_RESUME_FREE,
+                     where=str(folder.parent.parent))
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
+        """A :class:`TrainConfig` from a YAML file (``None``: the defaults) with keyword overrides (``data`` may be a
+        mapping that overrides the file's data options one by one); ``None`` values do not override.
+
+        A YAML file's ``out_dir`` must stay below the current folder unless ``out_dir`` is overridden (``--out``).
+
+        Raises:
+            ConfigError: a missing or invalid file, an unknown key (with the closest name) or a wrong type.
+        """
+        doc, where = ({}, 'train config') if source is None else (read_yaml(source), str(source))
+        if source is not None and 'out_dir' in doc and overrides.get('out_dir') is None:
+            check_contained_out(doc['out_dir'], where)
+        doc = deep_merge(doc, {k: v for k, v in overrides.items() if v is not None})
+        return from_mapping(cls, doc, where=where)
+
+
+def _effective_smoothing(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """``doc`` with the label smoothing in effect in both of its places (``label_smoothing`` overrides the data's):
+    runs that said the same thing in either place compare equal."""
+    data = dict(doc.get('data') or {})
+    value = doc.get('label_smoothing')
+    value = data.get('label_smoothing', 0.0) if value is None else value
+    return {**doc, 'label_smoothing': value, 'data': {**data, 'label_smoothing': value}}

@@ -15,16 +15,19 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 
 __all__ = ['check_keys', 'check_values', 'check_value', 'from_mapping', 'deep_merge', 'field_docs', 'json_dict',
-           'int_at_least', 'positive_int', 'comma_list', 'add_dataclass_arguments', 'given_options']
+           'int_at_least', 'positive_int', 'comma_list', 'add_dataclass_arguments', 'given_options', 'read_yaml',
+           'check_contained_out']
 
 
 def check_keys(kind: type, doc: Mapping[str, Any], where: str, *, aliases: Iterable[str] = ()) -> None:
@@ -217,7 +220,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, kind: type, *
 
     Flag name ``--field-name``, type, choices and help (first sentence of the docstring entry, plus the default)
     come from the field; its metadata, updated by ``options[dest path]``, may set ``flags`` (option strings),
-    ``choices``, ``min`` (integers), ``metavar``, ``cli=False`` (no flag) and, for a nested dataclass, ``only``
+    ``choices``, ``min`` (integers), ``metavar``, ``nargs`` and ``const`` (an optional value), ``cli=False`` (no
+    flag) and, for a nested dataclass, ``only``
     (the names of its fields that get flags). Flags have no default: :func:`given_options` returns what was typed.
     """
     docs, hints = field_docs(kind), typing.get_type_hints(kind)
@@ -239,7 +243,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, kind: type, *
             text += f' (default: {shown})'
         kwargs = {'dest': path, 'default': argparse.SUPPRESS, 'help': text, 'metavar': f.name.upper(),
                   **_arg_type(hints[f.name], spec)}
-        kwargs.update({k: spec[k] for k in ('choices', 'metavar') if k in spec})
+        kwargs.update({k: spec[k] for k in ('choices', 'metavar', 'nargs', 'const') if k in spec})
         if 'action' in kwargs or 'choices' in kwargs:
             kwargs.pop('metavar')
         parser.add_argument(*spec.get('flags', ('--' + f.name.replace('_', '-'),)), **kwargs)
@@ -258,3 +262,38 @@ def given_options(args: argparse.Namespace, kind: type, dest: str = '') -> dict[
         elif hasattr(args, path):
             out[f.name] = getattr(args, path)
     return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in YAML file ``path``, parsed with ``yaml.safe_load`` (no object tags).
+
+    Raises:
+        ConfigError: the file is missing, not valid YAML, or not a mapping at the top level.
+    """
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'config file {path} not found')
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]}); only plain YAML is accepted') from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f'{path}: expected a mapping of options at the top level')
+    return doc
+
+
+def check_contained_out(out: Any, where: str, *, key: str = 'out_dir') -> None:
+    """A config file may only name an output folder below the current one: a file from someone else must not make
+    AMAP write (or, with ``overwrite``, delete its own stage folders) anywhere else. ``--out`` on the command line,
+    typed by the user, may point anywhere.
+
+    Raises:
+        ConfigError: ``out`` (the value of ``key`` in the file ``where``) is absolute, starts with ``~`` or has ``..``.
+    """
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f'{where}: {key} must be a folder name, got {out!r}')
+    p = Path(out)
+    if p.is_absolute() or p.expanduser() != p or '..' in p.parts:
+        raise ConfigError(f'{where}: {key} {out!r} leaves the current folder; a config file may only name a folder '
+                          f'below it (give --out on the command line to write elsewhere)')

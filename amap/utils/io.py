@@ -107,6 +107,21 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _completing(path: Path, tmp: Path) -> Iterator[None]:
+    """Guard the block that fills ``tmp`` and renames it to ``path``: an error becomes an :class:`OutputError` naming
+    ``path`` (where it is one the user can fix), and ``tmp`` is removed whatever happens."""
+    try:
+        yield
+    except (OSError, OutputError) as e:
+        converted = _as_output_error(e, path, tmp)
+        if converted is e:
+            raise
+        raise converted from None
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it replaces ``path`` atomically, on error it is removed.
 
@@ -125,7 +140,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     except OSError as e:
         raise output_error(path, e) from None
     tmp = Path(name)
-    try:
+    with _completing(path, tmp):
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         if fsync:
@@ -134,13 +149,6 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)
-    except (OSError, OutputError) as e:
-        converted = _as_output_error(e, path, tmp)
-        if converted is e:
-            raise
-        raise converted from None
-    finally:
-        _remove(tmp)
 
 
 _AT_FDCWD = -100
@@ -200,7 +208,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
     except OSError as e:
         raise output_error(path, e) from None
-    try:
+    with _completing(path, tmp):
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         for root, _, files in os.walk(tmp):
@@ -218,13 +226,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except (OSError, OutputError) as e:
-        converted = _as_output_error(e, path, tmp)
-        if converted is e:
-            raise
-        raise converted from None
-    finally:
-        _remove(tmp)
 
 
 def _restore_old(path: Path) -> bool:

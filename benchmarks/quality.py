@@ -124,12 +124,18 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     'torch_pruning_magnitude': None,
     'torch_pruning_taylor': None,
     'unpruned': None,  # the reference: the base itself fine-tuned with the same budget, recipe and teacher
+    # AMAP's structure alone: the kept channels of the `amap` run of the same base, target and seed, cut from the
+    # base's own weights (no search-trained weights, no reweights) and fine-tuned for the whole budget like every
+    # baseline; against `uniform` it says whether the learned structure is better, whatever the search's training
+    # (reused like every run: after re-running `amap`, remove the amap_structure folders)
+    'amap_structure': None,
 }
 TARGETLESS = {'unpruned'}  # one run per (base, seed), shown under every target
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned']
 CURVE_EPOCHS = (0.25, 1.0, 3.0)  # default curve points (epochs of optimizer steps), then the whole budget
 VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
-            'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual']  # not in the default grid
+            'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual',
+            'amap_structure']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
@@ -343,6 +349,10 @@ def run_direct(base: Path, out: Path, target: float, method: str, seed: int, dat
         macs_before = count_macs(original, size).total
         macs = {'before': macs_before, 'target': macs_before, 'target_ratio': 1.0}
         params_before, top1_surgery = count_params(original), top1_before
+    elif method == 'amap_structure':
+        model, macs, params_before = _cut_to_structure(original, _amap_structure(out, seed), size)
+        model = model.to(dev)
+        top1_surgery = evaluate(model, bundle.val_loader, device=dev)['top1']
     else:
         importance = method.removeprefix('torch_pruning_')
         t0 = time.perf_counter()
@@ -373,6 +383,36 @@ def run_direct(base: Path, out: Path, target: float, method: str, seed: int, dat
         'top1': {'before': top1_before, 'after_surgery': top1_surgery, 'after_finetune': curve[-1]['top1']},
         'seconds': seconds, 'finetune_history': ft_history, 'curve': curve, **extra, 'config': cfg.to_dict(),
     }
+
+
+def _amap_structure(out: Path, seed: int) -> list[dict]:
+    """The structure records of the finished ``amap`` run beside ``out`` (same base, target and seed)."""
+    report = out.parent.parent / 'amap' / f'seed{seed}' / 'report.json'
+    if not report.is_file():
+        raise SystemExit(f'amap_structure needs the finished amap run of seed {seed} ({report}); run amap first')
+    return read_json(report)['structure']
+
+
+def _cut_to_structure(original: torch.nn.Module, structure: list[dict], size: tuple[int, int, int]):
+    """A copy of ``original`` cut to ``structure`` (kept indices per module and kind) from its own weights; returns
+    the cut model, the MAC record and the parameter count before."""
+    from amap.macs import count_macs, count_params
+    from amap.prune import PruneConfig
+    from amap.prune.staged import install
+    from amap.prune.surgery import apply_surgery
+
+    model = copy.deepcopy(original)
+    pruner = install(model, size, PruneConfig(criterion='uniform'))  # indicators without reweights
+    kept = {(r['module'], kind): idx for r in structure for kind, idx in r['indices'].items()}
+    for key, ind in pruner.indicators.items():
+        idx = kept.get((pruner.adapter_of(key).name, ind.group.kind))
+        mask = torch.ones_like(ind.m) if idx is None else torch.zeros_like(ind.m).scatter_(
+            1, torch.tensor(idx, device=ind.m.device), 1.0)
+        ind.fixed = mask
+    before = count_macs(original, size).total
+    ratio = float(pruner.macs()) / pruner.full_macs
+    return apply_surgery(pruner), {'before': before, 'target': before * ratio, 'target_ratio': ratio}, \
+        count_params(original)
 
 
 def _settings(base: Path, target: float, method: str, seed: int, data: dict[str, Any],

@@ -270,8 +270,8 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
 
     # fine-tune
     t0 = time.perf_counter()
-    model, ft_history, top1_final = _finetune(cfg, info, data, model, teacher) if cfg.finetune_epochs > 0 else \
-        (model, [], top1_surgery)
+    tuned = cfg.finetune_steps is not None or cfg.finetune_epochs > 0
+    model, ft_history, top1_final = _finetune(cfg, info, data, model, teacher) if tuned else (model, [], top1_surgery)
     seconds['finetune'] = time.perf_counter() - t0
     model.eval()
 
@@ -435,15 +435,19 @@ def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
               teacher: nn.Module | None) -> tuple[nn.Module, list[dict], float]:
     """Fine-tune ``model`` with the trainer's epoch loop (distilling from ``teacher``), checkpointing in
     ``out/finetune``; returns the model, the per-epoch evaluations and the final top-1."""
-    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, min_lr=cfg.finetune_min_lr,
-                       warmup_epochs=cfg.finetune_warmup_epochs, weight_decay=cfg.weight_decay,
-                       clip_grad=cfg.clip_grad, seed=cfg.seed, amp=cfg.amp)
-    state = build_train_state(model, tcfg, updates_per_epoch=max(1, data.steps_per_epoch // cfg.accum_steps),
-                              info=info)
-    loop = EpochLoop(state, data, epochs=cfg.finetune_epochs, ckpt_dir=Path(cfg.out) / FINETUNE, info=info,
+    per_epoch = max(1, data.steps_per_epoch // cfg.accum_steps)
+    steps, epochs, warmup = cfg.finetune_steps, cfg.finetune_epochs, cfg.finetune_warmup_epochs
+    schedule = (epochs, per_epoch, warmup)  # (epochs, updates per epoch, warm-up epochs) of the cosine schedule
+    if steps is not None:  # a schedule of exactly `steps` updates: one "epoch" of that many, in timm's terms
+        epochs, schedule = math.ceil(steps / per_epoch), (1, steps, warmup * per_epoch / steps)
+    tcfg = TrainConfig(epochs=schedule[0], lr=cfg.finetune_lr, min_lr=cfg.finetune_min_lr, warmup_epochs=schedule[2],
+                       weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad, seed=cfg.seed, amp=cfg.amp)
+    state = build_train_state(model, tcfg, updates_per_epoch=schedule[1], info=info)
+    stop = min((n for n in (steps, cfg.max_finetune_steps) if n is not None), default=None)
+    loop = EpochLoop(state, data, epochs=epochs, ckpt_dir=Path(cfg.out) / FINETUNE, info=info,
                      compute_loss=_kd_loss_fn(teacher, cfg.kd_alpha if teacher is not None else 0.0),
                      amp=amp_enabled(cfg.amp, info.device), clip_grad=cfg.clip_grad, accum_steps=cfg.accum_steps,
-                     seed=cfg.seed, max_steps=cfg.max_finetune_steps, checkpoint_every=cfg.checkpoint_every,
+                     seed=cfg.seed, max_steps=stop, checkpoint_every=cfg.checkpoint_every,
                      progress=cfg.progress and info.is_main, desc='fine-tune', step_name='fine-tune step')
     latest = latest_train_state(loop.ckpt_dir) if cfg.resume else None
     if latest is not None:

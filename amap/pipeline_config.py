@@ -38,6 +38,9 @@ class PipelineConfig:
         search_epochs: Length of the search in epochs of the training data.
         search_steps: Length of the search in steps (overrides search_epochs).
         finetune_epochs: Fine-tuning epochs after surgery (0: none).
+        finetune_steps: Length of the fine-tune in optimizer updates instead (overrides finetune_epochs; the schedule
+            spans exactly these updates, the last epoch is cut short), e.g. to give a shorter search's remaining
+            steps to the fine-tune.
         finetune_lr: Peak fine-tuning learning rate.
         finetune_min_lr: Final fine-tuning learning rate (cosine).
         finetune_warmup_epochs: Fine-tuning warm-up epochs.
@@ -69,6 +72,7 @@ class PipelineConfig:
     search_epochs: float = 1.0
     search_steps: int | None = field(default=None, metadata={'min': 1})
     finetune_epochs: int = 5
+    finetune_steps: int | None = field(default=None, metadata={'min': 1})
     finetune_lr: float = 2e-4
     finetune_min_lr: float = 1e-6
     finetune_warmup_epochs: float = 0.0

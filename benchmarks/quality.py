@@ -238,6 +238,12 @@ def train_quick_base(work: Path, data: dict[str, Any], epochs: int, threads: int
 
 
 # -------------------------------------------------------------------------------------------------------- one run
+def _whole_if_integer(text: str) -> float | int:
+    """argparse type: a number of epochs, an int when it is whole (so budgets and run settings stay as before)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """Search / fine-tune epochs and curve points of a method: the same total of training epochs (the last curve
     point) for everyone; AMAP's search counts."""
@@ -298,12 +304,16 @@ def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: i
     points = {p['steps']: p for p in (progress or {}).get('curve', [])}
     seconds = dict((progress or {}).get('seconds', {}))
     prune = {**METHODS[method], 'seed': seed}
+    # a fractional search leaves the fine-tune the rest of the budget's steps (its schedule spans exactly them)
+    whole = float(budget['finetune_epochs']).is_integer()
+    finetune_steps = None if whole else round(budget['curve_epochs'][-1] * spe) - search_steps
     stops: list[int | None] = [*_finetune_stops(budget, spe, search_steps)] or [None]  # None: no fine-tune
     for i, stop in enumerate(stops):
         if stop is not None and search_steps + stop in points and i < len(stops) - 1:
             continue  # measured before an interruption (the last is always run: it gives the report)
         report = run(checkpoint=str(base), data=data, target=target, prune=prune,
-                     search_epochs=budget['search_epochs'], finetune_epochs=budget['finetune_epochs'], out=str(out),
+                     search_epochs=budget['search_epochs'], finetune_epochs=math.ceil(budget['finetune_epochs']),
+                     finetune_steps=finetune_steps, out=str(out),
                      resume=(out / CONFIG_FILE).is_file(), latency=False, progress=False, seed=seed, device=device,
                      teacher='original', max_finetune_steps=stop).report
         points.setdefault(search_steps, _point(search_steps, spe, report['top1']['after_surgery']))  # the cut
@@ -729,7 +739,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--targets', nargs='*', type=float, default=None, help='MAC ratios (default: 0.5 0.7)')
     p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS), help='default: all but VARIANTS')
     p.add_argument('--seeds', nargs='*', type=int, default=None, help='seeds (default: 0 1 2)')
-    p.add_argument('--search-epochs', type=int, default=None, help='AMAP search epochs (default 1; quick 3)')
+    p.add_argument('--search-epochs', type=_whole_if_integer, default=None,
+                   help='AMAP search epochs, may be fractional: the fine-tune gets the rest of the budget in steps '
+                        '(default 1; quick 3)')
     p.add_argument('--finetune-epochs', type=int, default=None,
                    help='fine-tune epochs after the AMAP search (default 5; quick 2; or set by --curve-epochs)')
     p.add_argument('--curve-epochs', type=_epochs, default=None, metavar='E,E,...',

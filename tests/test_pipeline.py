@@ -202,3 +202,24 @@ def test_cli_latency_target(trained, cifar10, tmp_path, capsys, monkeypatch):
     assert main(_prune_args(trained, cifar10, tmp_path / 'again', *latency)) == 0
     again = json.loads((tmp_path / 'again' / 'report.json').read_text())['latency_target']
     assert again['calibration']['cached']
+
+
+def test_finetune_steps_span_the_schedule(tmp_path):
+    """finetune_steps: exactly that many updates, the last epoch cut short, the cosine schedule ending with them."""
+    import dataclasses
+
+    from amap.data import DataConfig, build_loaders
+    from amap.pipeline import FINETUNE, _finetune, load_config
+    from amap.train import create_model
+    from amap.utils.distributed import DistInfo
+
+    cfg = load_config(data={'data': 'digits', 'batch_size': 64, 'num_workers': 0, 'train_subset': 320},
+                      finetune_steps=7, finetune_warmup_epochs=0.4, out=str(tmp_path), progress=False)
+    data = build_loaders(DataConfig(**dataclasses.asdict(cfg.data)), seed=0)
+    assert data.steps_per_epoch == 5
+    model, _ = create_model('flatten_deit_nano', num_classes=10, img_size=32)
+    _, history, _ = _finetune(cfg, DistInfo(), data, model, None)
+    latest = json.loads((tmp_path / FINETUNE / 'latest.json').read_text())
+    state = json.loads((tmp_path / FINETUNE / latest['dir'] / 'state.json').read_text())
+    assert state['step'] == 7 and len(history) == 1  # one whole epoch of 5 updates, then 2 of the second
+    assert state['scheduler']['t_initial'] == 7 and state['scheduler']['warmup_t'] == pytest.approx(0.4 * 5)

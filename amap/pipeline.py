@@ -59,6 +59,7 @@ from .train import (
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import atomic_write_bytes, output_error, remove_dir
+from .utils.outputs import logits_of
 from .utils.runfolder import begin_run, check_resume, file_digest, run_lock, run_record
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'CLI_OPTIONS', 'run', 'load_config']
@@ -165,11 +166,11 @@ def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, 
 
 def _kd_loss_fn(teacher: nn.Module | None, alpha: float):
     def compute_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
-        logits = model(images)
+        logits = logits_of(model(images))
         loss = task_loss(logits, targets)
         if teacher is not None and alpha > 0:
             with torch.no_grad():
-                t_logits = teacher(images)
+                t_logits = logits_of(teacher(images))
             loss = (1 - alpha) * loss + alpha * distillation_loss(logits, t_logits)
         return loss, logits
     return compute_loss

@@ -44,3 +44,7 @@ def find_adapters(model: nn.Module) -> list[Adapter]:
 
 # FLatten adapters register themselves on import (kept last so that a missing optional family cannot break timm).
 from . import flatten  # noqa: E402,F401
+from .hf import HFAttentionAdapter  # noqa: E402
+from .torchvision import MultiheadAttentionAdapter, ShiftedWindowAttentionAdapter  # noqa: E402
+
+ADAPTERS[:0] = [HFAttentionAdapter, MultiheadAttentionAdapter, ShiftedWindowAttentionAdapter]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .prune.artifact import load_pruned, read_pruned_config
+from .prune.artifact import input_side, load_pruned, read_pruned_config
 from .utils.io import atomic_path
 from .utils.outputs import Logits
 from .utils.runfolder import run_lock
@@ -37,8 +37,7 @@ def export_onnx(
     """
     config = read_pruned_config(artifact)
     model = load_pruned(artifact).eval()
-    size = img_size or (config.get('extra', {}).get('data') or {}).get('img_size') \
-        or config['model_kwargs'].get('img_size') or (config.get('input_size') or [None])[-1]
+    size = img_size or input_side(config)
     if size is None:
         cfg = getattr(model, 'pretrained_cfg', {}) or {}
         size = (cfg.get('input_size') or (3, 224, 224))[-1]

@@ -21,7 +21,8 @@ from ..utils.io import atomic_dir, atomic_write_safetensors, read_json, read_saf
 from .adapters import ADAPTERS, Adapter
 from .groups import GROUP_KINDS
 
-__all__ = ['save_pruned', 'load_pruned', 'read_pruned_config', 'FORMAT', 'CONFIG_NAME', 'WEIGHTS_NAME']
+__all__ = ['save_pruned', 'load_pruned', 'read_pruned_config', 'pruned_folder', 'input_side', 'FORMAT', 'CONFIG_NAME',
+           'WEIGHTS_NAME']
 
 FORMAT = 'amap-pruned'
 VERSION = 1
@@ -227,3 +228,26 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device = 'cpu') 
                               're-export the artifact with amap.save_pruned')
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def pruned_folder(path: str | os.PathLike) -> Path | None:
+    """The pruned-model folder of ``path``: the folder itself (written by :func:`save_pruned`), or ``path/model`` of
+    an ``amap prune`` run folder; None for anything else."""
+    path = Path(path)
+    for folder in (path, path / 'model'):
+        if folder.is_dir() and (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            return folder
+    return None
+
+
+def input_side(config: dict[str, Any]) -> int | None:
+    """The input side a pruned model was pruned at, from its config: the data's, the base's ``img_size`` /
+    ``image_size``, or the recorded input size (None when none is known)."""
+    kwargs = config.get('model_kwargs') or {}
+    for size in ((config.get('extra') or {}).get('data') or {}).get('img_size'), kwargs.get('img_size'), \
+            kwargs.get('image_size'), (config.get('input_size') or [None])[-1]:
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        if isinstance(size, list) and size and isinstance(size[-1], int):
+            return size[-1]
+    return None

@@ -311,10 +311,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         elif num_classes is not None and num_classes != data_classes:
             raise ConfigError(f'{args.checkpoint} predicts {num_classes} classes but {args.data} has {data_classes}; '
                               f'evaluate on the data the model was trained for')
-        _check_embedded_data(args, model, img_size, data_classes, info.device)
         trained_at = settings.get('img_size')
         check_input_size(model, (3, img_size, img_size), fix=f'use --img-size {trained_at} (the size it was trained at)'
                          if trained_at and trained_at != img_size else 'pass --img-size with the size it was built for')
+        _check_embedded_data(args, model, img_size, data_classes)
         metrics = evaluate(model, loader, device=info.device, amp=args.amp, progress=not args.quiet)
     finally:
         cleanup_distributed(info)
@@ -326,7 +326,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_embedded_data(args: argparse.Namespace, model: Any, img_size: int, data_classes: int, device: Any) -> None:
+def _check_embedded_data(args: argparse.Namespace, model: Any, img_size: int, data_classes: int) -> None:
     """Scoring a model on the embedded digits data needs a model of their classes: else an error naming --data."""
     if args.data != 'digits':
         return

@@ -354,7 +354,8 @@ def create_for_checkpoint(
     """
     from ..checkpoint import checkpoint_shapes, load_checkpoint, read_state_dict
     from ..errors import ConfigError
-    shapes = checkpoint_shapes(read_state_dict(checkpoint))
+    sd = read_state_dict(checkpoint)
+    shapes = checkpoint_shapes(sd)
     head = shapes.num_classes
     if reset_head and num_classes is None:
         raise ConfigError('--reset-head needs --num-classes N, the class count of the new head')
@@ -367,10 +368,15 @@ def create_for_checkpoint(
     model, create_kwargs = create_model(name, num_classes=classes, img_size=img_size, model_kwargs=kwargs)
     own = checkpoint_shapes(model.state_dict())
     if shapes.patch_size and own.patch_size and own.patch_size != shapes.patch_size and 'patch_size' not in kwargs:
-        _logger.warning('patch size %d, read from --checkpoint %s (%s builds %d by default)', shapes.patch_size,
-                        checkpoint, name, own.patch_size)
-        model, create_kwargs = create_model(name, num_classes=classes, img_size=img_size,
-                                            model_kwargs={**kwargs, 'patch_size': shapes.patch_size})
+        try:
+            other = create_model(name, num_classes=classes, img_size=img_size,
+                                 model_kwargs={**kwargs, 'patch_size': shapes.patch_size})
+        except ModelError:
+            other = None
+        if other is not None and _fits(other[0], sd):  # else the checkpoint is of another model: load says so
+            _logger.warning('patch size %d, read from --checkpoint %s (%s builds %d by default)', shapes.patch_size,
+                            checkpoint, name, own.patch_size)
+            model, create_kwargs = other
     if not _hf_load(model, Path(checkpoint)):
         load_checkpoint(model, checkpoint)
     if reset_head and num_classes is not None and num_classes != classes:
@@ -383,6 +389,13 @@ def create_for_checkpoint(
                         'against the checkpoint\'s classes (--num-classes %d --reset-head replaces the head)',
                         checkpoint, classes, data_classes, data_classes)
     return model, create_kwargs
+
+
+def _fits(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every tensor of ``sd`` has a place of its shape in ``model`` and every weight of it is in ``sd``."""
+    own = model.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+    return all(k in own and own[k].shape == v.shape for k, v in sd.items()) and params <= set(sd)
 
 
 def _hf_load(model: nn.Module, checkpoint: Path) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 import transformers
+from conftest import build as build_small
 from torch.utils.data import DataLoader, TensorDataset
 
 import amap
@@ -40,13 +41,7 @@ PRUNED = {'hf_vit': PrunedHFAttention, 'hf_deit': PrunedHFAttention, 'hf_swin': 
 
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = FAMILIES[name]().eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith('relative_position_bias_table'):
-                p.normal_(0, 0.5)
-    return model
+    return build_small(name, seed, FAMILIES)
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -2,10 +2,11 @@
 ``k_proj``, ``v_proj``, ``o_proj``; Swin adds a ``relative_position_bias`` module and windows as the batch).
 
 It is a :class:`~amap.prune.adapters.projection.ProjectionAttentionAdapter` over three separate projections (gates,
-MACs, weight norms and slicing come from there). transformers reshapes q, k and v into one ``head_dim``, so the pruned
-module is :class:`~amap.prune.dropin.PrunedHFAttention`, called like the module it replaces. Their MLPs (``fc1`` /
-``fc2``) are handled by :class:`~amap.prune.adapters.mlp.MlpAdapter`. transformers need not be installed: the module
-classes are recognised by name.
+MACs, weight norms and slicing come from there), with the head widths of timm's softmax attention. transformers
+reshapes q, k and v into one ``head_dim``, so the pruned module is :class:`~amap.prune.dropin.PrunedHFAttention`,
+called like the module it replaces. Their MLPs (``fc1`` / ``fc2``) are handled by
+:class:`~amap.prune.adapters.mlp.MlpAdapter`. transformers need not be installed: the module classes are recognised by
+name.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import copy
 from torch import nn
 
 from ..dropin import PrunedHFAttention
-from .projection import ProjectionAttentionAdapter, _Segment
+from .projection import _Segment
+from .timm_attention import SoftmaxAttentionAdapter
 
 __all__ = ['HFAttentionAdapter', 'HF_ATTENTION_CLASSES']
 
@@ -22,7 +24,7 @@ __all__ = ['HFAttentionAdapter', 'HF_ATTENTION_CLASSES']
 HF_ATTENTION_CLASSES = ('ViTAttention', 'DeiTAttention', 'SwinAttention')
 
 
-class HFAttentionAdapter(ProjectionAttentionAdapter):
+class HFAttentionAdapter(SoftmaxAttentionAdapter):
     """transformers ``ViTAttention`` / ``DeiTAttention`` / ``SwinAttention`` and :class:`PrunedHFAttention`."""
 
     module_types = (PrunedHFAttention,)
@@ -43,14 +45,6 @@ class HFAttentionAdapter(ProjectionAttentionAdapter):
     @property
     def num_heads(self) -> int:
         return self.module.num_attention_heads
-
-    @property
-    def qk_dim(self) -> int:
-        return getattr(self.module, 'qk_dim', None) or self.module.head_dim
-
-    @property
-    def v_dim(self) -> int:
-        return getattr(self.module, 'v_dim', None) or self.module.head_dim
 
     def build(self, widths: dict[str, int]) -> nn.Module:
         m = self.module

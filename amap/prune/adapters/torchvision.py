@@ -23,13 +23,13 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention
 from ..dropin import PrunedMultiheadAttention, PrunedShiftedWindowAttention, shifted_window_forward
 from ..groups import ChannelGroup
 from .base import Adapter, Keep, full_counts, row_factor, row_norms
-from .projection import ProjectionAttentionAdapter
 from .slicing import head_rows, linear_params, prefixed
+from .timm_attention import HeadWidths, WindowAttentionAdapter
 
 __all__ = ['MultiheadAttentionAdapter', 'ShiftedWindowAttentionAdapter']
 
 
-class MultiheadAttentionAdapter(Adapter):
+class MultiheadAttentionAdapter(HeadWidths, Adapter):
     """Batch-first self-attention ``nn.MultiheadAttention`` (one in-projection, no ``bias_k`` / ``add_zero_attn``)
     and :class:`~amap.prune.dropin.PrunedMultiheadAttention`."""
 
@@ -46,14 +46,6 @@ class MultiheadAttentionAdapter(Adapter):
     @property
     def num_heads(self) -> int:
         return self.module.num_heads
-
-    @property
-    def qk_dim(self) -> int:
-        return getattr(self.module, 'qk_dim', None) or self.module.head_dim
-
-    @property
-    def v_dim(self) -> int:
-        return getattr(self.module, 'v_dim', None) or self.module.head_dim
 
     @property
     def softmax_scale(self) -> float:
@@ -140,25 +132,15 @@ class MultiheadAttentionAdapter(Adapter):
                                         bias=m.in_proj_bias is not None, dropout=float(m.dropout))
 
 
-class ShiftedWindowAttentionAdapter(ProjectionAttentionAdapter):
+class ShiftedWindowAttentionAdapter(WindowAttentionAdapter):
     """torchvision Swin ``ShiftedWindowAttention`` (not V2's cosine attention) and
-    :class:`~amap.prune.dropin.PrunedShiftedWindowAttention`."""
+    :class:`~amap.prune.dropin.PrunedShiftedWindowAttention`: a fused ``qkv`` and ``proj`` like timm's Swin."""
 
     module_types = (ShiftedWindowAttention, PrunedShiftedWindowAttention)
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return type(module) in cls.module_types
-
-    @property
-    def qk_dim(self) -> int:
-        m = self.module
-        return getattr(m, 'qk_dim', None) or m.qkv.out_features // (3 * m.num_heads)
-
-    @property
-    def v_dim(self) -> int:
-        m = self.module
-        return getattr(m, 'v_dim', None) or m.qkv.out_features // (3 * m.num_heads)
 
     @property
     def softmax_scale(self) -> float:

@@ -176,9 +176,12 @@ def _base_of(model: nn.Module, base: dict[str, Any] | None, size: tuple[int, int
     base = dict(base or {})
     arch, kwargs, bad = describe_model(model, base.get('architecture'), base.get('model_kwargs'))
     out: dict[str, Any] = {'architecture': arch, 'model_kwargs': kwargs, 'input_size': list(size)}
-    if bad:
+    if bad and arch is None:
+        _logger.warning('the architecture of %s cannot be read off it: save_pruned will need architecture= and '
+                        'model_kwargs= (or pass base=)', type(model).__name__)
+    elif bad:
         out['incomplete'] = bad
         _logger.warning('the pruned model will not be saveable: %s built with %s differs from the model in %s; '
                         "pass base={'architecture': ..., 'model_kwargs': {...}} with the arguments it was created "
-                        'with', arch or 'its architecture (unknown)', kwargs, ', '.join(bad[:3]))
+                        'with', arch, kwargs, ', '.join(bad[:3]))
     return out

@@ -62,8 +62,8 @@ def save_pruned(
         model, structure = result.model, structure if structure is not None else result.structure
         base = dict(result.base or {})
         extra = {**result.summary(), **(extra or {})}
-    if base.get('incomplete') and architecture is None and model_kwargs is None:
-        raise CheckpointError(f'save_pruned: {base.get("architecture") or "the base architecture"} built with '
+    if base.get('incomplete') and base.get('architecture') and architecture is None and model_kwargs is None:
+        raise CheckpointError(f'save_pruned: {base["architecture"]} built with '
                               f'{base.get("model_kwargs")} differs from the pruned model\'s base in '
                               f'{", ".join(base["incomplete"][:3])}; pass architecture= and model_kwargs= with the '
                               f'arguments it was created with')

@@ -347,7 +347,7 @@ def _cmd_macs(args: argparse.Namespace) -> int:
     from .macs import count_macs
     from .prune.artifact import input_side, load_pruned, pruned_folder, read_pruned_config
     from .train import create_model, load_trained, unknown_model_message
-    from .train.factory import is_model
+    from .train.factory import is_model, native_img_size
     path = Path(args.model)
     folder = pruned_folder(path) if path.exists() else None
     if folder is not None:  # a pruned model, or the run folder of amap prune
@@ -366,7 +366,7 @@ def _cmd_macs(args: argparse.Namespace) -> int:
         cfg = timm.models.get_pretrained_cfg(args.model) if timm.is_model(args.model) else None
         classes = kwargs.pop('num_classes', None) or (cfg.num_classes if cfg is not None else None) or 1000
         model, _ = create_model(args.model, num_classes=classes, img_size=args.img_size, model_kwargs=kwargs)
-        size = args.img_size
+        size = args.img_size or native_img_size(model)
     report = count_macs(model, input_size=size)
     print(report.to_json() if args.json else report.format_table(max_depth=args.depth))
     return 0

@@ -157,3 +157,18 @@ def test_named_library_models_build_and_describe_themselves():
 def test_unknown_library_names_are_one_line_errors(name, message):
     with pytest.raises(amap.AmapError, match=message):
         create_model(name, num_classes=10)
+
+
+def test_eval_of_a_1000_class_checkpoint_on_the_embedded_data_names_data(imagenet_ckpt, capsys):
+    assert main(['eval', *VIT, '--checkpoint', str(imagenet_ckpt), '--subset', '8', '--workers', '0', '-q']) == 2
+    err = capsys.readouterr().err
+    assert 'predicts 1000 classes and the data has 10' in err  # built at 224 px with its own head, said
+    line = [e for e in err.splitlines() if e.startswith('amap: error: ')]
+    assert len(line) == 1 and 'pass --data' in line[0] and '1000 classes' in line[0]
+
+
+def test_macs_of_library_models_at_their_own_size(capsys):
+    tiny = {'patch_size': 8, 'hidden_size': 32, 'num_hidden_layers': 1, 'num_attention_heads': 2,
+            'intermediate_size': 64, 'image_size': 64}
+    assert main(['macs', 'hf:ViTForImageClassification', '--model-kwargs', json.dumps(tiny), '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['input_size'] == [3, 64, 64]

@@ -437,3 +437,14 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
                 model.num_classes = num_classes
             return
     raise ModelError(f'{type(model).__name__}: no classifier head found to replace; drop --reset-head')
+
+
+def native_img_size(model: nn.Module) -> int | None:
+    """The input side a Hugging Face or torchvision ViT was built for (``config.image_size`` / ``image_size``);
+    None for others (timm models carry theirs in ``pretrained_cfg``)."""
+    for size in (getattr(getattr(model, 'config', None), 'image_size', None), getattr(model, 'image_size', None)):
+        if isinstance(size, int):
+            return size
+        if isinstance(size, (tuple, list)) and size and isinstance(size[-1], int):
+            return size[-1]
+    return None

@@ -121,7 +121,7 @@ def _build(name: str, kwargs: dict[str, Any], make: Any) -> nn.Module:
         return make()
     except ModelError:
         raise
-    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError, ArithmeticError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f'model {name!r} cannot be built with {_short(kwargs)}: {reason}; fix --model-kwargs') \
             from None

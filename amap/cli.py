@@ -293,7 +293,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             cfg = timm.models.get_pretrained_cfg(args.model) if timm.is_model(args.model) else None
             img_size = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
         if model is None:  # a foreign checkpoint: its own size unless --img-size chose (an error if it contradicts)
-            from .train.factory import fit_image_size
+            from .train.from_checkpoint import fit_image_size
             img_size = fit_image_size(args.checkpoint, img_size, given=args.img_size is not None)
         if settings.get('img_size') and args.img_size and args.img_size != settings['img_size']:
             _logger.warning('evaluating at --img-size %d; the model was trained at %d', args.img_size,
@@ -304,7 +304,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             interpolation=args.interpolation or settings.get('interpolation', 'bicubic'),
             mean=settings.get('mean'), std=settings.get('std'))
         if model is None:
-            from .train.factory import create_for_checkpoint
+            from .train.from_checkpoint import create_for_checkpoint
             model, _ = create_for_checkpoint(args.model, args.checkpoint, data_classes=data_classes,
                                              img_size=img_size, model_kwargs=args.model_kwargs)
             model.to(info.device).eval()

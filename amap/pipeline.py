@@ -55,7 +55,8 @@ from .train import (
     tensors_under,
     write_state,
 )
-from .train.factory import create_for_checkpoint, describe_model, fit_image_size
+from .train.factory import describe_model
+from .train.from_checkpoint import create_for_checkpoint, fit_image_size
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import atomic_write_bytes, output_error, remove_dir

@@ -15,7 +15,8 @@ import amap
 from amap.checkpoint import checkpoint_shapes
 from amap.cli import main
 from amap.prune.dropin import PrunedHFAttention
-from amap.train.factory import build_model, create_for_checkpoint, create_model, describe_model
+from amap.train.factory import build_model, create_model, describe_model
+from amap.train.from_checkpoint import create_for_checkpoint
 
 QUICK = ['--data', 'digits', '--target', '0.7', '--search-steps', '2', '--finetune-epochs', '0', '--no-latency',
          '--train-subset', '20', '--val-subset', '20', '--batch-size', '8', '--workers', '0', '--no-progress', '-q']

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ['LoadResult', 'load_checkpoint', 'read_state_dict']
+__all__ = ['CheckpointShapes', 'LoadResult', 'checkpoint_shapes', 'load_checkpoint', 'read_state_dict']
 
 # Entries of a checkpoint dict that may hold the weights, in order of preference.
 _STATE_DICT_ENTRIES = ('model', 'state_dict', 'model_ema', 'state_dict_ema', 'module', 'net', 'params')
@@ -310,3 +310,61 @@ def load_checkpoint(
     model.load_state_dict(fitting, strict=False)
     return LoadResult(missing_keys=missing, unexpected_keys=unexpected, shape_mismatches=mismatched,
                       ignored_keys=ignored, entry=used_entry)
+
+
+# ------------------------------------------------------------------------------------------- shapes of a checkpoint
+_POS_EMBED = ('pos_embed', 'position_embeddings', 'pos_embedding')  # timm/FLatten, Hugging Face, torchvision
+_PATCH_CONV = ('patch_embed.proj.weight', 'patch_embeddings.projection.weight', 'conv_proj.weight')
+_PREFIX_TOKENS = ('cls_token', 'dist_token', 'class_token', 'distillation_token', 'reg_token')
+_HEADS = ('head.weight', 'head.fc.weight', 'classifier.weight', 'heads.head.weight', 'fc.weight', 'head.l.weight')
+
+
+@dataclass
+class CheckpointShapes:
+    """What a checkpoint's tensors say about the model they belong to (None where they do not say it).
+
+    Attributes:
+        img_size: Input side the position embedding was made for (square grids only).
+        patch_size: Side of the patch-embedding kernel.
+        in_chans: Input channels of the patch embedding.
+        num_classes: Rows of the classifier head.
+        tokens: Tokens of the position embedding (prefix tokens included).
+    """
+
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    num_classes: int | None = None
+    tokens: int | None = None
+
+
+def _find(sd: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> torch.Tensor | None:
+    for suffix in suffixes:
+        for key in sorted(sd, key=len):  # the shortest key: the model's own, not a block's
+            if key == suffix or key.endswith('.' + suffix):
+                return sd[key]
+    return None
+
+
+def checkpoint_shapes(sd: dict[str, torch.Tensor]) -> CheckpointShapes:
+    """Read image size, patch size, input channels and class count off a state dict (timm / FLatten, Hugging Face
+    and torchvision key names).
+
+    The image size is the side of the position embedding's square grid (tokens less the class / distillation
+    tokens the checkpoint has) times the patch size; models without a learned position embedding (Swin) do not say it.
+    """
+    out = CheckpointShapes()
+    conv = _find(sd, _PATCH_CONV)
+    if conv is not None and conv.dim() == 4 and conv.shape[-1] == conv.shape[-2]:
+        out.patch_size, out.in_chans = int(conv.shape[-1]), int(conv.shape[1])
+    pos = _find(sd, _POS_EMBED)
+    if pos is not None and pos.dim() == 3:
+        out.tokens = int(pos.shape[1])
+        prefix = sum(1 for name in _PREFIX_TOKENS if _find(sd, (name,)) is not None)
+        side = round((out.tokens - prefix) ** 0.5)
+        if out.patch_size and side * side == out.tokens - prefix:
+            out.img_size = side * out.patch_size
+    head = _find(sd, _HEADS)
+    if head is not None and head.dim() == 2:
+        out.num_classes = int(head.shape[0])
+    return out

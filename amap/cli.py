@@ -200,12 +200,15 @@ def _load_for_eval(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f'--checkpoint {ckpt}: no such file or folder')
-    if ckpt.is_dir() and (ckpt / 'config.json').is_file():  # a pruned model written by amap prune / save_pruned
-        from .prune.artifact import load_pruned, read_pruned_config
-        config = read_pruned_config(ckpt)
+    from .prune.artifact import input_side, load_pruned, pruned_folder, read_pruned_config
+    folder = pruned_folder(ckpt)
+    if folder is not None:  # a pruned model written by amap prune (its run folder too) / save_pruned
+        config = read_pruned_config(folder)
         data = (config.get('extra') or {}).get('data') or {}
         settings = {k: data[k] for k in ('img_size', 'mean', 'std', 'interpolation') if data.get(k) is not None}
-        return load_pruned(ckpt, device=device), settings, data.get('num_classes')
+        if input_side(config):
+            settings.setdefault('img_size', input_side(config))
+        return load_pruned(folder, device=device), settings, data.get('num_classes')
     meta = read_trained_meta(ckpt) if (ckpt.is_dir() or ckpt.suffix == '.safetensors') else None
     if meta is not None:
         if args.model and args.model != meta.get('model'):
@@ -218,18 +221,17 @@ def _load_for_eval(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str
         raise ConfigError(f'--checkpoint {ckpt}: folder without an amap {"model.safetensors"}; pass a checkpoint file')
     if not args.model:
         raise ConfigError(f'--checkpoint {ckpt} is not an amap run: pass --model NAME to build its architecture')
-    import timm
-    if not timm.is_model(args.model):
+    from .train.factory import is_model
+    if not is_model(args.model):
         from .errors import ModelError
         raise ModelError(unknown_model_message(args.model))
     return None, {}, None  # built once the data's number of classes is known (see _cmd_eval)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
     from .data import build_eval_loader
     from .macs import check_input_size
-    from .train import create_model, evaluate
+    from .train import evaluate
     from .utils.distributed import cleanup_distributed, init_distributed
     if args.path and args.checkpoint and args.path != args.checkpoint:
         raise ConfigError(f'two checkpoints given ({args.path} and --checkpoint {args.checkpoint}); pass one')
@@ -243,8 +245,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         img_size = args.img_size or settings.get('img_size')
         if model is None and img_size is None:
             import timm
-            cfg = timm.models.get_pretrained_cfg(args.model)
+            cfg = timm.models.get_pretrained_cfg(args.model) if timm.is_model(args.model) else None
             img_size = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+        if model is None:  # a foreign checkpoint: its own size unless --img-size chose (an error if it contradicts)
+            from .train.from_checkpoint import fit_image_size
+            img_size = fit_image_size(args.checkpoint, img_size, given=args.img_size is not None)
         if settings.get('img_size') and args.img_size and args.img_size != settings['img_size']:
             _logger.warning('evaluating at --img-size %d; the model was trained at %d', args.img_size,
                             settings['img_size'])
@@ -254,9 +259,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             interpolation=args.interpolation or settings.get('interpolation', 'bicubic'),
             mean=settings.get('mean'), std=settings.get('std'))
         if model is None:
-            model, _ = create_model(args.model, num_classes=data_classes, img_size=img_size,
-                                    model_kwargs=args.model_kwargs)
-            load_checkpoint(model, args.checkpoint)
+            from .train.from_checkpoint import create_for_checkpoint
+            model, _ = create_for_checkpoint(args.model, args.checkpoint, data_classes=data_classes,
+                                             img_size=img_size, model_kwargs=args.model_kwargs)
             model.to(info.device).eval()
         elif num_classes is not None and num_classes != data_classes:
             raise ConfigError(f'{args.checkpoint} predicts {num_classes} classes but {args.data} has {data_classes}; '
@@ -264,6 +269,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         trained_at = settings.get('img_size')
         check_input_size(model, (3, img_size, img_size), fix=f'use --img-size {trained_at} (the size it was trained at)'
                          if trained_at and trained_at != img_size else 'pass --img-size with the size it was built for')
+        _check_embedded_data(args, model, img_size, data_classes)
         metrics = evaluate(model, loader, device=info.device, amp=args.amp, progress=not args.quiet)
     finally:
         cleanup_distributed(info)
@@ -275,26 +281,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_embedded_data(args: argparse.Namespace, model: Any, img_size: int, data_classes: int) -> None:
+    """Scoring a model on the embedded digits data needs a model of their classes: else an error naming --data."""
+    if args.data != 'digits':
+        return
+    import torch
+
+    from .utils.outputs import logits_of
+    p = next(model.parameters())
+    with torch.no_grad():
+        classes = logits_of(model(torch.zeros(1, 3, img_size, img_size, device=p.device, dtype=p.dtype))).shape[-1]
+    if classes != data_classes:
+        raise ConfigError(f'{args.checkpoint} predicts {classes} classes and the embedded digits data (the default '
+                          f'--data) has {data_classes}; pass --data with the data the model was trained for')
+
+
 def _cmd_macs(args: argparse.Namespace) -> int:
     import timm
 
     from .macs import count_macs
+    from .prune.artifact import input_side, load_pruned, pruned_folder, read_pruned_config
     from .train import create_model, load_trained, unknown_model_message
+    from .train.factory import is_model, native_img_size
     path = Path(args.model)
-    if path.exists() and (path.is_dir() or path.suffix == '.safetensors'):
+    folder = pruned_folder(path) if path.exists() else None
+    if folder is not None:  # a pruned model, or the run folder of amap prune
+        model = load_pruned(folder)
+        size = args.img_size or input_side(read_pruned_config(folder))
+    elif path.exists() and (path.is_dir() or path.suffix == '.safetensors'):
         model = load_trained(path)
         size = args.img_size or model.amap_meta.get('img_size')
     else:
-        if not timm.is_model(args.model):
+        if not is_model(args.model):
             from .errors import ModelError
             raise ModelError(unknown_model_message(args.model))
         kwargs = dict(args.model_kwargs)
         if args.num_classes is not None:
             kwargs.setdefault('num_classes', args.num_classes)
-        cfg = timm.models.get_pretrained_cfg(args.model)
+        cfg = timm.models.get_pretrained_cfg(args.model) if timm.is_model(args.model) else None
         classes = kwargs.pop('num_classes', None) or (cfg.num_classes if cfg is not None else None) or 1000
         model, _ = create_model(args.model, num_classes=classes, img_size=args.img_size, model_kwargs=kwargs)
-        size = args.img_size
+        size = args.img_size or native_img_size(model)
     report = count_macs(model, input_size=size)
     print(report.to_json() if args.json else report.format_table(max_depth=args.depth))
     return 0

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .prune.artifact import load_pruned, read_pruned_config
+from .prune.artifact import input_side, load_pruned, read_pruned_config
 from .utils.io import atomic_path
+from .utils.outputs import Logits
 from .utils.runfolder import run_lock
 
 __all__ = ['export_onnx']
@@ -36,12 +37,14 @@ def export_onnx(
     """
     config = read_pruned_config(artifact)
     model = load_pruned(artifact).eval()
-    size = img_size or (config.get('extra', {}).get('data') or {}).get('img_size') \
-        or config['model_kwargs'].get('img_size')
+    size = img_size or input_side(config)
     if size is None:
         cfg = getattr(model, 'pretrained_cfg', {}) or {}
         size = (cfg.get('input_size') or (3, 224, 224))[-1]
     x = torch.randn(2, 3, int(size), int(size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not isinstance(model(x), torch.Tensor):  # e.g. a Hugging Face ModelOutput: export its logits
+            model = Logits(model).eval()
     onnx_path = Path(onnx_path)
     if onnx_path.suffix != '.onnx':
         raise ConfigError(f'--onnx {onnx_path}: the file name must end in .onnx')

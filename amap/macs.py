@@ -68,6 +68,13 @@ def _sdpa_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *_: Any, *
     return 2 * math.prod(q[:3]) * k[-2] * (q[-1] + v[-1])
 
 
+def _native_mha_flops(q: Sequence[int], k: Sequence[int], _v: Sequence[int], _e: int, _h: int, w_in: Sequence[int],
+                      _b_in: Any, w_out: Sequence[int], *_: Any, **__: Any) -> int:
+    # nn.MultiheadAttention's fused path (batch first): in-projection, q @ k^T and attn @ v, output projection
+    rows = math.prod(q[:-1])
+    return 2 * (rows * w_in[0] * w_in[1] + 2 * rows * k[-2] * q[-1] + rows * w_out[0] * w_out[1])
+
+
 def _each_once_flops(a: Sequence[int], *_: Any, **__: Any) -> int:
     return 2 * math.prod(a)  # mv(matrix, vector), dot(vector, vector): each element of ``a`` is multiplied once
 
@@ -89,6 +96,7 @@ _EXTRA_FLOPS: dict[Any, Any] = {
     aten.mkldnn_convolution: lambda x, w, *_, out_shape, **__: 2 * math.prod(out_shape) * math.prod(w[1:]),
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     aten._scaled_dot_product_fused_attention_overrideable: _sdpa_flops,
+    aten._native_multi_head_attention: _native_mha_flops,
 }
 
 # Operator names that suggest multiplications we do not know how to count (reported, never silently dropped).

@@ -15,6 +15,7 @@ weights as an uninterrupted run with the same seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -29,8 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .data import build_loaders
+from .data import DataConfig, build_loaders
 from .errors import ConfigError, Interrupted
 from .latency import measure_latency
 from .macs import count_macs, count_params
@@ -44,7 +44,6 @@ from .train import (
     TrainConfig,
     amp_enabled,
     build_train_state,
-    create_model,
     evaluate,
     latest_train_state,
     load_trained,
@@ -56,9 +55,12 @@ from .train import (
     tensors_under,
     write_state,
 )
+from .train.factory import describe_model
+from .train.from_checkpoint import create_for_checkpoint, fit_image_size
 from .utils.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from .utils.interrupt import graceful_stop, stop_reason, stop_requested
 from .utils.io import atomic_write_bytes, output_error, remove_dir
+from .utils.outputs import logits_of
 from .utils.runfolder import begin_run, check_resume, file_digest, run_lock, run_record
 
 __all__ = ['PipelineConfig', 'PipelineResult', 'CLI_OPTIONS', 'run', 'load_config']
@@ -157,19 +159,31 @@ def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, 
     if not cfg.model:
         raise ConfigError(f'--checkpoint {cfg.checkpoint} is not an amap train run; pass --model NAME to build its '
                           f'architecture')
-    model, kwargs = create_model(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size,
-                                 model_kwargs=cfg.model_kwargs)
-    load_checkpoint(model, cfg.checkpoint)
-    return model, cfg.model, kwargs
+    model, kwargs = create_for_checkpoint(cfg.model, cfg.checkpoint, data_classes=num_classes,
+                                          img_size=cfg.data.img_size, num_classes=cfg.num_classes,
+                                          reset_head=cfg.reset_head, model_kwargs=cfg.model_kwargs)
+    name, kwargs, _ = describe_model(model, cfg.model, kwargs)  # hf:/torchvision: models by class + every argument
+    return model, name or cfg.model, kwargs
+
+
+def _fit_img_size(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with the input size a foreign ``--checkpoint`` was made for, unless ``--img-size`` chose another (an
+    error naming both)."""
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if not cfg.model or ckpt is None or not ckpt.is_file() or read_trained_meta(ckpt) is not None:
+        return cfg
+    size = fit_image_size(ckpt, cfg.data.img_size, given=cfg.data.img_size != DataConfig().img_size)
+    return cfg if size == cfg.data.img_size else dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, img_size=size))
 
 
 def _kd_loss_fn(teacher: nn.Module | None, alpha: float):
     def compute_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
-        logits = model(images)
+        logits = logits_of(model(images))
         loss = task_loss(logits, targets)
         if teacher is not None and alpha > 0:
             with torch.no_grad():
-                t_logits = teacher(images)
+                t_logits = logits_of(teacher(images))
             loss = (1 - alpha) * loss + alpha * distillation_loss(logits, t_logits)
         return loss, logits
     return compute_loss
@@ -249,6 +263,7 @@ def _run(cfg: PipelineConfig, info: DistInfo) -> PipelineResult:
     """load -> calibrate -> search -> cut -> fine-tune -> report, each stage resumed where a previous run stopped."""
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
+    cfg = _fit_img_size(cfg)
     device, size = info.device, (3, cfg.data.img_size, cfg.data.img_size)
     out = _open_out(cfg, info)
     torch.manual_seed(cfg.seed)

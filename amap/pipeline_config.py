@@ -32,6 +32,9 @@ class PipelineConfig:
         checkpoint: The trained weights: an ``amap train`` run folder or ``model.safetensors``, or an official
             FLatten / timm checkpoint (``.pth``, ``.safetensors``) for ``model``.
         model_kwargs: Extra arguments of the model factory, as a JSON object.
+        num_classes: Class count of the model's head when it differs from the checkpoint's (needs reset_head).
+        reset_head: Replace the checkpoint's head by a new num_classes-way head (else a head whose class count
+            differs from the data's is kept and the model evaluated against the checkpoint's classes).
         data: Data source, augmentation and batch size (per process).
         prune: The pruning method (:class:`amap.prune.PruneConfig`): MAC target, criterion, switches, and ``search``,
             the search loop's settings (its ``kd_alpha`` also weighs the fine-tune's distillation).
@@ -67,6 +70,8 @@ class PipelineConfig:
     model: str | None = field(default=None, metadata={'flags': ('--model', '-m')})
     checkpoint: str | None = field(default=None, metadata={'flags': ('--checkpoint', '-c'), 'metavar': 'FILE'})
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = field(default=None, metadata={'min': 1})
+    reset_head: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     search_epochs: float = 1.0

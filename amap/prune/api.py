@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from .config import PruneConfig, SearchSettings, nest_search_options, resolve_ta
 from .staged import StagedPruning, finalize_structure, prepare
 
 __all__ = ['PruneConfig', 'PruneResult', 'prune', 'prepare', 'finalize_structure', 'resolve_target']
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,8 +114,9 @@ def prune(
         teacher: Distillation teacher: ``'copy'`` (a frozen copy of the original, default), a module, or None.
         mixup_fn: Optional timm Mixup for the search batches.
         progress: Callback with each search record.
-        base: ``{'architecture': ..., 'model_kwargs': ...}`` recorded for :func:`~amap.prune.artifact.save_pruned`
-            (default: the timm architecture in ``model.pretrained_cfg`` with no arguments).
+        base: ``{'architecture': ..., 'model_kwargs': ...}`` recorded for :func:`~amap.prune.artifact.save_pruned`,
+            completed from the model (default: its timm, Hugging Face or torchvision architecture and every argument
+            that shapes it, read off the model).
         **overrides: Fields of :class:`PruneConfig`, and of its ``search`` settings by name (``search_steps``,
             ``lr``, ``indicator_lr``, ``kd_alpha``, ...).
 
@@ -124,6 +128,7 @@ def prune(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     size = _input_size(model, input_size, train_loader)
+    base = _base_of(model, base, size)
 
     t0 = time.perf_counter()
     macs_before = count_macs(model, size, device=device).total
@@ -144,7 +149,7 @@ def prune(
     return PruneResult(model=model, structure=structure, macs_before=int(macs_before), macs_after=int(macs_after),
                        target_macs=job.target_macs, params_before=params_before, params_after=count_params(model),
                        history=job.history, config=asdict(cfg), seconds={'setup': setup, **job.seconds},
-                       base=base or _base_of(model), latency=job.latency)
+                       base=base, latency=job.latency)
 
 
 def _config(config: PruneConfig | None, target: float, overrides: dict[str, Any]) -> PruneConfig:
@@ -172,11 +177,20 @@ def _frozen_teacher(teacher: nn.Module | None | str, model: nn.Module, cfg: Prun
     return teacher
 
 
-def _base_of(model: nn.Module) -> dict[str, Any]:
-    """The timm architecture and the arguments that can be read off the model (other creation arguments, e.g.
-    ``img_size``, must be given as ``base=`` to rebuild the artifact)."""
-    arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
-    if not arch:
-        return {}
-    kwargs = {'num_classes': model.num_classes} if isinstance(getattr(model, 'num_classes', None), int) else {}
-    return {'architecture': arch, 'model_kwargs': kwargs}
+def _base_of(model: nn.Module, base: dict[str, Any] | None, size: tuple[int, int, int]) -> dict[str, Any]:
+    """The unpruned model's complete description for the artifact (:func:`~amap.train.factory.describe_model`,
+    starting from ``base``), read before any pruning; one warning when it does not reproduce the model's shapes
+    (``save_pruned`` then refuses to write an artifact that would not load)."""
+    from ..train.factory import describe_model
+    base = dict(base or {})
+    arch, kwargs, bad = describe_model(model, base.get('architecture'), base.get('model_kwargs'))
+    out: dict[str, Any] = {'architecture': arch, 'model_kwargs': kwargs, 'input_size': list(size)}
+    if bad and arch is None:
+        _logger.warning('the architecture of %s cannot be read off it: save_pruned will need architecture= and '
+                        'model_kwargs= (or pass base=)', type(model).__name__)
+    elif bad:
+        out['incomplete'] = bad
+        _logger.warning('the pruned model will not be saveable: %s built with %s differs from the model in %s; '
+                        "pass base={'architecture': ..., 'model_kwargs': {...}} with the arguments it was created "
+                        'with', arch, kwargs, ', '.join(bad[:3]))
+    return out

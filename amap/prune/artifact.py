@@ -12,16 +12,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..train.factory import build_model
 from ..utils.io import atomic_dir, atomic_write_safetensors, read_json, read_safetensors, to_jsonable
 from .adapters import ADAPTERS, Adapter
 from .groups import GROUP_KINDS
 
-__all__ = ['save_pruned', 'load_pruned', 'read_pruned_config', 'FORMAT', 'CONFIG_NAME', 'WEIGHTS_NAME']
+__all__ = ['save_pruned', 'load_pruned', 'read_pruned_config', 'pruned_folder', 'input_side', 'FORMAT', 'CONFIG_NAME',
+           'WEIGHTS_NAME']
 
 FORMAT = 'amap-pruned'
 VERSION = 1
@@ -45,8 +46,10 @@ def save_pruned(
     Args:
         model: The pruned ``nn.Module``, or a :class:`~amap.prune.api.PruneResult` (its model, structure and base).
         path: Output folder (replaced atomically if it exists).
-        architecture: timm name of the base model (default: from the result, or ``model.pretrained_cfg``).
-        model_kwargs: Arguments the base model was created with (e.g. ``num_classes``, ``img_size``).
+        architecture: Name of the base model for :func:`~amap.train.factory.build_model` (a timm name,
+            ``hf:<class>`` or ``torchvision:<class>``; default: from the result, or ``model.pretrained_cfg``).
+        model_kwargs: Arguments the base model was created with (default: from the result, which reads every
+            argument that shapes the model off it, e.g. ``num_classes``, ``img_size``, ``patch_size``).
         structure: Per pruned module records (default: from the result).
         extra: Anything JSON-serialisable to keep beside (e.g. metrics).
 
@@ -59,6 +62,11 @@ def save_pruned(
         model, structure = result.model, structure if structure is not None else result.structure
         base = dict(result.base or {})
         extra = {**result.summary(), **(extra or {})}
+    if base.get('incomplete') and base.get('architecture') and architecture is None and model_kwargs is None:
+        raise CheckpointError(f'save_pruned: {base["architecture"]} built with '
+                              f'{base.get("model_kwargs")} differs from the pruned model\'s base in '
+                              f'{", ".join(base["incomplete"][:3])}; pass architecture= and model_kwargs= with the '
+                              f'arguments it was created with')
     architecture = architecture or base.get('architecture') or getattr(model, 'pretrained_cfg', {}).get('architecture')
     if not architecture:
         raise CheckpointError('save_pruned needs architecture= (the timm name of the base model) to rebuild it later')
@@ -72,6 +80,8 @@ def save_pruned(
         'structure': structure,
         'extra': extra or {},
     }
+    if base.get('input_size'):
+        config['input_size'] = base['input_size']
     text = json.dumps(to_jsonable(config), indent=2)
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -165,7 +175,7 @@ def build_pruned(config: dict[str, Any], *, where: Path | None = None) -> nn.Mod
     """The pruned model's structure from a config (uninitialised weights)."""
     where = where or Path(CONFIG_NAME)
     try:
-        model = timm.create_model(config['architecture'], pretrained=False, **config['model_kwargs'])
+        model = build_model(config['architecture'], config['model_kwargs'])
     except Exception as e:  # noqa: BLE001 - reported as a one-line artifact error
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f'{where}: cannot build base model {config["architecture"]!r}: {reason}') from None
@@ -218,3 +228,26 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device = 'cpu') 
                               're-export the artifact with amap.save_pruned')
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def pruned_folder(path: str | os.PathLike) -> Path | None:
+    """The pruned-model folder of ``path``: the folder itself (written by :func:`save_pruned`), or ``path/model`` of
+    an ``amap prune`` run folder; None for anything else."""
+    path = Path(path)
+    for folder in (path, path / 'model'):
+        if folder.is_dir() and (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            return folder
+    return None
+
+
+def input_side(config: dict[str, Any]) -> int | None:
+    """The input side a pruned model was pruned at, from its config: the data's, the base's ``img_size`` /
+    ``image_size``, or the recorded input size (None when none is known)."""
+    kwargs = config.get('model_kwargs') or {}
+    for size in ((config.get('extra') or {}).get('data') or {}).get('img_size'), kwargs.get('img_size'), \
+            kwargs.get('image_size'), (config.get('input_size') or [None])[-1]:
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        if isinstance(size, list) and size and isinstance(size[-1], int):
+            return size[-1]
+    return None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..utils.outputs import logits_of
 from .pruner import Pruner
 from .target import apply_counts, fit_to_target, uniform_counts
 
@@ -59,7 +60,7 @@ def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> d
         for x, y in batches:
             for ind in inds.values():
                 ind.m.grad = None
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(logits_of(model(x)), y).backward()
             for k, ind in inds.items():
                 if ind.m.grad is not None:
                     acc[k] += ind.m.grad.abs()

@@ -12,6 +12,7 @@ It is the state the search, the baseline criteria, the target guarantee and the 
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -19,12 +20,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..macs import count_macs
-from .adapters import Adapter, find_adapters
+from .adapters import Adapter, find_adapters, unadapted_attention
 from .groups import GROUP_KINDS, ChannelGroup
 from .indicator import ChannelIndicator
 from .resource import MacResource, Resource
 
 __all__ = ['Pruner']
+
+_logger = logging.getLogger(__name__)
 
 
 def _key(group: ChannelGroup) -> str:
@@ -83,12 +86,27 @@ class Pruner(nn.Module):
         self.to(device)
         self.attach()
         self._probe(model, device)
-        full = count_macs(model, self.input_size, device=device).total
+        report = count_macs(model, self.input_size, device=device)
+        full = report.total
+        self._warn_unadapted(model, report)
         with torch.no_grad():
             self.full_macs = float(full)
             self.fixed_macs = self.full_macs - float(sum(a.macs({}) for a in self.adapters))
         #: What targets are counted in (see :mod:`amap.prune.resource`); MACs unless replaced.
         self.resource: Resource = MacResource(self.full_macs, self.fixed_macs)
+
+    def _warn_unadapted(self, model: nn.Module, report) -> None:
+        """Say which attention modules no adapter prunes and their share of the MACs (a partial prune is never
+        silent; said before any search)."""
+        skipped = unadapted_attention(model, self.adapters)
+        if not skipped:
+            return
+        share = sum(report.macs_under(n) for ns in skipped.values() for n in ns) / max(report.total, 1)
+        kinds = ', '.join(f'{len(ns)} x {kind} ({ns[0]}{", ..." if len(ns) > 1 else ""})'
+                          for kind, ns in skipped.items())
+        _logger.warning('%s has attention modules AMAP cannot prune (no adapter): %s; they stay as they are, %.1f%% of '
+                        'the MACs (write an adapter: amap.prune.adapters.register_adapter)', type(model).__name__,
+                        kinds, 100 * share)
 
     # -------------------------------------------------------------------------------------------------------- hooks
     def attach(self) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AmapError
+from ..utils.outputs import logits_of
 from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
 
@@ -237,13 +238,13 @@ class Search:
             if self.mixup_fn is not None:
                 xb, yb = self.mixup_fn(xb, yb)
             with torch.autocast(self.device.type, enabled=self.amp):
-                logits = model(xb)
+                logits = logits_of(model(xb))
                 task = task_loss(logits.float(), yb)
                 kd = torch.zeros((), device=logits.device)
                 loss = task
                 if self.kd_alpha > 0:
                     with torch.no_grad():
-                        t_logits = self.teacher(xb)
+                        t_logits = logits_of(self.teacher(xb))
                     kd = distillation_loss(logits.float(), t_logits.float(), s.kd_temperature)
                     loss = (1 - self.kd_alpha) * task + self.kd_alpha * kd
             if not torch.isfinite(loss):

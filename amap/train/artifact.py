@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ModelError
 from ..utils.distributed import unwrap_model
 from ..utils.io import (
     atomic_write_json,
@@ -25,7 +24,7 @@ from ..utils.io import (
     read_safetensors_metadata,
     to_jsonable,
 )
-from .factory import unknown_model_message
+from .factory import build_model, is_model, unknown_model_message
 
 __all__ = ['MODEL_FILE', 'MODEL_META_FILE', 'save_trained', 'read_trained_meta', 'load_trained']
 
@@ -101,12 +100,12 @@ def load_trained(
         raise CheckpointError(f'{file}: not a model saved by amap train (no model description); build the model '
                               f'and use amap.load_checkpoint(model, path) instead')
     name = meta.get('model')
-    if not isinstance(name, str) or not timm.is_model(name):
+    if not isinstance(name, str) or not is_model(name):
         raise CheckpointError(f'{file}: saved model name {name!r} is not registered; '
                               f'{unknown_model_message(str(name))}')
     try:
-        model = timm.create_model(name, pretrained=False, **dict(meta.get('model_kwargs') or {}))
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        model = build_model(name, dict(meta.get('model_kwargs') or {}))
+    except (ModelError, TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise CheckpointError(f'{file}: cannot rebuild {name!r} from its saved arguments ({e})') from None
     tensors, _ = read_safetensors(file)
     try:

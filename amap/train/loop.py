@@ -26,6 +26,7 @@ from ..data import seed_rng
 from ..errors import AmapError, ConfigError
 from ..utils.distributed import DistInfo, all_reduce_sum, unwrap_model
 from ..utils.interrupt import stop_requested
+from ..utils.outputs import logits_of
 from .config import TrainConfig
 
 __all__ = [
@@ -191,7 +192,7 @@ def evaluate(
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             with autocast(device, use_amp):
-                logits = model(images)
+                logits = logits_of(model(images))
             logits = logits.float()
             k = min(5, logits.shape[-1])
             topk = logits.topk(k, dim=-1).indices
@@ -228,7 +229,7 @@ def default_loss_fn(criterion: nn.Module) -> LossFn:
     """The plain supervised loss: ``criterion(model(images), targets)``."""
     def compute_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
                                                                                           torch.Tensor]:
-        logits = model(images)
+        logits = logits_of(model(images))
         return criterion(logits, targets), logits
     return compute_loss
 

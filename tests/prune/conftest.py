@@ -24,10 +24,11 @@ BUILDERS = {
 }
 
 
-def build(name: str, seed: int = 0) -> torch.nn.Module:
-    """A small model with its zero-initialised FLatten/Swin parameters perturbed so that they matter."""
+def build(name: str, seed: int = 0, builders: dict | None = None) -> torch.nn.Module:
+    """A small model (of ``builders``, default :data:`BUILDERS`) with its zero-initialised FLatten/Swin parameters
+    perturbed so that they matter."""
     torch.manual_seed(seed)
-    model = BUILDERS[name]().eval()
+    model = (builders or BUILDERS)[name]().eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(('.scale', 'positional_encoding', 'relative_position_bias_table')):

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+import torchvision
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,8 @@ from amap.prune import PruneConfig, load_pruned, prune, save_pruned
 from amap.prune.adapters import find_adapters
 from amap.prune.artifact import CONFIG_NAME, WEIGHTS_NAME
 from amap.prune.pruner import Pruner
+from amap.train.factory import build_model
+from amap.utils.outputs import logits_of
 
 # AMAP_FUZZ_SCALE=20 runs 20x the examples (a long local search); CI runs the default, derandomized
 SCALE = float(os.environ.get('AMAP_FUZZ_SCALE', '1'))
@@ -83,26 +86,68 @@ def flatten_swin_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]
     return 'flatten_swin_nano', kwargs, (3, img, img)
 
 
+def _swin_like(draw) -> dict[str, Any]:
+    """Arguments shared by the Swin-shaped families (16 px, patch 2): 1-2 stages, heads, windows, MLP ratio."""
+    stages = draw(st.integers(1, 2))
+    head_dim, heads0 = draw(st.sampled_from([2, 4])), draw(st.integers(1, 2))
+    return dict(img_size=16, patch_size=2, embed_dim=heads0 * head_dim,
+                depths=tuple(draw(st.integers(1, 2)) for _ in range(stages)),
+                num_heads=tuple(heads0 * 2 ** i for i in range(stages)), window_size=draw(st.sampled_from([2, 4])),
+                mlp_ratio=draw(st.sampled_from([1.0, 2.0])), num_classes=draw(st.integers(2, 10)))
+
+
 @st.composite
 def timm_swin_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
     """timm ``SwinTransformer`` (window attention with relative position bias) with 1-2 stages."""
-    stages = draw(st.integers(1, 2))
-    head_dim, heads0 = draw(st.sampled_from([2, 4])), draw(st.integers(1, 2))
-    kwargs = dict(img_size=16, patch_size=2, embed_dim=heads0 * head_dim,
-                  depths=tuple(draw(st.integers(1, 2)) for _ in range(stages)),
-                  num_heads=tuple(heads0 * 2 ** i for i in range(stages)), window_size=draw(st.sampled_from([2, 4])),
-                  mlp_ratio=draw(st.sampled_from([1.0, 2.0])), num_classes=draw(st.integers(2, 10)))
-    return 'swin_tiny_patch4_window7_224', kwargs, (3, 16, 16)
+    return 'swin_tiny_patch4_window7_224', _swin_like(draw), (3, 16, 16)
+
+
+@st.composite
+def library_swin_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
+    """torchvision ``SwinTransformer`` (``ShiftedWindowAttention``) or Hugging Face ``SwinForImageClassification``
+    with 1-2 stages."""
+    k = _swin_like(draw)
+    if draw(st.booleans()):  # torchvision divides by (blocks - 1): at least two blocks
+        depths = [max(2, k['depths'][0]), *k['depths'][1:]]
+        return 'torchvision:SwinTransformer', dict(
+            patch_size=[2, 2], embed_dim=k['embed_dim'], depths=depths, num_heads=list(k['num_heads']),
+            window_size=[k['window_size']] * 2, mlp_ratio=k['mlp_ratio'], num_classes=k['num_classes']), (3, 16, 16)
+    return 'hf:SwinForImageClassification', dict(
+        image_size=16, patch_size=2, embed_dim=k['embed_dim'], depths=list(k['depths']), num_heads=list(k['num_heads']),
+        window_size=k['window_size'], mlp_ratio=k['mlp_ratio'], num_labels=k['num_classes']), (3, 16, 16)
+
+
+@st.composite
+def torchvision_vit_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
+    """torchvision ``VisionTransformer`` (``nn.MultiheadAttention``, torchvision ``MLPBlock``)."""
+    kwargs, img = _deit_like(draw)
+    heads = kwargs['num_heads']
+    return 'torchvision:VisionTransformer', dict(
+        image_size=img, patch_size=kwargs['patch_size'], num_layers=kwargs['depth'], num_heads=heads,
+        hidden_dim=kwargs['embed_dim'], mlp_dim=int(kwargs['embed_dim'] * kwargs['mlp_ratio']),
+        num_classes=kwargs['num_classes']), (3, img, img)
+
+
+@st.composite
+def hf_vit_archs(draw) -> tuple[str, dict[str, Any], tuple[int, int, int]]:
+    """Hugging Face ``ViTForImageClassification`` / ``DeiTForImageClassification`` (q/k/v/o projections)."""
+    kwargs, img = _deit_like(draw)
+    return draw(st.sampled_from(['hf:ViTForImageClassification', 'hf:DeiTForImageClassification'])), dict(
+        image_size=img, patch_size=kwargs['patch_size'], num_hidden_layers=kwargs['depth'],
+        num_attention_heads=kwargs['num_heads'], hidden_size=kwargs['embed_dim'],
+        intermediate_size=int(kwargs['embed_dim'] * kwargs['mlp_ratio']), num_labels=kwargs['num_classes'],
+        qkv_bias=draw(st.booleans())), (3, img, img)
 
 
 ARCHS = {'vit': vit_archs(), 'flatten_deit': flatten_deit_archs(), 'flatten_swin': flatten_swin_archs(),
-         'timm_swin': timm_swin_archs()}
+         'timm_swin': timm_swin_archs(), 'torchvision_vit': torchvision_vit_archs(), 'hf_vit': hf_vit_archs(),
+         'library_swin': library_swin_archs()}
 
 
 def _create(arch: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
     """The model, with the zero-initialised FLatten/Swin parameters perturbed so that pruning them matters."""
     torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    model = build_model(arch, kwargs).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(('.scale', 'positional_encoding', 'relative_position_bias_table')):
@@ -134,13 +179,21 @@ def _key(module: str, kind: str) -> str:
 
 def _physical_widths(module: torch.nn.Module) -> dict[str, int]:
     """Per-head widths read off the pruned module's tensors; asserts every head has the same widths."""
-    if hasattr(module, 'fc1'):  # an MLP: one "head"
-        assert module.fc1.out_features == module.fc2.in_features
-        return {'mlp': module.fc1.out_features}
-    H, dq, dv = module.num_heads, module.qk_dim, module.v_dim
+    if hasattr(module, 'fc1') or isinstance(module, torchvision.ops.MLP):  # an MLP: one "head"
+        fc1, fc2 = (module.fc1, module.fc2) if hasattr(module, 'fc1') else \
+            [m for m in module.children() if isinstance(m, torch.nn.Linear)]
+        assert fc1.out_features == fc2.in_features
+        return {'mlp': fc1.out_features}
+    H, dq, dv = getattr(module, 'num_heads', None) or module.num_attention_heads, module.qk_dim, module.v_dim
     # one (q, k, v) layout for all heads: the projections only reshape to (heads, width) when every head is equal
-    assert module.qkv.out_features == H * (2 * dq + dv), (module.qkv, H, dq, dv)
-    assert module.proj.in_features == H * dv, (module.proj, H, dv)
+    if hasattr(module, 'q_proj'):  # Hugging Face: q, k, v and o projections
+        rows = module.q_proj.out_features + module.k_proj.out_features + module.v_proj.out_features
+        proj = module.o_proj
+    else:  # a fused qkv (timm, torchvision Swin) or in-projection (torchvision nn.MultiheadAttention)
+        rows = module.in_proj_weight.shape[0] if hasattr(module, 'in_proj_weight') else module.qkv.out_features
+        proj = getattr(module, 'out_proj', None) or module.proj
+    assert rows == H * (2 * dq + dv), (module, H, dq, dv)
+    assert proj.in_features == H * dv, (proj, H, dv)
     if hasattr(module, 'positional_encoding'):  # focused linear attention: per-channel parameters follow q/k
         assert module.scale.shape[-1] == module.positional_encoding.shape[-1] == H * dq
         assert module.dwc.weight.shape[0] == (dv if module.dwc.shared else H * dv)
@@ -184,7 +237,7 @@ def _masked_output(reference: Pruner, structure: list[dict], x: torch.Tensor) ->
                 mask[h, row] = 1.0
             ind.fixed = mask
     with torch.no_grad():
-        return reference.model[0].eval()(x)
+        return logits_of(reference.model[0].eval()(x))
 
 
 @pytest.mark.parametrize('family', sorted(ARCHS))
@@ -197,7 +250,7 @@ def test_surgery_on_random_architectures(family, data):
     model = _create(arch, kwargs, seed)
     original = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
-    n = kwargs['num_classes']
+    n = kwargs.get('num_classes') or kwargs['num_labels']
     loader = [(torch.randn(4, *size, generator=g), torch.randint(0, n, (4,), generator=g)) for _ in range(2)]
     x = torch.randn(3, *size, generator=g)
     config = PruneConfig(**opts)
@@ -233,7 +286,7 @@ def test_surgery_on_random_architectures(family, data):
     pruned = result.model.eval()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.modules())
     with torch.no_grad():
-        y = pruned(x)
+        y = logits_of(pruned(x))
     assert y.shape == (3, n) and bool(torch.isfinite(y).all())
     if opts['criterion'] != 'amap' or (opts['lr'] == 0 and not opts['reweight']):
         # the weights were not trained nor reweighted: the pruned model is the masked original, exactly
@@ -268,7 +321,7 @@ def test_surgery_on_random_architectures(family, data):
         save_pruned(result, Path(tmp) / 'art')
         loaded = load_pruned(Path(tmp) / 'art')
         with torch.no_grad():
-            assert torch.equal(loaded(x), y)
+            assert torch.equal(logits_of(loaded(x)), y)
         assert amap.count_macs(loaded, size).total == counted
 
 

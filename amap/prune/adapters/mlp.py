@@ -1,5 +1,6 @@
-"""Adapter for MLPs: timm ``Mlp`` (``fc1 -> act -> drop -> norm -> fc2``) and MLPs with a depthwise conv between
-``fc1`` and the activation (PVTv2's ``fc1 -> dwconv -> act -> fc2``).
+"""Adapter for MLPs: timm ``Mlp`` (``fc1 -> act -> drop -> norm -> fc2``), MLPs with a depthwise conv between ``fc1``
+and the activation (PVTv2's ``fc1 -> dwconv -> act -> fc2``), Hugging Face ViT/DeiT/Swin MLPs (``fc1``/``fc2``) and
+torchvision's ``MLP`` / ``MLPBlock`` (a Sequential ``Linear -> act -> Dropout -> Linear -> Dropout``).
 
 The hidden units form one group with a single "head". The gate and the reweight act on the input of ``fc2`` (after
 the activation), so removing a unit is exact; they scale ``fc2``'s weight columns, where the reweight then folds.
@@ -10,6 +11,7 @@ import copy
 
 from timm.layers import Mlp
 from torch import Tensor, nn
+from torchvision.ops import MLP as TorchvisionMLP
 
 from ..groups import ChannelGroup
 from .base import Adapter, Keep, full_counts, row_norms
@@ -26,50 +28,80 @@ def _find_dwconv(module: nn.Module) -> tuple[str, nn.Conv2d] | tuple[None, None]
     return None, None
 
 
+def _linear_names(module: nn.Module) -> tuple[str, str] | None:
+    """The names of an MLP's two Linears: ``fc1``/``fc2``, or the only two Linears of a torchvision ``MLP`` whose
+    other layers act element-wise (activations, dropout)."""
+    if isinstance(getattr(module, 'fc1', None), nn.Linear) and isinstance(getattr(module, 'fc2', None), nn.Linear):
+        return 'fc1', 'fc2'
+    if isinstance(module, TorchvisionMLP):
+        linears = [name for name, sub in module.named_children() if isinstance(sub, nn.Linear)]
+        others = [sub for sub in module.children() if not isinstance(sub, nn.Linear)]
+        elementwise = all(isinstance(sub, (nn.Dropout, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity)) for sub in others)
+        if len(linears) == 2 and elementwise:
+            return linears[0], linears[1]
+    return None
+
+
 class MlpAdapter(Adapter):
-    """Any module with Linear ``fc1`` and ``fc2`` (and optionally one depthwise conv on the hidden units)."""
+    """Any module with Linear ``fc1`` and ``fc2`` (and optionally one depthwise conv on the hidden units), or a
+    torchvision ``MLP`` of two Linears with element-wise layers between them."""
 
     module_types = (Mlp,)
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        fc1, fc2 = getattr(module, 'fc1', None), getattr(module, 'fc2', None)
-        if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
+        if _linear_names(module) is None:
             return False
         # a norm over the hidden units mixes them: removal would not be exact
         return isinstance(getattr(module, 'norm', nn.Identity()), nn.Identity)
 
     @property
+    def names(self) -> tuple[str, str]:
+        return _linear_names(self.module)
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self.module.get_submodule(self.names[0])
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self.module.get_submodule(self.names[1])
+
+    @property
     def hidden(self) -> int:
-        return self.module.fc1.out_features
+        return self.fc1.out_features
 
     def groups(self) -> list[ChannelGroup]:
         return [ChannelGroup(self.name, 'mlp', 1, self.hidden)]
 
     def _install(self) -> None:
         if 'mlp' in self.indicators:
-            self.gate_linear(self.module.fc2, cols=lambda: self.scale('mlp'), record_in=lambda x: self.record('mlp', x))
+            self.gate_linear(self.fc2, cols=lambda: self.scale('mlp'), record_in=lambda x: self.record('mlp', x))
 
     def macs(self, kept: dict[str, Tensor]) -> Tensor:
         d = (kept['mlp'] if 'mlp' in kept else full_counts(1, self.hidden, kept)).sum()
-        m = self.module
         rows = self.batch_rows * self.tokens
-        total = rows * d * (m.fc1.in_features + m.fc2.out_features)
-        _, dw = _find_dwconv(m)
+        total = rows * d * (self.fc1.in_features + self.fc2.out_features)
+        _, dw = _find_dwconv(self.module)
         if dw is not None:
             total = total + rows * d * dw.kernel_size[0] * dw.kernel_size[1]
         return total
 
+    def _record_shape(self, x: Tensor) -> None:
+        if self.tokens is None and isinstance(x, Tensor):  # rows of tokens (any leading layout, e.g. (B, H, W, C))
+            self.tokens = x.numel() // x.shape[-1] // x.shape[0] if x.dim() >= 3 else 1
+            self.batch_rows = x.shape[0]
+
     def weight_norms(self, kind: str, p: float = 1.0) -> Tensor:
-        m = self.module
-        return (row_norms(m.fc1.weight, slice(None), p) + row_norms(m.fc2.weight.t(), slice(None), p)).unsqueeze(0)
+        norms = row_norms(self.fc1.weight, slice(None), p) + row_norms(self.fc2.weight.t(), slice(None), p)
+        return norms.unsqueeze(0)
 
     def build(self, widths: dict[str, int]) -> nn.Module:
         d = widths.get('mlp', self.hidden)
         new = copy.deepcopy(self.module)
-        m = self.module
-        new.fc1 = nn.Linear(m.fc1.in_features, d, bias=m.fc1.bias is not None)
-        new.fc2 = nn.Linear(d, m.fc2.out_features, bias=m.fc2.bias is not None)
+        fc1, fc2 = self.fc1, self.fc2
+        new.set_submodule(self.names[0], nn.Linear(fc1.in_features, d, bias=fc1.bias is not None))
+        new.set_submodule(self.names[1], nn.Linear(d, fc2.out_features, bias=fc2.bias is not None))
         name, dw = _find_dwconv(new)
         if dw is not None:
             new.set_submodule(name, nn.Conv2d(d, d, dw.kernel_size, dw.stride, dw.padding, groups=d,
@@ -77,11 +109,10 @@ class MlpAdapter(Adapter):
         return new
 
     def sliced_state(self, keep: Keep) -> dict[str, Tensor]:
-        m = self.module
         idx = self._full_keep('mlp', keep).flatten()
-        state = {**prefixed('fc1', linear_params(m.fc1, rows=idx)),
-                 **prefixed('fc2', linear_params(m.fc2, cols=idx, col_scale=self._fold('mlp', keep)))}
-        name, dw = _find_dwconv(m)
+        state = {**prefixed(self.names[0], linear_params(self.fc1, rows=idx)),
+                 **prefixed(self.names[1], linear_params(self.fc2, cols=idx, col_scale=self._fold('mlp', keep)))}
+        name, dw = _find_dwconv(self.module)
         if dw is not None:
             state.update(prefixed(name, depthwise_params(dw, idx)))
         return state

@@ -38,6 +38,8 @@ class ProjectionAttentionAdapter(Adapter):
     rows, slicing and MACs from the linears' recorded token counts."""
 
     linear_attention = False
+    #: Attribute name of the output projection in :attr:`owner`.
+    out_proj = 'proj'
 
     # ---------------------------------------------------------------------------------------------- layout (override)
     @property
@@ -79,7 +81,7 @@ class ProjectionAttentionAdapter(Adapter):
     def attach(self, indicators: dict) -> None:
         super().attach(indicators)
         self.rows: dict[str, int] = getattr(self, 'rows', {})
-        for name in {s.linear for s in self.segments().values()} | {'proj'}:
+        for name in {s.linear for s in self.segments().values()} | {self.out_proj}:
             linear = getattr(self.owner, name)
             self._handles.append(linear.register_forward_pre_hook(self._count_rows(name)))
 
@@ -95,7 +97,8 @@ class ProjectionAttentionAdapter(Adapter):
         if 'qk' in self.indicators:
             self._install_qk()
         if 'v' in self.indicators:
-            self.gate_linear(self.owner.proj, cols=lambda: self.scale('v'), record_in=lambda x: self.record('v', x))
+            self.gate_linear(getattr(self.owner, self.out_proj), cols=lambda: self.scale('v'),
+                             record_in=lambda x: self.record('v', x))
 
     def _install_qk(self) -> None:
         """Softmax attention: gate the q and k rows of the projections (q rows also reweighted), recording both."""
@@ -134,7 +137,7 @@ class ProjectionAttentionAdapter(Adapter):
         rows_q = self.rows[seg['q'].linear]
         rows_kv = self.rows[seg['k'].linear]
         return (rows_q * c_in * dq.sum() + rows_kv * c_in * (dq.sum() + dv.sum())
-                + self.rows['proj'] * dv.sum() * o.proj.out_features)
+                + self.rows[self.out_proj] * dv.sum() * getattr(o, self.out_proj).out_features)
 
     @property
     def windows(self) -> int:
@@ -168,7 +171,7 @@ class ProjectionAttentionAdapter(Adapter):
         n = H * self.v_dim
         s = seg['v']
         norms = row_norms(getattr(o, s.linear).weight, slice(s.offset, s.offset + n), p)
-        return (norms + row_norms(o.proj.weight.t(), slice(None), p)).reshape(H, -1)
+        return (norms + row_norms(getattr(o, self.out_proj).weight.t(), slice(None), p)).reshape(H, -1)
 
     # ---------------------------------------------------------------------------------------------------- surgery
     def _projection_state(self, keep: Keep) -> dict[str, Tensor]:
@@ -182,7 +185,8 @@ class ProjectionAttentionAdapter(Adapter):
             rows = head_rows(idx, d, seg[role].offset)
             scale = rw_q if role == 'q' else None
             parts.setdefault(seg[role].linear, []).append((seg[role].offset, rows, scale))
-        state = prefixed('proj', linear_params(o.proj, cols=head_rows(kv, self.v_dim), col_scale=rw_v))
+        state = prefixed(self.out_proj, linear_params(getattr(o, self.out_proj), cols=head_rows(kv, self.v_dim),
+                                                   col_scale=rw_v))
         for name, items in parts.items():
             items.sort(key=lambda t: t[0])
             rows = torch.cat([r for _, r, _ in items])

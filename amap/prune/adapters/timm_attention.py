@@ -17,7 +17,21 @@ from ..groups import ChannelGroup
 from ..modules import PrunedAttention, PrunedWindowAttention
 from .projection import ProjectionAttentionAdapter
 
-__all__ = ['SoftmaxAttentionAdapter', 'WindowAttentionAdapter']
+__all__ = ['HeadWidths', 'SoftmaxAttentionAdapter', 'WindowAttentionAdapter']
+
+
+class HeadWidths:
+    """Per-head q/k and v widths of a module with one ``head_dim`` (unpruned) or ``qk_dim`` / ``v_dim`` (pruned)."""
+
+    module: nn.Module
+
+    @property
+    def qk_dim(self) -> int:
+        return getattr(self.module, 'qk_dim', None) or self.module.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        return getattr(self.module, 'v_dim', None) or self.module.head_dim
 
 
 class SoftmaxAttentionAdapter(ProjectionAttentionAdapter):
@@ -35,13 +49,8 @@ class SoftmaxAttentionAdapter(ProjectionAttentionAdapter):
         return isinstance(module, PrunedAttention)
 
     # ------------------------------------------------------------------------------------------------- structure
-    @property
-    def qk_dim(self) -> int:
-        return getattr(self.module, 'qk_dim', None) or self.module.head_dim
-
-    @property
-    def v_dim(self) -> int:
-        return getattr(self.module, 'v_dim', None) or self.module.head_dim
+    qk_dim = HeadWidths.qk_dim
+    v_dim = HeadWidths.v_dim
 
     def groups(self) -> list[ChannelGroup]:
         m = self.module

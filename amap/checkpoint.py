@@ -215,7 +215,9 @@ def _read(path: Path, entry: str | None, map_location: Any) -> tuple[dict[str, t
     return _find_state_dict(path, _load_file(path, map_location), entry)
 
 
-def _compare(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]):
+def compare_state(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]):
+    """The keys of ``model_sd`` missing from ``sd``, those of ``sd`` the model lacks, and ``(key, shape in sd, shape
+    in the model)`` where both hold a key with other shapes."""
     missing = [k for k in model_sd if k not in sd]
     unexpected = [k for k in sd if k not in model_sd]
     mismatched = [(k, tuple(sd[k].shape), tuple(model_sd[k].shape))
@@ -240,17 +242,25 @@ def _fmt_keys(keys: list[str]) -> str:
     return shown + (', ...' if len(keys) > _SHOW else '')
 
 
-def _mismatch_message(path: Path, model: nn.Module, missing, unexpected, mismatched) -> str:
+def mismatch_summary(missing: list[str], unexpected: list[str], mismatched: list[tuple], *,
+                     saved: str = 'checkpoint') -> str:
+    """One line for what :func:`compare_state` found, e.g. ``1 missing keys (a), 1 shape mismatches (b: checkpoint
+    [7] vs model [10])``; ``saved`` names the file side."""
     parts = []
     if missing:
         parts.append(f'{len(missing)} missing keys ({_fmt_keys(missing)})')
     if unexpected:
         parts.append(f'{len(unexpected)} unexpected ({_fmt_keys(unexpected)})')
     if mismatched:
-        shown = ', '.join(f'{k}: checkpoint {list(a)} vs model {list(b)}' for k, a, b in mismatched[:_SHOW])
+        shown = ', '.join(f'{k}: {saved} {list(a)} vs model {list(b)}' for k, a, b in mismatched[:_SHOW])
         parts.append(f'{len(mismatched)} shape mismatches ({shown}{", ..." if len(mismatched) > _SHOW else ""})')
-    return (f'checkpoint {path} does not fit {type(model).__name__}: {", ".join(parts)}; is it a checkpoint of '
-            f'another architecture or size? (strict=False loads only the keys that fit)')
+    return ', '.join(parts)
+
+
+def _mismatch_message(path: Path, model: nn.Module, missing, unexpected, mismatched) -> str:
+    return (f'checkpoint {path} does not fit {type(model).__name__}: '
+            f'{mismatch_summary(missing, unexpected, mismatched)}; is it a checkpoint of another architecture or '
+            f'size? (strict=False loads only the keys that fit)')
 
 
 def load_checkpoint(
@@ -292,11 +302,11 @@ def load_checkpoint(
     regenerated = {n for n, _ in model.named_buffers()} - set(model_sd)
     ignored = [k for k in sd if k in regenerated]
     sd = {k: v for k, v in sd.items() if k not in regenerated}
-    missing, unexpected, mismatched = _compare(model_sd, sd)
+    missing, unexpected, mismatched = compare_state(model_sd, sd)
     if missing or unexpected or mismatched:
         filtered = _timm_filtered(model, sd)
         if filtered is not None:
-            cand = _compare(model_sd, filtered)
+            cand = compare_state(model_sd, filtered)
             if sum(map(len, cand)) < len(missing) + len(unexpected) + len(mismatched):
                 sd, (missing, unexpected, mismatched) = filtered, cand
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import compare_state, mismatch_summary
 from ..errors import CheckpointError
 from ..train.factory import build_model
 from ..utils.io import atomic_dir, atomic_write_safetensors, read_json, read_safetensors, to_jsonable
@@ -212,20 +213,11 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device = 'cpu') 
     config = read_pruned_config(path)
     model = build_pruned(config, where=path / CONFIG_NAME)
     state, _ = read_safetensors(path / WEIGHTS_NAME)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f'{len(missing)} missing ({", ".join(missing[:3])})')
-        if unexpected:
-            parts.append(f'{len(unexpected)} unexpected ({", ".join(unexpected[:3])})')
-        if mismatched:
-            parts.append(f'{len(mismatched)} shape mismatches ({", ".join(mismatched[:3])})')
-        raise CheckpointError(f'{path}: config.json and {WEIGHTS_NAME} disagree: {"; ".join(parts)}; '
-                              're-export the artifact with amap.save_pruned')
+    found = compare_state(model.state_dict(), state)
+    if any(found):
+        raise CheckpointError(f'{path}: config.json and {WEIGHTS_NAME} disagree: '
+                              f'{mismatch_summary(*found, saved="weights")}; re-export the artifact with '
+                              'amap.save_pruned')
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 

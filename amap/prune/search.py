@@ -30,7 +30,7 @@ from ..utils.outputs import logits_of
 from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
 
-__all__ = ['DEFAULT_STEPS', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search', 'search', 'distillation_loss',
+__all__ = ['DEFAULT_STEPS', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search', 'distillation_loss',
            'task_loss', 'kept_by_kind']
 
 RESOURCE_CONTROLS = ('penalty', 'dual')
@@ -350,21 +350,3 @@ class Search:
         self.history = list(state['history'])
         if state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
-
-
-def search(
-        pruner: Pruner,
-        loader: Iterable,
-        target_macs: float,
-        settings: SearchSettings,
-        *,
-        teacher: nn.Module | None = None,
-        device: torch.device | str = 'cpu',
-        mixup_fn: Callable | None = None,
-        progress: Callable[[dict], None] | None = None,
-        grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
-) -> list[dict]:
-    """Run the whole search loop (see :class:`Search`); returns the history."""
-    loop = Search(pruner, target_macs, settings, teacher=teacher, device=device, mixup_fn=mixup_fn,
-                  grad_sync=grad_sync)
-    return loop.run(loader, progress=progress)

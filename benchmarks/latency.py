@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     SMALL_MODELS,
     build_model,
     command_line,
+    loadavg,
     machine_info,
     markdown_table,
     random_loader,
@@ -92,7 +93,9 @@ def _markdown(all_rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     ok = [r for r in rows if abs(r['prediction_error']) <= GOAL and abs(r['speedup_error']) <= GOAL]
     return '\n'.join([
         '# Latency targets: requested vs measured speed-up', '',
-        f"{info['cpu']}, {rows[0]['threads'] if rows else '?'} thread(s), load {info.get('loadavg')}. Ratios are "
+        f"Command: `{info.get('command')}`", '',
+        f"Date {info['date']}; {info['cpu']}, {rows[0]['threads'] if rows else '?'} thread(s), load average at start "
+        f"{info.get('loadavg_start')}, at end {info.get('loadavg_end')}; commit {info.get('git_commit')}. Ratios are "
         'pruned / unpruned latency at the target batch, measured interleaved in the closed loop (low percentile of '
         'its rounds); "spread" is the split-half disagreement of that measurement.', '',
         markdown_table(head, body, left=2), '',
@@ -130,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"ratio {row['predicted_ratio']:.3f} vs measured {row['measured_ratio']:.3f} "
                           f"({row['verdict']})", flush=True)
                     rows.append(row)
+    info.update(loadavg_end=loadavg(), command=command_line('latency.py', argv))
     md = _markdown(rows, info)
-    write_results(args.out, {'command': command_line('latency.py', argv), 'machine': info, 'rows': rows}, md)
+    write_results(args.out, {'command': info['command'], 'machine': info, 'rows': rows}, md)
     print(md)
     return 0
 

@@ -167,14 +167,20 @@ def _load_model(cfg: PipelineConfig, num_classes: int) -> tuple[nn.Module, str, 
 
 
 def _fit_img_size(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with the input size a foreign ``--checkpoint`` was made for, unless ``--img-size`` chose another (an
-    error naming both)."""
+    """``cfg`` with the input size resolved: ``--img-size`` where given, else the size the checkpoint was made for
+    (an ``amap train`` run's, or a foreign checkpoint's position embedding), else 32. A given size that contradicts
+    the checkpoint is an error naming both (here for foreign checkpoints, in :func:`_load_model` for runs)."""
+    given = cfg.data.img_size
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
-    if not cfg.model or ckpt is None or not ckpt.is_file() or read_trained_meta(ckpt) is not None:
-        return cfg
-    size = fit_image_size(ckpt, cfg.data.img_size, given=cfg.data.img_size != DataConfig().img_size)
-    return cfg if size == cfg.data.img_size else dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, img_size=size))
+    size = given
+    if ckpt is not None and ckpt.exists():
+        meta = read_trained_meta(ckpt)
+        if meta is not None:
+            size = given or meta.get('img_size')
+        elif cfg.model and ckpt.is_file():
+            size = fit_image_size(ckpt, given or DataConfig().img_size, given=given is not None)
+    size = size or DataConfig().img_size
+    return cfg if size == given else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=size))
 
 
 def _kd_loss_fn(teacher: nn.Module | None, alpha: float):

@@ -72,7 +72,7 @@ class PipelineConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = field(default=None, metadata={'min': 1})
     reset_head: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(img_size=None))
     prune: PruneConfig = field(default_factory=PruneConfig)
     search_epochs: float = 1.0
     search_steps: int | None = field(default=None, metadata={'min': 1})
@@ -113,6 +113,8 @@ class PipelineConfig:
 # the data options `amap prune` takes on the command line (their flags are in DataConfig's field metadata)
 CLI_OPTIONS: dict[str, dict[str, Any]] = {
     'data': {'only': ('data', 'img_size', 'batch_size', 'num_workers', 'train_subset', 'val_subset')},
+    'data.img_size': {'help': 'Side of the square model input in pixels (default: the size the checkpoint was made '
+                              'for: an amap train run\'s, or read off a position embedding; else 32).'},
 }
 
 # options that configs written before ``prune`` held them kept at the top level (read into ``prune``)
@@ -141,7 +143,7 @@ def load_config(source: PipelineConfig | Mapping[str, Any] | str | os.PathLike |
         data = dataclasses.asdict(data)
     if not isinstance(data, Mapping):
         raise ConfigError(f'{where}: data must be a mapping of data options, got {data!r}')
-    doc['data'] = from_mapping(DataConfig, data, where=f'{where} (data)')
+    doc['data'] = from_mapping(DataConfig, {'img_size': None, **data}, where=f'{where} (data)')
     doc['prune'] = from_mapping(PruneConfig, doc.get('prune') or {}, where=f'{where}, prune options')
     if doc['prune'].search.steps is not None:
         raise ConfigError(f'{where}: the search length of amap prune is search_steps or search_epochs (top level), '

@@ -70,6 +70,7 @@ def test_a_224px_1000_class_checkpoint_is_built_at_its_size_and_keeps_its_head(t
 
 @pytest.mark.parametrize('extra, words', [
     (['--img-size', '64'], ['--img-size 64', '224 px', 'pass --img-size 224']),
+    (['--img-size', '32'], ['--img-size 32', '224 px', 'pass --img-size 224']),  # typed, though it is the default
     (['--num-classes', '10'], ['--num-classes 10', '1000 classes', '--reset-head']),
     (['--reset-head'], ['--reset-head needs --num-classes']),
 ])
@@ -78,6 +79,19 @@ def test_options_that_contradict_the_checkpoint_are_one_line_errors(tmp_path, im
     line = _error(capsys)
     assert all(w in line for w in words), line
     assert not (tmp_path / 'r' / 'model').exists()
+
+
+def test_a_train_run_is_pruned_at_the_size_it_was_trained_at(tmp_path, capsys):
+    run = tmp_path / 'trained'
+    assert main(['train', '--model', 'flatten_deit_nano', '--data', 'digits', '--img-size', '40', '--epochs', '1',
+                 '--max-steps', '2', '--train-subset', '20', '--val-subset', '20', '--batch-size', '8', '--workers',
+                 '0', '--out', str(run), '--no-progress', '-q']) == 0
+    out = tmp_path / 'run'
+    assert main(['prune', '--checkpoint', str(run), *QUICK, '--out', str(out)]) == 0  # no --img-size: the run's 40
+    assert amap.count_macs(amap.load_pruned(out / 'model'), (3, 40, 40)).total > 0
+    assert json.loads((out / 'report.json').read_text())['config']['data']['img_size'] == 40
+    assert main(['prune', '--checkpoint', str(run), *QUICK, '--img-size', '32', '--out', str(tmp_path / 'r2')]) == 2
+    assert 'pass --img-size 40' in _error(capsys)
 
 
 def test_reset_head_replaces_the_head_on_purpose(tmp_path, imagenet_ckpt, capsys):

@@ -22,7 +22,8 @@ class DataConfig:
 
     Attributes:
         data: ``'digits'`` (embedded default) or a folder in ImageNet layout.
-        img_size: Side of the square model input in pixels.
+        img_size: Side of the square model input in pixels (``amap prune``: None, the size its checkpoint was made
+            for).
         batch_size: Training batch size per process.
         eval_batch_size: Evaluation batch size per process (default: ``2 * batch_size``).
         num_workers: DataLoader worker processes (0 = load in the main process).
@@ -41,7 +42,7 @@ class DataConfig:
         re_prob: Random-erasing probability of ``'strong'``.
     """
     data: str = DIGITS
-    img_size: int = field(default=32, metadata={'min': 1})
+    img_size: int | None = field(default=32, metadata={'min': 1})
     batch_size: int = field(default=128, metadata={'flags': ('--batch-size', '-b'), 'min': 1})
     eval_batch_size: int | None = field(default=None, metadata={'min': 1})
     num_workers: int = field(default=2, metadata={'flags': ('--workers', '-j'), 'min': 0})
@@ -61,7 +62,7 @@ class DataConfig:
 def validate_config(cfg: DataConfig) -> None:
     """Raise :class:`amap.errors.ConfigError` naming the first invalid field of ``cfg`` and the fix."""
     checks = [
-        (cfg.img_size >= 8, 'img_size', 'must be >= 8'),
+        (cfg.img_size is not None and cfg.img_size >= 8, 'img_size', 'must be >= 8'),
         (cfg.batch_size >= 1, 'batch_size', 'must be >= 1'),
         (cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, 'eval_batch_size', 'must be >= 1'),
         (cfg.num_workers >= 0, 'num_workers', 'must be >= 0'),

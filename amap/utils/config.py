@@ -220,9 +220,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, kind: type, *
 
     Flag name ``--field-name``, type, choices and help (first sentence of the docstring entry, plus the default)
     come from the field; its metadata, updated by ``options[dest path]``, may set ``flags`` (option strings),
-    ``choices``, ``min`` (integers), ``metavar``, ``nargs`` and ``const`` (an optional value), ``cli=False`` (no
-    flag) and, for a nested dataclass, ``only``
-    (the names of its fields that get flags). Flags have no default: :func:`given_options` returns what was typed.
+    ``choices``, ``min`` (integers), ``metavar``, ``nargs`` and ``const`` (an optional value), ``help`` (in place of
+    the field's help and default), ``cli=False`` (no flag) and, for a nested dataclass, ``only`` (the names of its
+    fields that get flags). Flags have no default: :func:`given_options` returns what was typed.
     """
     docs, hints = field_docs(kind), typing.get_type_hints(kind)
     only = (options or {}).get(dest.rstrip('.'), {}).get('only')
@@ -238,8 +238,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, kind: type, *
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = {True: 'on', False: 'off'}.get(default, default) if isinstance(default, bool) else \
             ','.join(map(str, default)) if isinstance(default, (tuple, list)) else default
-        text = docs.get(f.name, '').replace('%', '%%')
-        if default not in (None, dataclasses.MISSING, {}):
+        text = spec.get('help', docs.get(f.name, '')).replace('%', '%%')
+        if default not in (None, dataclasses.MISSING, {}) and 'help' not in spec:
             text += f' (default: {shown})'
         kwargs = {'dest': path, 'default': argparse.SUPPRESS, 'help': text, 'metavar': f.name.upper(),
                   **_arg_type(hints[f.name], spec)}

@@ -213,7 +213,7 @@ def test_finetune_steps_span_the_schedule(tmp_path):
     from amap.train import create_model
     from amap.utils.distributed import DistInfo
 
-    cfg = load_config(data={'data': 'digits', 'batch_size': 64, 'num_workers': 0, 'train_subset': 320},
+    cfg = load_config(data={'data': 'digits', 'img_size': 32, 'batch_size': 64, 'num_workers': 0, 'train_subset': 320},
                       finetune_steps=7, finetune_warmup_epochs=0.4, out=str(tmp_path), progress=False)
     data = build_loaders(DataConfig(**dataclasses.asdict(cfg.data)), seed=0)
     assert data.steps_per_epoch == 5

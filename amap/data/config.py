@@ -62,7 +62,8 @@ class DataConfig:
 def validate_config(cfg: DataConfig) -> None:
     """Raise :class:`amap.errors.ConfigError` naming the first invalid field of ``cfg`` and the fix."""
     checks = [
-        (cfg.img_size is not None and cfg.img_size >= 8, 'img_size', 'must be >= 8'),
+        (cfg.img_size is not None and cfg.img_size >= 8, 'img_size',
+         'must be >= 8 (null only in amap prune, where it means the size of the checkpoint)'),
         (cfg.batch_size >= 1, 'batch_size', 'must be >= 1'),
         (cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, 'eval_batch_size', 'must be >= 1'),
         (cfg.num_workers >= 0, 'num_workers', 'must be >= 0'),

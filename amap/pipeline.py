@@ -457,13 +457,15 @@ def _finetune(cfg: PipelineConfig, info: DistInfo, data: Any, model: nn.Module,
     """Fine-tune ``model`` with the trainer's epoch loop (distilling from ``teacher``), checkpointing in
     ``out/finetune``; returns the model, the per-epoch evaluations and the final top-1."""
     per_epoch = max(1, data.steps_per_epoch // cfg.accum_steps)
-    steps, epochs, warmup = cfg.finetune_steps, cfg.finetune_epochs, cfg.finetune_warmup_epochs
-    schedule = (epochs, per_epoch, warmup)  # (epochs, updates per epoch, warm-up epochs) of the cosine schedule
-    if steps is not None:  # a schedule of exactly `steps` updates: one "epoch" of that many, in timm's terms
-        epochs, schedule = math.ceil(steps / per_epoch), (1, steps, warmup * per_epoch / steps)
-    tcfg = TrainConfig(epochs=schedule[0], lr=cfg.finetune_lr, min_lr=cfg.finetune_min_lr, warmup_epochs=schedule[2],
+    steps, epochs = cfg.finetune_steps, cfg.finetune_epochs
+    # the cosine schedule in timm's terms: epochs of updates, and the warm-up in those epochs
+    sched_epochs, sched_per_epoch, sched_warmup = epochs, per_epoch, cfg.finetune_warmup_epochs
+    if steps is not None:  # exactly `steps` updates: one schedule "epoch" of that many, the last data epoch cut short
+        epochs = math.ceil(steps / per_epoch)
+        sched_epochs, sched_per_epoch, sched_warmup = 1, steps, cfg.finetune_warmup_epochs * per_epoch / steps
+    tcfg = TrainConfig(epochs=sched_epochs, lr=cfg.finetune_lr, min_lr=cfg.finetune_min_lr, warmup_epochs=sched_warmup,
                        weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad, seed=cfg.seed, amp=cfg.amp)
-    state = build_train_state(model, tcfg, updates_per_epoch=schedule[1], info=info)
+    state = build_train_state(model, tcfg, updates_per_epoch=sched_per_epoch, info=info)
     stop = min((n for n in (steps, cfg.max_finetune_steps) if n is not None), default=None)
     loop = EpochLoop(state, data, epochs=epochs, ckpt_dir=Path(cfg.out) / FINETUNE, info=info,
                      compute_loss=_kd_loss_fn(teacher, cfg.kd_alpha if teacher is not None else 0.0),

@@ -30,8 +30,12 @@ curves (``<out stem>_<base>_t<target>.png``), linked from the Markdown.
 
 Every run writes ``report.json`` in its own folder (``--work-dir``, default ``~/.cache/amap-bench/quality``); a run
 whose report exists is reused, an interrupted one continues (the pipeline resumes), so a killed benchmark picks up
-where it stopped. The JSON + Markdown results hold every run, the mean and spread (sample std over seeds) per (base,
-target, method), the exact command, the machine and the date.
+where it stopped. With ``--records DIR`` (e.g. ``benchmarks/results/quality_runs``, committed) every finished run also
+leaves a small record there (settings, summary, and for ``amap`` the structure ``amap_structure`` needs) that any
+machine reuses when its work folder lacks the run: the grid outlasts a session and a machine. A record names its base
+by the SHA-256 of the weights, not by a path, so it matches the same base wherever it is. The JSON + Markdown
+results hold every run, the mean and spread (sample std over seeds) per (base, target, method), the exact command,
+the machine and the date.
 
 Bases: ``--bases NAME=PATH ...``, or by default ``~/.cache/amap-bench/<model>/`` for flatten_deit_micro,
 flatten_swin_micro and timm_deit_micro (the DeiTs at width 96 with 3 heads of 32: flatten_deit_micro with
@@ -64,6 +68,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -326,7 +331,7 @@ def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: i
 
 
 def run_direct(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
-               budget: dict[str, Any], device: str = 'auto') -> dict[str, Any]:
+               budget: dict[str, Any], device: str = 'auto', amap_record: Path | None = None) -> dict[str, Any]:
     """Torch-Pruning to the target (on the CPU), or no pruning (``unpruned``), then the pipeline's fine-tune (same
     optimiser, schedule, distillation) on ``device``, stopped at every curve point (``max_finetune_steps``) and
     continued from its checkpoint there (``resume``) to the next."""
@@ -360,7 +365,7 @@ def run_direct(base: Path, out: Path, target: float, method: str, seed: int, dat
         macs = {'before': macs_before, 'target': macs_before, 'target_ratio': 1.0}
         params_before, top1_surgery = count_params(original), top1_before
     elif method == 'amap_structure':
-        model, macs, params_before = _cut_to_structure(original, _amap_structure(out, seed), size)
+        model, macs, params_before = _cut_to_structure(original, _amap_structure(out, seed, amap_record), size)
         model = model.to(dev)
         top1_surgery = evaluate(model, bundle.val_loader, device=dev)['top1']
     else:
@@ -395,12 +400,15 @@ def run_direct(base: Path, out: Path, target: float, method: str, seed: int, dat
     }
 
 
-def _amap_structure(out: Path, seed: int) -> list[dict]:
-    """The structure records of the finished ``amap`` run beside ``out`` (same base, target and seed)."""
+def _amap_structure(out: Path, seed: int, record: Path | None = None) -> list[dict]:
+    """The structure records of the finished ``amap`` run beside ``out`` (same base, target and seed), or of its
+    committed record (``record``: the ``amap`` run's record file) when the work folder lacks it."""
     report = out.parent.parent / 'amap' / f'seed{seed}' / 'report.json'
-    if not report.is_file():
-        raise SystemExit(f'amap_structure needs the finished amap run of seed {seed} ({report}); run amap first')
-    return read_json(report)['structure']
+    if report.is_file():
+        return read_json(report)['structure']
+    if record is not None and record.is_file() and 'structure' in read_json(record):
+        return read_json(record)['structure']
+    raise SystemExit(f'amap_structure needs the finished amap run of seed {seed} ({report}); run amap first')
 
 
 def _cut_to_structure(original: torch.nn.Module, structure: list[dict], size: tuple[int, int, int]):
@@ -436,6 +444,31 @@ def _settings(base: Path, target: float, method: str, seed: int, data: dict[str,
     return json.loads(json.dumps(doc))
 
 
+def _weights_sha256(base: Path) -> str | None:
+    """SHA-256 of the base's weights file (``model.safetensors`` of a run folder, or the file itself)."""
+    f = base / 'model.safetensors' if base.is_dir() else base
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, 'rb') as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_path(args: argparse.Namespace, base_name: str, target: float, method: str, seed: int) -> Path | None:
+    """Where the committed record of a run lives (``--records``), or None without records."""
+    if not args.records:
+        return None
+    folder = Path(args.records) / base_name
+    return (folder if method in TARGETLESS else folder / f't{target:g}') / method / f'seed{seed}.json'
+
+
+def _portable(settings: dict[str, Any], sha: str | None) -> dict[str, Any]:
+    """The run's settings with the base named by its weights' hash instead of a path on this machine."""
+    return {**{k: v for k, v in settings.items() if k != 'base'}, 'base_sha256': sha}
+
+
 class NotRun(Exception):
     """With ``--collect``: the run has no finished result."""
 
@@ -455,13 +488,34 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     budget = _budget(args, method)
     settings = _settings(base, target, method, seed, data, budget)
     key = {'base': base_name, 'target': target, 'method': method, 'seed': seed, 'folder': str(out), 'budget': budget}
+    record = _record_path(args, base_name, target, method, seed)
+    portable = _portable(settings, _weights_sha256(base)) if record is not None else None
+
+    def keep(doc: dict[str, Any], report: dict[str, Any] | None = None) -> None:
+        if record is not None:
+            rec = {**{k: v for k, v in doc.items() if k != 'settings'}, 'settings': portable}
+            if report is not None and method == 'amap':
+                rec['structure'] = report['structure']
+            atomic_write_json(record, rec)
+
+    if record is not None and record.is_file() and not marker.is_file():
+        doc = read_json(record)
+        if doc.get('settings') == portable:
+            if 'not_applicable' in doc:
+                return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
+            return {**key, **doc['summary'], 'reused': True}
+        _log(f'{record}: a record with other settings; running the run afresh')
     fresh, progress = True, None
     if marker.is_file():
         doc = read_json(marker)
         if doc.get('settings') == settings:
             if 'not_applicable' in doc:
+                if record is not None and not record.is_file():
+                    keep({'not_applicable': doc['not_applicable']})
                 return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
             if 'summary' in doc:
+                if record is not None and not record.is_file():  # finished before --records: record it now
+                    keep({'summary': doc['summary']}, read_json(out / 'report.json') if method == 'amap' else None)
                 return {**key, **doc['summary'], 'reused': True}
             fresh, progress = False, doc.get('progress')  # interrupted with the same settings: continue it
         else:
@@ -478,10 +532,12 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     t0 = time.perf_counter()
     if METHODS[method] is None:
         try:
-            report = run_direct(base, out, target, method, seed, data, budget, args.device)
+            report = run_direct(base, out, target, method, seed, data, budget, args.device,
+                                amap_record=_record_path(args, base_name, target, 'amap', seed))
         except NotApplicable as e:
             _log(f'  not applicable: {e}')
             atomic_write_json(marker, {'settings': settings, 'not_applicable': str(e)})
+            keep({'not_applicable': str(e)})
             return {**key, 'not_applicable': str(e), 'reused': False}
         atomic_write_json(out / 'report.json', report)
     else:
@@ -490,6 +546,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     report.setdefault('seconds', {}).setdefault('total', time.perf_counter() - t0)
     summary = _summary_of(report)
     atomic_write_json(marker, {'settings': settings, 'summary': summary})
+    keep({'summary': summary}, report)
     _log(f'  top-1 {summary["top1"]["before"]:.2f} -> {summary["top1"]["after_surgery"]:.2f} -> '
          f'{summary["top1"]["after_finetune"]:.2f}, MAC ratio {summary["macs"]["ratio"]:.4f}, '
          f'{summary["seconds"].get("total", float("nan")):.1f} s')
@@ -756,6 +813,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=0, help='data loader processes (default %(default)s)')
     p.add_argument('--work-dir', default=None, help='folder of the runs (default ~/.cache/amap-bench/quality, '
                                                     'quick: ~/.cache/amap-bench/quality_quick)')
+    p.add_argument('--records', default=None, metavar='DIR',
+                   help='keep a small record of every finished run in DIR and reuse the records found there when the '
+                        'work folder lacks the run (commit DIR, e.g. benchmarks/results/quality_runs, so the grid '
+                        'continues on another machine)')
     p.add_argument('--collect', action='store_true', help='run nothing: gather the finished runs of the grid into '
                    'one result (e.g. after sharded or separate invocations)')
     p.add_argument('--allow-unfinished', action='store_true', help='use bases whose training has not finished')

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,19 @@ def test_quality_quick(tmp_path):
     again, _ = _run(out, work)
     assert all(r['reused'] for r in again['runs'])
     assert {r['method']: r['top1'] for r in again['runs']} == {m: r['top1'] for m, r in runs.items()}
+    # committed records: another machine, without the work folder and with the base elsewhere, reuses every run
+    records = tmp_path / 'records'
+    recorded, _ = _run(tmp_path / 'recorded.json', work, '--records', str(records))
+    assert all(r['reused'] for r in recorded['runs'])  # finished before --records: recorded without re-running
+    rec = json.loads((records / 'quick_timm_deit' / 't0.7' / 'amap' / 'seed0.json').read_text())
+    assert rec['structure'] and 'base' not in rec['settings'] and len(rec['settings']['base_sha256']) == 64
+    assert (records / 'quick_timm_deit' / 'unpruned' / 'seed0.json').is_file()  # no target: one record per seed
+    moved_base = tmp_path / 'elsewhere' / 'base'
+    shutil.copytree(work / 'quick_base_digits_e8', moved_base)
+    moved, _ = _run(tmp_path / 'moved.json', tmp_path / 'empty_work', '--bases', f'quick_timm_deit={moved_base}',
+                    '--records', str(records), '--collect')
+    assert moved['meta']['complete'] is True and all(r['reused'] for r in moved['runs'])
+    assert {r['method']: r['top1'] for r in moved['runs']} == {m: r['top1'] for m, r in runs.items()}
     # --collect gathers what finished and starts nothing: a method never run is listed as not run
     collected, _ = _run(tmp_path / 'collected.json', work, '--methods', 'amap', 'magnitude', 'random', '--collect')
     assert {r['method'] for r in collected['runs']} == {'amap', 'magnitude'}

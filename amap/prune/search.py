@@ -30,10 +30,11 @@ from ..utils.outputs import logits_of
 from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
 
-__all__ = ['DEFAULT_STEPS', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search', 'distillation_loss',
+__all__ = ['DEFAULT_STEPS', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search', 'distillation_loss',
            'task_loss', 'kept_by_kind']
 
 RESOURCE_CONTROLS = ('penalty', 'dual')
+INDICATOR_SCHEDULES = ('constant', 'cosine')
 
 
 DEFAULT_STEPS = 200
@@ -50,6 +51,8 @@ class SearchSettings:
         lr: Weight learning rate during the search (0 freezes the weights).
         weight_decay: Weight decay of the weights during the search.
         indicator_lr: Indicator learning rate.
+        indicator_schedule: Indicator learning rate over the search: constant, or cosine (decayed to 0 by the last
+            step, so the structure settles and the weights adapt to it before the cut; an option under evaluation).
         indicator_opt: Indicator optimiser: adam (per-channel normalisation), group_adam (one second moment per
             channel group) or sgd (momentum 0.9).
         reweight_lr: Reweight learning rate.
@@ -71,6 +74,7 @@ class SearchSettings:
     lr: float = field(default=5e-5, metadata={'flags': ('--search-lr',)})
     weight_decay: float = field(default=0.05, metadata={'flags': ('--search-weight-decay',)})
     indicator_lr: float = 0.02
+    indicator_schedule: str = field(default='constant', metadata={'choices': INDICATOR_SCHEDULES})
     indicator_opt: str = field(default='adam', metadata={'choices': INDICATOR_OPTIMIZERS})
     reweight_lr: float = 1e-3
     resource_lambda: float = 5.0
@@ -202,6 +206,13 @@ class Search:
         s = self.settings
         return s.resource_lambda * min(1.0, (step + 1) / self._warmup_steps())
 
+    def indicator_lr(self, step: int) -> float:
+        """Indicator learning rate at ``step`` (``indicator_schedule``)."""
+        s = self.settings
+        if s.indicator_schedule == 'cosine':
+            return s.indicator_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, s.total_steps)))
+        return s.indicator_lr
+
     def _warmup_steps(self) -> int:
         return max(1, math.ceil(self.settings.lambda_warmup * self.settings.total_steps))
 
@@ -232,6 +243,8 @@ class Search:
         self.opt_ind.zero_grad(set_to_none=True)
         step = self.step
         lam = self.lam(step)
+        for g in self.opt_ind.param_groups:  # a function of the step alone: a resumed search continues it exactly
+            g['lr'] = self.indicator_lr(step)
         sums = torch.zeros(3, dtype=torch.float64)
         for xb, yb in micro:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

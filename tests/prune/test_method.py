@@ -230,6 +230,23 @@ def test_dual_control_raises_its_multiplier_above_the_target_and_resumes_it():
     assert penalty.mu == 0.0
 
 
+def test_cosine_indicator_schedule_decays_the_indicator_lr_to_zero():
+    from amap.prune.search import Search, SearchSettings
+    pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
+    cosine = Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, lr=0.0, indicator_schedule='cosine'))
+    assert [cosine.indicator_lr(k) for k in range(4)] == pytest.approx([0.02, 0.01 * (1 + 2 ** -0.5), 0.01,
+                                                                        0.01 * (1 - 2 ** -0.5)])
+    x, y = _loader()[0]
+    for k in range(3):
+        before = pruner.indicators[next(iter(pruner.indicators))].m.detach().clone()
+        cosine.train_step(x, y)
+        assert cosine.opt_ind.param_groups[0]['lr'] == pytest.approx(cosine.indicator_lr(k))
+    moved = (pruner.indicators[next(iter(pruner.indicators))].m.detach() - before).abs().max().item()
+    assert 0 < moved <= cosine.indicator_lr(2) * 1.01  # Adam's step is at most about its learning rate
+    constant = Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, lr=0.0))
+    assert {constant.indicator_lr(k) for k in range(4)} == {0.02}
+
+
 # --------------------------------------------------------------------------------------------------- prune() API
 
 
@@ -299,14 +316,15 @@ def test_bad_targets_are_clear_errors():
         prune(build('flatten_deit'), _loader(), 0.5, serch_steps=3)
 
 
-def test_search_resumes_exactly_from_a_saved_state():
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_search_resumes_exactly_from_a_saved_state(schedule):
     from amap.prune.api import resolve_target
     from amap.prune.search import Search, SearchSettings
 
     def fresh():
         model = build('flatten_deit')
         pruner = prepare(model, (3, 32, 32), PruneConfig(), _calib())
-        settings = SearchSettings(steps=8, log_every=2)
+        settings = SearchSettings(steps=8, log_every=2, indicator_schedule=schedule)
         return Search(pruner, resolve_target(0.5, pruner.full_macs), settings, teacher=build('flatten_deit'))
 
     loader = _loader()  # 4 batches per epoch: the 8 steps span two epochs

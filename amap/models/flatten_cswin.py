@@ -202,8 +202,7 @@ class CSWinBlock(Rebuildable, nn.Module):
                  dwc_shared: bool = True, opts: BlockOptions | None = None) -> None:
         super().__init__()
         opts = opts or BlockOptions()
-        if attn_type not in ('L', 'S'):
-            raise ModelError(f"CSWinBlock attn_type must be 'L' or 'S', got {attn_type!r}")
+        linear = helpers.is_linear(attn_type)
         self.dim = dim
         self.num_heads = num_heads
         self.patches_resolution = reso
@@ -221,7 +220,7 @@ class CSWinBlock(Rebuildable, nn.Module):
             raise ModelError(
                 f'CSWin stripes of width {split_size} do not tile the {reso}x{reso} token map; '
                 f'choose a split size that divides {reso}')
-        if self.branch_num == 2 and attn_type == 'L':
+        if self.branch_num == 2 and linear:
             raise ModelError(
                 f'focused linear attention needs one stripe over the whole {reso}x{reso} map, but split size '
                 f'{split_size} gives narrower stripes (the official model cannot run them either); '
@@ -236,7 +235,7 @@ class CSWinBlock(Rebuildable, nn.Module):
         self.norm1 = opts.norm_layer(dim)
         self.proj = nn.Linear(heads_total * self.v_dim, dim)
         idxs = [-1] if self.branch_num == 1 else [0, 1]
-        if attn_type == 'L':
+        if linear:
             self.attns = nn.ModuleList([
                 FocusedLinearAttention(
                     branch_dim, resolution=reso, num_heads=branch_heads, qk_dim=self.qk_dim, v_dim=self.v_dim,

@@ -173,13 +173,11 @@ def pvt_attention(attn_type: str, dim: int, num_patches: int, num_heads: int, **
     """The attention module of a PVT/PVTv2 block for ``attn_type`` 'L' (:class:`PvtFocusedLinearAttention`) or 'S'
     (:class:`PvtAttention`); ``kwargs`` are the modules' arguments (``focusing_factor`` and ``kernel_size`` go to
     linear attention only)."""
-    if attn_type == 'L':
+    if helpers.is_linear(attn_type):
         return PvtFocusedLinearAttention(dim, num_patches, num_heads=num_heads, **kwargs)
-    if attn_type == 'S':
-        for name in ('focusing_factor', 'kernel_size'):
-            kwargs.pop(name, None)
-        return PvtAttention(dim, num_heads=num_heads, **kwargs)
-    raise ModelError(f"attn_type {attn_type!r} must be 'L' (focused linear) or 'S' (softmax)")
+    for name in ('focusing_factor', 'kernel_size'):
+        kwargs.pop(name, None)
+    return PvtAttention(dim, num_heads=num_heads, **kwargs)
 
 
 class PvtBlock(nn.Module):

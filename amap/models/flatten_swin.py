@@ -186,10 +186,9 @@ class SwinTransformerBlock(nn.Module):
 
         self.norm1 = opts.norm_layer(dim)
         window = to_2tuple(self.window_size)
-        if attn_type not in ('L', 'S'):
-            raise ModelError(f"attn_type={attn_type!r} per block must be 'L' (linear) or 'S' (softmax)")
-        attn_cls = FocusedLinearAttention if attn_type == 'L' else WindowAttention
-        self.attn = attn_cls(dim, window_size=window, num_heads=num_heads, **opts.attention(linear=attn_type == 'L'))
+        linear = helpers.is_linear(attn_type)
+        attn_cls = FocusedLinearAttention if linear else WindowAttention
+        self.attn = attn_cls(dim, window_size=window, num_heads=num_heads, **opts.attention(linear=linear))
         self.drop_path = helpers.drop_path(drop_path)
         self.norm2 = opts.norm_layer(dim)
         self.mlp = opts.mlp(dim)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import ModelError
 
 __all__ = ['Rebuildable', 'init_weights', 'init_weights_with_conv', 'ClassifierMixin', 'BlockOptions', 'drop_path',
-           'flatten_cfg', 'register_variants', 'block_attn_types']
+           'flatten_cfg', 'register_variants', 'block_attn_types', 'is_linear']
 
 
 class Rebuildable:
@@ -191,6 +191,17 @@ def _entry_point(module: str, name: str, doc: str, create: Callable[..., nn.Modu
     entry_point.__module__ = module
     entry_point.__doc__ = doc
     return entry_point
+
+
+def is_linear(attn_type: str) -> bool:
+    """Whether a block's ``attn_type`` is ``'L'`` (focused linear attention) rather than ``'S'`` (softmax).
+
+    Raises:
+        ModelError: Any other value.
+    """
+    if attn_type not in ('L', 'S'):
+        raise ModelError(f"attn_type={attn_type!r} of a block must be 'L' (focused linear) or 'S' (softmax)")
+    return attn_type == 'L'
 
 
 def block_attn_types(attn_type: str, depths: Sequence[int]) -> list[list[str]]:

@@ -194,14 +194,15 @@ class CSWinBlock(Rebuildable, nn.Module):
         qk_dim: q/k channels per head (default: the original head width).
         v_dim: v channels per head (default: the original head width).
         dwc_shared: Share linear attention's depthwise conv across heads (the official layout).
-        opts: MLP, dropout (``drop`` in the MLP, ``attn_drop`` on softmax weights), norm and attention settings.
+        opts: MLP, dropout (``drop`` in the MLP, ``attn_drop`` on softmax weights), norm and attention settings; by
+            default those of the official block (no qkv bias).
     """
 
     def __init__(self, dim: int, reso: int, num_heads: int, split_size: int = 7, drop_path: float = 0.,
                  last_stage: bool = False, attn_type: str = 'L', qk_dim: int | None = None, v_dim: int | None = None,
                  dwc_shared: bool = True, opts: BlockOptions | None = None) -> None:
         super().__init__()
-        opts = opts or BlockOptions()
+        opts = opts or BlockOptions(qkv_bias=False)
         linear = helpers.is_linear(attn_type)
         self.dim = dim
         self.num_heads = num_heads

@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from . import attention
-from .helpers import ClassifierMixin, Rebuildable, block_attn_types, flatten_cfg, init_weights
+from . import attention, helpers
+from .helpers import BlockOptions, ClassifierMixin, Rebuildable, block_attn_types, flatten_cfg, init_weights
 
 __all__ = [
     'CSWinTransformer', 'CSWinBlock', 'LePEAttention', 'FocusedLinearAttention', 'MergeBlock',
@@ -188,53 +188,27 @@ class CSWinBlock(Rebuildable, nn.Module):
         reso: Side of the square token map.
         num_heads: Heads of the block (each of two branches gets ``num_heads // 2``).
         split_size: Stripe width.
-        mlp_ratio: MLP hidden width as a multiple of ``dim``.
-        qkv_bias: Bias on the ``qkv`` projection.
-        qk_scale: Softmax scale override (softmax attention only).
-        drop: Dropout in the MLP.
-        attn_drop: Dropout on softmax attention weights.
         drop_path: Stochastic depth rate.
-        act_layer: MLP activation.
-        norm_layer: Normalisation layer.
         last_stage: One branch over the whole map (also chosen when ``reso == split_size``).
-        focusing_factor: Focusing power of linear attention.
-        kernel_size: Depthwise-conv kernel of linear attention.
         attn_type: ``'L'`` focused linear attention or ``'S'`` softmax attention.
         qk_dim: q/k channels per head (default: the original head width).
         v_dim: v channels per head (default: the original head width).
         dwc_shared: Share linear attention's depthwise conv across heads (the official layout).
+        opts: MLP, dropout (``drop`` in the MLP, ``attn_drop`` on softmax weights), norm and attention settings; by
+            default those of the official block (no qkv bias).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            reso: int,
-            num_heads: int,
-            split_size: int = 7,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            qk_scale: float | None = None,
-            drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            last_stage: bool = False,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            attn_type: str = 'L',
-            qk_dim: int | None = None,
-            v_dim: int | None = None,
-            dwc_shared: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, reso: int, num_heads: int, split_size: int = 7, drop_path: float = 0.,
+                 last_stage: bool = False, attn_type: str = 'L', qk_dim: int | None = None, v_dim: int | None = None,
+                 dwc_shared: bool = True, opts: BlockOptions | None = None) -> None:
         super().__init__()
-        if attn_type not in ('L', 'S'):
-            raise ModelError(f"CSWinBlock attn_type must be 'L' or 'S', got {attn_type!r}")
+        opts = opts or BlockOptions(qkv_bias=False)
+        linear = helpers.is_linear(attn_type)
         self.dim = dim
         self.num_heads = num_heads
         self.patches_resolution = reso
         self.split_size = split_size
-        self.mlp_ratio = mlp_ratio
+        self.mlp_ratio = opts.mlp_ratio
         self.attn_type = attn_type
         self.branch_num = 1 if last_stage or reso == split_size else 2
         branch_dim = dim // self.branch_num
@@ -247,7 +221,7 @@ class CSWinBlock(Rebuildable, nn.Module):
             raise ModelError(
                 f'CSWin stripes of width {split_size} do not tile the {reso}x{reso} token map; '
                 f'choose a split size that divides {reso}')
-        if self.branch_num == 2 and attn_type == 'L':
+        if self.branch_num == 2 and linear:
             raise ModelError(
                 f'focused linear attention needs one stripe over the whole {reso}x{reso} map, but split size '
                 f'{split_size} gives narrower stripes (the official model cannot run them either); '
@@ -258,26 +232,25 @@ class CSWinBlock(Rebuildable, nn.Module):
         self.v_dim = v_dim or head_dim
 
         heads_total = self.branch_num * branch_heads
-        self.qkv = nn.Linear(dim, heads_total * (2 * self.qk_dim + self.v_dim), bias=qkv_bias)
-        self.norm1 = norm_layer(dim)
+        self.qkv = nn.Linear(dim, heads_total * (2 * self.qk_dim + self.v_dim), bias=opts.qkv_bias)
+        self.norm1 = opts.norm_layer(dim)
         self.proj = nn.Linear(heads_total * self.v_dim, dim)
         idxs = [-1] if self.branch_num == 1 else [0, 1]
-        if attn_type == 'L':
+        if linear:
             self.attns = nn.ModuleList([
                 FocusedLinearAttention(
                     branch_dim, resolution=reso, num_heads=branch_heads, qk_dim=self.qk_dim, v_dim=self.v_dim,
-                    focusing_factor=focusing_factor, kernel_size=kernel_size, dwc_shared=dwc_shared)
+                    focusing_factor=opts.focusing_factor, kernel_size=opts.kernel_size, dwc_shared=dwc_shared)
                 for _ in idxs])
         else:
             self.attns = nn.ModuleList([
                 LePEAttention(
                     branch_dim, resolution=reso, idx=idx, split_size=split_size, num_heads=branch_heads,
-                    qk_dim=self.qk_dim, v_dim=self.v_dim, attn_drop=attn_drop, qk_scale=qk_scale)
+                    qk_dim=self.qk_dim, v_dim=self.v_dim, attn_drop=opts.attn_drop, qk_scale=opts.qk_scale)
                 for idx in idxs])
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), out_features=dim, act_layer=act_layer,
-                       drop=drop)
-        self.norm2 = norm_layer(dim)
+        self.drop_path = helpers.drop_path(drop_path)
+        self.mlp = opts.mlp(dim)
+        self.norm2 = opts.norm_layer(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the block on tokens ``(B, reso * reso, dim)``."""
@@ -417,6 +390,9 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
             nn.LayerNorm(embed_dim),
         )
         dpr = torch.linspace(0, drop_path_rate, num_blocks, device="cpu").tolist()
+        opts = BlockOptions(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                            attn_drop=attn_drop_rate, norm_layer=norm_layer, focusing_factor=focusing_factor,
+                            kernel_size=kernel_size)
         curr_dim = embed_dim
         first = 0
         for s, attn_types in enumerate(block_attn_types(attn_type, depth)):
@@ -426,10 +402,7 @@ class CSWinTransformer(ClassifierMixin, nn.Module):
                 try:
                     block = CSWinBlock(
                         dim=curr_dim, reso=resolutions[s], num_heads=num_heads[s], split_size=split,
-                        mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                        attn_drop=attn_drop_rate, drop_path=dpr[first + i], norm_layer=norm_layer,
-                        last_stage=s == 3, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                        attn_type=attn_types[i])
+                        drop_path=dpr[first + i], last_stage=s == 3, attn_type=attn_types[i], opts=opts)
                 except ModelError as e:
                     raise ModelError(f'stage{s + 1} block {i}: {e}') from None
                 blocks.append(block)
@@ -504,67 +477,28 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    'FLatten_CSWin_64_24181_tiny_224': _cfg(),
-    'FLatten_CSWin_64_24322_small_224': _cfg(),
-    'FLatten_CSWin_96_36292_base_224': _cfg(),
-    'FLatten_CSWin_96_36292_base_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
-    'flatten_cswin_tiny': _cfg(),
-    'flatten_cswin_small': _cfg(),
-    'flatten_cswin_base': _cfg(),
-    'flatten_cswin_base_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    **{name: _cfg() for name in ('FLatten_CSWin_64_24181_tiny_224', 'FLatten_CSWin_64_24322_small_224',
+                                 'FLatten_CSWin_96_36292_base_224', 'flatten_cswin_tiny', 'flatten_cswin_small',
+                                 'flatten_cswin_base')},
+    **{name: _cfg(input_size=(3, 384, 384), crop_pct=1.0)
+       for name in ('FLatten_CSWin_96_36292_base_384', 'flatten_cswin_base_384')},
 })
 
 # official factories + cfgs/flatten_cswin_*.yaml (attn_type 'LLSS'; la_split_size from img_size, see _create_cswin)
 _TINY = dict(img_size=224, patch_size=4, embed_dim=64, depth=[2, 4, 18, 1], split_size=[1, 2, 7, 7],
              num_heads=[2, 4, 8, 16], mlp_ratio=4., attn_type='LLSS')
-_SMALL = dict(_TINY, depth=[2, 4, 32, 2])
 _BASE = dict(_TINY, embed_dim=96, depth=[3, 6, 29, 2], num_heads=[4, 8, 16, 32])
-_BASE_384 = dict(_BASE, img_size=384, split_size=[1, 2, 12, 12])
+_OFFICIAL: dict[str, tuple[str, dict[str, Any]]] = {
+    'FLatten_CSWin_64_24181_tiny_224': (
+        'FLatten-CSWin-T @ 224 (21.2M parameters, 4.3 GMACs; 83.1% ImageNet top-1 in the paper).', _TINY),
+    'FLatten_CSWin_64_24322_small_224': ('FLatten-CSWin-S @ 224.', dict(_TINY, depth=[2, 4, 32, 2])),
+    'FLatten_CSWin_96_36292_base_224': ('FLatten-CSWin-B @ 224.', _BASE),
+    'FLatten_CSWin_96_36292_base_384': (
+        "FLatten-CSWin-B @ 384 (softmax stripes of 12, linear la_split_size '96-48-24-12').",
+        dict(_BASE, img_size=384, split_size=[1, 2, 12, 12])),
+}
+_ALIASES = dict(zip(('flatten_cswin_tiny', 'flatten_cswin_small', 'flatten_cswin_base', 'flatten_cswin_base_384'),
+                    _OFFICIAL))
 
-
-@register_model
-def FLatten_CSWin_64_24181_tiny_224(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:  # noqa: N802
-    """FLatten-CSWin-T @ 224 (21.2M parameters, 4.3 GMACs; 83.1% ImageNet top-1 in the paper)."""
-    return _create_cswin('FLatten_CSWin_64_24181_tiny_224', pretrained=pretrained, **dict(_TINY, **kwargs))
-
-
-@register_model
-def FLatten_CSWin_64_24322_small_224(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:  # noqa: N802
-    """FLatten-CSWin-S @ 224."""
-    return _create_cswin('FLatten_CSWin_64_24322_small_224', pretrained=pretrained, **dict(_SMALL, **kwargs))
-
-
-@register_model
-def FLatten_CSWin_96_36292_base_224(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:  # noqa: N802
-    """FLatten-CSWin-B @ 224."""
-    return _create_cswin('FLatten_CSWin_96_36292_base_224', pretrained=pretrained, **dict(_BASE, **kwargs))
-
-
-@register_model
-def FLatten_CSWin_96_36292_base_384(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:  # noqa: N802
-    """FLatten-CSWin-B @ 384 (softmax stripes of 12, linear la_split_size '96-48-24-12')."""
-    return _create_cswin('FLatten_CSWin_96_36292_base_384', pretrained=pretrained, **dict(_BASE_384, **kwargs))
-
-
-@register_model
-def flatten_cswin_tiny(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
-    """Alias of ``FLatten_CSWin_64_24181_tiny_224``."""
-    return _create_cswin('flatten_cswin_tiny', pretrained=pretrained, **dict(_TINY, **kwargs))
-
-
-@register_model
-def flatten_cswin_small(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
-    """Alias of ``FLatten_CSWin_64_24322_small_224``."""
-    return _create_cswin('flatten_cswin_small', pretrained=pretrained, **dict(_SMALL, **kwargs))
-
-
-@register_model
-def flatten_cswin_base(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
-    """Alias of ``FLatten_CSWin_96_36292_base_224``."""
-    return _create_cswin('flatten_cswin_base', pretrained=pretrained, **dict(_BASE, **kwargs))
-
-
-@register_model
-def flatten_cswin_base_384(pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
-    """Alias of ``FLatten_CSWin_96_36292_base_384``."""
-    return _create_cswin('flatten_cswin_base_384', pretrained=pretrained, **dict(_BASE_384, **kwargs))
+helpers.register_variants(__name__, _create_cswin, {
+    **_OFFICIAL, **{alias: (f'Alias of ``{name}``.', _OFFICIAL[name][1]) for alias, name in _ALIASES.items()}})

@@ -20,13 +20,14 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from . import helpers
 from .attention import FocusedLinearAttention
-from .helpers import ClassifierMixin, flatten_cfg, init_weights
+from .helpers import BlockOptions, ClassifierMixin, flatten_cfg, init_weights, register_variants
 
 __all__ = ['DeiTFocusedLinearAttention', 'FLattenDeiTBlock', 'FLattenDeiT']
 
@@ -51,42 +52,21 @@ class FLattenDeiTBlock(nn.Module):
         num_heads: Number of heads.
         grid_size: Patch-token grid ``(H, W)``.
         num_prefix_tokens: Tokens before the patch tokens.
-        mlp_ratio: MLP hidden width over ``dim``.
-        qkv_bias: Add a bias to the qkv projection.
-        proj_drop: Dropout after projections and in the MLP.
-        attn_drop: Attention dropout (unused by linear attention).
         drop_path: Stochastic depth rate.
-        act_layer: MLP activation.
-        norm_layer: Normalization layer.
-        focusing_factor: Focusing power.
-        kernel_size: DWC kernel size.
+        opts: MLP, dropout (``drop`` after projections and in the MLP), norm and linear-attention settings.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            grid_size: tuple[int, int],
-            num_prefix_tokens: int = 1,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, grid_size: tuple[int, int], num_prefix_tokens: int = 1,
+                 drop_path: float = 0., opts: BlockOptions | None = None) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        opts = opts or BlockOptions()
+        self.norm1 = opts.norm_layer(dim)
         self.attn = DeiTFocusedLinearAttention(
-            dim, num_heads=num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias,
-            attn_drop=attn_drop, proj_drop=proj_drop, focusing_factor=focusing_factor, kernel_size=kernel_size)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+            dim, num_heads=num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, **opts.attention())
+        self.drop_path1 = helpers.drop_path(drop_path)
+        self.norm2 = opts.norm_layer(dim)
+        self.mlp = opts.mlp(dim)
+        self.drop_path2 = helpers.drop_path(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the block on tokens ``(B, N, C)``."""
@@ -162,12 +142,12 @@ class FLattenDeiT(ClassifierMixin, nn.Module):
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        opts = BlockOptions(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                            act_layer=act_layer, norm_layer=norm_layer, focusing_factor=focusing_factor,
+                            kernel_size=kernel_size)
         self.blocks = nn.Sequential(*[
-            FLattenDeiTBlock(
-                embed_dim, num_heads=num_heads, grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, focusing_factor=focusing_factor,
-                kernel_size=kernel_size)
+            FLattenDeiTBlock(embed_dim, num_heads=num_heads, grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
+                             drop_path=dpr[i], opts=opts)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
@@ -227,44 +207,22 @@ default_cfgs = generate_default_cfgs({
     'flatten_deit_nano': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0),
 })
 
+_IMAGENET = dict(img_size=224, patch_size=16, depth=12)
+_SMALL_INPUT = dict(img_size=32, patch_size=4, mlp_ratio=2.)
 
-@register_model
-def flatten_deit_tiny(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
-    """FLatten-DeiT-T: 224, patch 16, dim 192, depth 12, 3 heads.
-
-    6.19M parameters, 1.14 GMACs with attention matmuls and DWC (paper: 6.1M, 1.1G, 74.1% ImageNet top-1).
-    """
-    args = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_flatten_deit('flatten_deit_tiny', pretrained=pretrained, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_deit_small(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
-    """FLatten-DeiT-S: 224, patch 16, dim 384, depth 12, 6 heads. 22.98M parameters."""
-    args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_flatten_deit('flatten_deit_small', pretrained=pretrained, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_deit_base(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
-    """FLatten-DeiT-B: 224, patch 16, dim 768, depth 12, 12 heads. 88.41M parameters."""
-    args = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_flatten_deit('flatten_deit_base', pretrained=pretrained, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_deit_micro(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
-    """Small FLatten-DeiT for 32x32 inputs (ours): patch 4 (8x8 grid + class token), dim 192, depth 6, 3 heads,
-    MLP ratio 2. 1.89M parameters and 0.13 GMACs at 10 classes.
-    """
-    args = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.)
-    return _create_flatten_deit('flatten_deit_micro', pretrained=pretrained, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_deit_nano(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
-    """Tiny FLatten-DeiT for fast tests on 32x32 inputs (ours): patch 4, dim 64, depth 4, 2 heads, MLP ratio 2.
-    0.16M parameters at 10 classes.
-    """
-    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.)
-    return _create_flatten_deit('flatten_deit_nano', pretrained=pretrained, **dict(args, **kwargs))
+# The registered variants: name -> (docstring, settings).
+register_variants(__name__, _create_flatten_deit, {
+    'flatten_deit_tiny': ('FLatten-DeiT-T: 224, patch 16, dim 192, depth 12, 3 heads. 6.19M parameters, 1.14 GMACs '
+                          'with attention matmuls and DWC (paper: 6.1M, 1.1G, 74.1% ImageNet top-1).',
+                          dict(_IMAGENET, embed_dim=192, num_heads=3)),
+    'flatten_deit_small': ('FLatten-DeiT-S: 224, patch 16, dim 384, depth 12, 6 heads. 22.98M parameters.',
+                           dict(_IMAGENET, embed_dim=384, num_heads=6)),
+    'flatten_deit_base': ('FLatten-DeiT-B: 224, patch 16, dim 768, depth 12, 12 heads. 88.41M parameters.',
+                          dict(_IMAGENET, embed_dim=768, num_heads=12)),
+    'flatten_deit_micro': ('Small FLatten-DeiT for 32x32 inputs (ours): patch 4 (8x8 grid + class token), dim 192, '
+                           'depth 6, 3 heads, MLP ratio 2. 1.89M parameters and 0.13 GMACs at 10 classes.',
+                           dict(_SMALL_INPUT, embed_dim=192, depth=6, num_heads=3)),
+    'flatten_deit_nano': ('Tiny FLatten-DeiT for fast tests on 32x32 inputs (ours): patch 4, dim 64, depth 4, 2 heads, '
+                          'MLP ratio 2. 0.16M parameters at 10 classes.',
+                          dict(_SMALL_INPUT, embed_dim=64, depth=4, num_heads=2)),
+})

@@ -18,23 +18,25 @@ rebuilt with smaller widths (:meth:`~amap.models.helpers.Rebuildable.rebuild`).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from . import helpers
 from .attention import FocusedLinearAttention, SpatialReduction, head_widths
-from .helpers import ClassifierMixin, Rebuildable, flatten_cfg, init_weights
+from .helpers import BlockOptions, ClassifierMixin, Rebuildable, flatten_cfg, init_weights
 
 __all__ = [
-    'PyramidVisionTransformer', 'PvtAttention', 'PvtFocusedLinearAttention', 'PvtBlock', 'PvtPatchEmbed',
-    'stage_attention', 'pvt_attention',
+    'PyramidVisionTransformer', 'PyramidStages', 'PvtAttention', 'PvtFocusedLinearAttention', 'PvtBlock',
+    'PvtPatchEmbed', 'stage_attention', 'pvt_attention',
 ]
 
 def stage_attention(
@@ -171,13 +173,11 @@ def pvt_attention(attn_type: str, dim: int, num_patches: int, num_heads: int, **
     """The attention module of a PVT/PVTv2 block for ``attn_type`` 'L' (:class:`PvtFocusedLinearAttention`) or 'S'
     (:class:`PvtAttention`); ``kwargs`` are the modules' arguments (``focusing_factor`` and ``kernel_size`` go to
     linear attention only)."""
-    if attn_type == 'L':
+    if helpers.is_linear(attn_type):
         return PvtFocusedLinearAttention(dim, num_patches, num_heads=num_heads, **kwargs)
-    if attn_type == 'S':
-        for name in ('focusing_factor', 'kernel_size'):
-            kwargs.pop(name, None)
-        return PvtAttention(dim, num_heads=num_heads, **kwargs)
-    raise ModelError(f"attn_type {attn_type!r} must be 'L' (focused linear) or 'S' (softmax)")
+    for name in ('focusing_factor', 'kernel_size'):
+        kwargs.pop(name, None)
+    return PvtAttention(dim, num_heads=num_heads, **kwargs)
 
 
 class PvtBlock(nn.Module):
@@ -187,53 +187,27 @@ class PvtBlock(nn.Module):
         dim: Token width.
         num_patches: Tokens of the stage at the model's ``img_size``.
         num_heads: Number of heads.
-        mlp_ratio: MLP hidden width as a multiple of ``dim``.
-        qkv_bias: Bias on ``q`` and ``kv``.
-        qk_scale: Explicit softmax scale (softmax attention only).
-        drop: Dropout after ``proj`` and in the MLP.
-        attn_drop: Dropout on the attention map.
         drop_path: Stochastic-depth rate.
-        act_layer: MLP activation.
-        norm_layer: Norm layer of ``norm1``/``norm2``.
         sr_ratio: Spatial-reduction ratio of keys/values.
         linear: PVTv2-Li (pooled keys/values; ReLU in PVTv2's MLP).
-        focusing_factor: Focusing power of linear attention.
-        kernel_size: DWC kernel of linear attention.
         attn_type: ``'L'`` focused linear or ``'S'`` softmax attention.
+        opts: MLP, dropout, norm and attention settings (``qk_scale`` for softmax attention; ``focusing_factor`` and
+            ``kernel_size`` for linear attention); by default those of the official block (no qkv bias).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_patches: int,
-            num_heads: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            qk_scale: float | None = None,
-            drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            sr_ratio: int = 1,
-            linear: bool = False,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            attn_type: str = 'L',
-    ) -> None:
+    def __init__(self, dim: int, num_patches: int, num_heads: int, drop_path: float = 0., sr_ratio: int = 1,
+                 linear: bool = False, attn_type: str = 'L', opts: BlockOptions | None = None) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = pvt_attention(
-            attn_type, dim, num_patches, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-            proj_drop=drop, sr_ratio=sr_ratio, linear=linear, focusing_factor=focusing_factor,
-            kernel_size=kernel_size)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = self._make_mlp(dim, int(dim * mlp_ratio), act_layer, drop, linear)
+        opts = opts or BlockOptions(qkv_bias=False)
+        self.norm1 = opts.norm_layer(dim)
+        self.attn = pvt_attention(attn_type, dim, num_patches, num_heads, sr_ratio=sr_ratio, linear=linear,
+                                  **opts.attention())
+        self.drop_path = helpers.drop_path(drop_path)
+        self.norm2 = opts.norm_layer(dim)
+        self.mlp = self._make_mlp(dim, opts, linear)
 
-    def _make_mlp(self, dim: int, hidden: int, act_layer: Callable[..., nn.Module], drop: float,
-                  linear: bool) -> nn.Module:
-        return Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop)
+    def _make_mlp(self, dim: int, opts: BlockOptions, linear: bool) -> nn.Module:
+        return opts.mlp(dim)
 
     def _run_mlp(self, x: Tensor, H: int, W: int) -> Tensor:
         return self.mlp(x)
@@ -268,13 +242,72 @@ class PvtPatchEmbed(PatchEmbed):
         return x, (height, width)
 
 
-def _stage_img_size(img_size: int | tuple[int, int], stage: int) -> tuple[int, int]:
-    """The input size a stage's patch embedding is built for (``img_size // 2 ** (stage + 1)`` after stage 0)."""
-    size = to_2tuple(img_size)
-    return size if stage == 0 else (size[0] // 2 ** (stage + 1), size[1] // 2 ** (stage + 1))
+class PyramidStages(ClassifierMixin, nn.Module):
+    """The stage layout PVT v1 and PVTv2 share: per stage ``i`` (from 1) a patch embedding ``patch_embed{i}`` and the
+    blocks ``block{i}``, the token map going to the next stage; the last stage's mean-pooled tokens go to ``head``.
+
+    A subclass builds its stages with :meth:`_build_stages` and says what differs: the patch embedding
+    (:meth:`_embedding`, :meth:`_embed`), what else a stage holds (:meth:`_add_stage`) and what follows its blocks
+    (:meth:`_stage_out`).
+    """
+
+    block_cls: type[PvtBlock] = PvtBlock
+
+    def _build_stages(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dims: Sequence[int],
+                      num_heads: Sequence[int], mlp_ratios: Sequence[float], depths: Sequence[int], num_stages: int,
+                      drop_path_rate: float, stage_attn: list[tuple[str, int]], opts: BlockOptions,
+                      linear: bool = False) -> None:
+        """Build the stages (the official constructors' arguments; ``stage_attn`` from :func:`stage_attention`,
+        ``opts`` the block settings but the per-stage ``mlp_ratios``)."""
+        self.depths = list(depths)
+        self.num_stages = num_stages
+        self.num_features = self.head_hidden_size = embed_dims[3]
+        self.stage_attention = stage_attn
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        size = to_2tuple(img_size)
+        for i in range(num_stages):
+            stage_size = size if i == 0 else (size[0] // 2 ** (i + 1), size[1] // 2 ** (i + 1))
+            patch_embed, num_patches = self._embedding(
+                i, stage_size, patch_size, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i])
+            letter, sr_ratio = stage_attn[i]
+            first, stage_opts = sum(depths[:i]), dataclasses.replace(opts, mlp_ratio=mlp_ratios[i])
+            blocks = nn.ModuleList([self.block_cls(
+                embed_dims[i], num_patches, num_heads[i], drop_path=dpr[first + j], sr_ratio=sr_ratio, linear=linear,
+                attn_type=letter, opts=stage_opts) for j in range(depths[i])])
+            self._add_stage(i, patch_embed, blocks, num_patches, embed_dims[i], opts)
+
+    def _embedding(self, stage: int, stage_size: tuple[int, int], patch_size: int, in_chans: int,
+                   embed_dim: int) -> tuple[nn.Module, int]:
+        """Stage ``stage``'s patch embedding for inputs of ``stage_size``, and its number of tokens there."""
+        raise NotImplementedError
+
+    def _add_stage(self, stage: int, patch_embed: nn.Module, blocks: nn.ModuleList, num_patches: int, dim: int,
+                   opts: BlockOptions) -> None:
+        """Register stage ``stage``'s modules (in the official state-dict order)."""
+        raise NotImplementedError
+
+    def _embed(self, stage: int, x: Tensor) -> tuple[Tensor, int, int]:
+        """Stage ``stage``'s tokens ``(B, H * W, C)`` of its input map ``(B, C', H', W')``, and ``H``, ``W``."""
+        raise NotImplementedError
+
+    def _stage_out(self, stage: int, x: Tensor) -> Tensor:
+        """What follows stage ``stage``'s blocks (nothing by default)."""
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Run the stages; returns the last stage's tokens ``(B, N, num_features)``."""
+        B = x.shape[0]
+        for i in range(self.num_stages):
+            x, height, width = self._embed(i, x)
+            for blk in getattr(self, f'block{i + 1}'):
+                x = blk(x, height, width)
+            x = self._stage_out(i, x)
+            if i != self.num_stages - 1:
+                x = x.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()
+        return x
 
 
-class PyramidVisionTransformer(ClassifierMixin, nn.Module):
+class PyramidVisionTransformer(PyramidStages):
     """FLatten-PVT (v1): four stages of patch embedding + absolute position embedding + PVT blocks; mean-pooled tokens
     go to the ``head``.
 
@@ -329,37 +362,29 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.depths = list(depths)
-        self.num_stages = num_stages
-        self.num_features = self.head_hidden_size = embed_dims[3]
-        self.stage_attention = stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages)
-
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
-        cur = 0
-        for i in range(num_stages):
-            patch_embed = PvtPatchEmbed(
-                img_size=_stage_img_size(img_size, i), patch_size=patch_size if i == 0 else 2,
-                in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i])
-            num_patches = patch_embed.num_patches
-            letter, sr_ratio = self.stage_attention[i]
-            block = nn.ModuleList([PvtBlock(
-                dim=embed_dims[i], num_patches=num_patches, num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[cur + j], norm_layer=norm_layer, sr_ratio=sr_ratio, focusing_factor=focusing_factor,
-                kernel_size=kernel_size, attn_type=letter)
-                for j in range(depths[i])])
-            cur += depths[i]
-            setattr(self, f'patch_embed{i + 1}', patch_embed)
-            setattr(self, f'pos_embed{i + 1}', nn.Parameter(torch.zeros(1, num_patches, embed_dims[i])))
-            setattr(self, f'pos_drop{i + 1}', nn.Dropout(p=drop_rate))
-            setattr(self, f'block{i + 1}', block)
-
+        opts = BlockOptions(qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                            norm_layer=norm_layer, focusing_factor=focusing_factor, kernel_size=kernel_size)
+        self._build_stages(img_size, patch_size, in_chans, embed_dims, num_heads, mlp_ratios, depths, num_stages,
+                           drop_path_rate, stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages), opts)
         self.norm = norm_layer(embed_dims[3])
         self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
 
         for i in range(num_stages):
             trunc_normal_(getattr(self, f'pos_embed{i + 1}'), std=.02)
         self.apply(init_weights)
+
+    def _embedding(self, stage: int, stage_size: tuple[int, int], patch_size: int, in_chans: int,
+                   embed_dim: int) -> tuple[nn.Module, int]:
+        patch_embed = PvtPatchEmbed(img_size=stage_size, patch_size=patch_size if stage == 0 else 2, in_chans=in_chans,
+                                    embed_dim=embed_dim)
+        return patch_embed, patch_embed.num_patches
+
+    def _add_stage(self, stage: int, patch_embed: nn.Module, blocks: nn.ModuleList, num_patches: int, dim: int,
+                   opts: BlockOptions) -> None:
+        setattr(self, f'patch_embed{stage + 1}', patch_embed)
+        setattr(self, f'pos_embed{stage + 1}', nn.Parameter(torch.zeros(1, num_patches, dim)))
+        setattr(self, f'pos_drop{stage + 1}', nn.Dropout(p=opts.drop))
+        setattr(self, f'block{stage + 1}', blocks)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -379,18 +404,10 @@ class PyramidVisionTransformer(ClassifierMixin, nn.Module):
         pos_embed = F.interpolate(pos_embed, size=(height, width), mode='bilinear')
         return pos_embed.reshape(1, -1, height * width).permute(0, 2, 1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Run the stages; returns the last stage's tokens ``(B, N, num_features)`` (no final norm, as official)."""
-        B = x.shape[0]
-        for i in range(self.num_stages):
-            x, (height, width) = getattr(self, f'patch_embed{i + 1}')(x)
-            x = getattr(self, f'pos_drop{i + 1}')(x + self._pos_embed(i, height, width))
-            for blk in getattr(self, f'block{i + 1}'):
-                x = blk(x, height, width)
-            if i != self.num_stages - 1:
-                x = x.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()
-        return x
-
+    def _embed(self, stage: int, x: Tensor) -> tuple[Tensor, int, int]:
+        x, (height, width) = getattr(self, f'patch_embed{stage + 1}')(x)
+        x = getattr(self, f'pos_drop{stage + 1}')(x + self._pos_embed(stage, height, width))
+        return x, height, width
 
 
 default_cfgs = generate_default_cfgs({
@@ -399,38 +416,20 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_flatten_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    return build_model_with_cfg(PyramidVisionTransformer, variant, pretrained, **kwargs)
+    """A registered FLatten-PVT: the released settings (official factories + ``cfgs/*.yaml``), overridden by
+    ``kwargs`` (the variant's, then the caller's)."""
+    return build_model_with_cfg(PyramidVisionTransformer, variant, pretrained, **{**RELEASED, **kwargs})
 
 
-def _released(depths: tuple[int, ...], **kwargs: Any) -> dict[str, Any]:
-    """The settings shared by all released FLatten-PVT models (official factories + ``cfgs/*.yaml``)."""
-    args: dict[str, Any] = dict(
-        patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
-        qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=depths, sr_ratios=(8, 4, 2, 1),
-        attn_type='LLLL', la_sr_ratios='1111')
-    args.update(kwargs)
-    return args
+# The settings shared by all released FLatten-PVT models; PVTv2's are the same but for its per-variant widths.
+RELEASED: dict[str, Any] = dict(
+    patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), qkv_bias=True,
+    norm_layer=partial(nn.LayerNorm, eps=1e-6), sr_ratios=(8, 4, 2, 1), attn_type='LLLL', la_sr_ratios='1111')
 
-
-@register_model
-def flatten_pvt_tiny(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """FLatten-PVT-T (12.2M params, 2.0 GMACs at 224)."""
-    return _create_flatten_pvt('flatten_pvt_tiny', pretrained, **_released((2, 2, 2, 2), **kwargs))
-
-
-@register_model
-def flatten_pvt_small(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """FLatten-PVT-S."""
-    return _create_flatten_pvt('flatten_pvt_small', pretrained, **_released((3, 4, 6, 3), **kwargs))
-
-
-@register_model
-def flatten_pvt_medium(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """FLatten-PVT-M."""
-    return _create_flatten_pvt('flatten_pvt_medium', pretrained, **_released((3, 4, 18, 3), **kwargs))
-
-
-@register_model
-def flatten_pvt_large(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """FLatten-PVT-L (the repository's ``flatten_pvt_b`` config)."""
-    return _create_flatten_pvt('flatten_pvt_large', pretrained, **_released((3, 8, 27, 3), **kwargs))
+# The registered variants: name -> (docstring, settings).
+helpers.register_variants(__name__, _create_flatten_pvt, {
+    'flatten_pvt_tiny': ('FLatten-PVT-T (12.2M params, 2.0 GMACs at 224).', dict(depths=(2, 2, 2, 2))),
+    'flatten_pvt_small': ('FLatten-PVT-S.', dict(depths=(3, 4, 6, 3))),
+    'flatten_pvt_medium': ('FLatten-PVT-M.', dict(depths=(3, 4, 18, 3))),
+    'flatten_pvt_large': ("FLatten-PVT-L (the repository's ``flatten_pvt_b`` config).", dict(depths=(3, 8, 27, 3))),
+})

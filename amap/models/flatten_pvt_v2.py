@@ -12,17 +12,16 @@ The registered factories build the released models (``attn_type='LLLL'``, ``la_s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.pvt_v2 import OverlapPatchEmbed
 from torch import Tensor, nn
 
-from .flatten_pvt import PvtBlock, stage_attention
-from .helpers import ClassifierMixin, flatten_cfg, init_weights_with_conv
+from . import helpers
+from .flatten_pvt import RELEASED, PvtBlock, PyramidStages, stage_attention
+from .helpers import BlockOptions, flatten_cfg, init_weights_with_conv
 
 __all__ = ['PyramidVisionTransformerV2', 'PvtV2Block', 'DWConvMlp', 'DWConv']
 
@@ -93,15 +92,15 @@ class PvtV2Block(PvtBlock):
     """PVTv2 transformer block: a :class:`~amap.models.flatten_pvt.PvtBlock` (same arguments) whose MLP is a
     :class:`DWConvMlp` (with ``linear``, PVTv2-Li: pooled keys/values and a ReLU in the MLP)."""
 
-    def _make_mlp(self, dim: int, hidden: int, act_layer: Callable[..., nn.Module], drop: float,
-                  linear: bool) -> nn.Module:
-        return DWConvMlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=drop, linear=linear)
+    def _make_mlp(self, dim: int, opts: BlockOptions, linear: bool) -> nn.Module:
+        return DWConvMlp(in_features=dim, hidden_features=int(dim * opts.mlp_ratio), act_layer=opts.act_layer,
+                         drop=opts.drop, linear=linear)
 
     def _run_mlp(self, x: Tensor, H: int, W: int) -> Tensor:
         return self.mlp(x, H, W)
 
 
-class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
+class PyramidVisionTransformerV2(PyramidStages):
     """FLatten-PVTv2: four stages of overlapping patch embedding + PVTv2 blocks + norm; mean-pooled tokens go to the
     ``head``.
 
@@ -116,6 +115,8 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
         norm_layer: Norm of the blocks and of the stage norms.
         linear: PVTv2-Li everywhere (keys/values pooled to 7x7, ReLU in the MLP).
     """
+
+    block_cls = PvtV2Block
 
     def __init__(
             self,
@@ -143,55 +144,39 @@ class PyramidVisionTransformerV2(ClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.depths = list(depths)
-        self.num_stages = num_stages
-        self.num_features = self.head_hidden_size = embed_dims[3]
-        self.stage_attention = stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages)
-
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
-        size = to_2tuple(img_size)
-        cur = 0
-        for i in range(num_stages):
-            stride = 4 if i == 0 else 2
-            stage_size = size if i == 0 else (size[0] // 2 ** (i + 1), size[1] // 2 ** (i + 1))
-            num_patches = (stage_size[0] // stride) * (stage_size[1] // stride)
-            patch_embed = OverlapPatchEmbed(
-                patch_size=7 if i == 0 else 3, stride=stride, in_chans=in_chans if i == 0 else embed_dims[i - 1],
-                embed_dim=embed_dims[i])
-            letter, sr_ratio = self.stage_attention[i]
-            block = nn.ModuleList([PvtV2Block(
-                dim=embed_dims[i], num_patches=num_patches, num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[cur + j], norm_layer=norm_layer, sr_ratio=sr_ratio, linear=linear,
-                focusing_factor=focusing_factor, kernel_size=kernel_size, attn_type=letter)
-                for j in range(depths[i])])
-            cur += depths[i]
-            setattr(self, f'patch_embed{i + 1}', patch_embed)
-            setattr(self, f'block{i + 1}', block)
-            setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i]))
-
+        opts = BlockOptions(qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                            norm_layer=norm_layer, focusing_factor=focusing_factor, kernel_size=kernel_size)
+        self._build_stages(img_size, patch_size, in_chans, embed_dims, num_heads, mlp_ratios, depths, num_stages,
+                           drop_path_rate, stage_attention(attn_type, la_sr_ratios, sr_ratios, num_stages), opts,
+                           linear=linear)
         self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights_with_conv)
+
+    def _embedding(self, stage: int, stage_size: tuple[int, int], patch_size: int, in_chans: int,
+                   embed_dim: int) -> tuple[nn.Module, int]:
+        stride = 4 if stage == 0 else 2
+        patch_embed = OverlapPatchEmbed(patch_size=7 if stage == 0 else 3, stride=stride, in_chans=in_chans,
+                                        embed_dim=embed_dim)
+        return patch_embed, (stage_size[0] // stride) * (stage_size[1] // stride)
+
+    def _add_stage(self, stage: int, patch_embed: nn.Module, blocks: nn.ModuleList, num_patches: int, dim: int,
+                   opts: BlockOptions) -> None:
+        setattr(self, f'patch_embed{stage + 1}', patch_embed)
+        setattr(self, f'block{stage + 1}', blocks)
+        setattr(self, f'norm{stage + 1}', opts.norm_layer(dim))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (as in the official model)."""
         return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Run the stages; returns the last stage's normalised tokens ``(B, N, num_features)``."""
-        B = x.shape[0]
-        for i in range(self.num_stages):
-            x = getattr(self, f'patch_embed{i + 1}')(x)  # (B, H, W, C), normalised
-            height, width = x.shape[1:3]
-            x = x.flatten(1, 2)
-            for blk in getattr(self, f'block{i + 1}'):
-                x = blk(x, height, width)
-            x = getattr(self, f'norm{i + 1}')(x)
-            if i != self.num_stages - 1:
-                x = x.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()
-        return x
+    def _embed(self, stage: int, x: Tensor) -> tuple[Tensor, int, int]:
+        x = getattr(self, f'patch_embed{stage + 1}')(x)  # (B, H, W, C), normalised
+        height, width = x.shape[1:3]
+        return x.flatten(1, 2), height, width
 
+    def _stage_out(self, stage: int, x: Tensor) -> Tensor:
+        return getattr(self, f'norm{stage + 1}')(x)
 
 
 default_cfgs = generate_default_cfgs({
@@ -199,60 +184,22 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_flatten_pvt_v2(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    return build_model_with_cfg(PyramidVisionTransformerV2, variant, pretrained, **kwargs)
+    """A registered FLatten-PVTv2: FLatten-PVT's released settings (official factories + ``cfgs/*.yaml``), overridden
+    by ``kwargs`` (the variant's, then the caller's)."""
+    return build_model_with_cfg(PyramidVisionTransformerV2, variant, pretrained, **{**RELEASED, **kwargs})
 
 
-def _released(embed_dims: tuple[int, ...], mlp_ratios: tuple[int, ...], depths: tuple[int, ...],
-              **kwargs: Any) -> dict[str, Any]:
-    """The settings shared by all released FLatten-PVTv2 models (official factories + ``cfgs/*.yaml``)."""
-    args: dict[str, Any] = dict(
-        patch_size=4, embed_dims=embed_dims, num_heads=(1, 2, 5, 8), mlp_ratios=mlp_ratios, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=depths, sr_ratios=(8, 4, 2, 1),
-        attn_type='LLLL', la_sr_ratios='1111')
-    args.update(kwargs)
-    return args
+def _variant(depths: tuple[int, ...], mlp_ratios: tuple[int, ...] = (8, 8, 4, 4),
+             embed_dims: tuple[int, ...] = (64, 128, 320, 512)) -> dict[str, Any]:
+    return dict(depths=depths, mlp_ratios=mlp_ratios, embed_dims=embed_dims)
 
 
-_DIMS = (64, 128, 320, 512)
-
-
-@register_model
-def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B0."""
-    args = _released((32, 64, 160, 256), (8, 8, 4, 4), (2, 2, 2, 2), **kwargs)
-    return _create_flatten_pvt_v2('flatten_pvt_v2_b0', pretrained, **args)
-
-
-@register_model
-def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B1 (12.9M params, 2.2 GMACs at 224)."""
-    args = _released(_DIMS, (8, 8, 4, 4), (2, 2, 2, 2), **kwargs)
-    return _create_flatten_pvt_v2('flatten_pvt_v2_b1', pretrained, **args)
-
-
-@register_model
-def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B2 (4.3 GMACs at 224)."""
-    args = _released(_DIMS, (8, 8, 4, 4), (3, 4, 6, 3), **kwargs)
-    return _create_flatten_pvt_v2('flatten_pvt_v2_b2', pretrained, **args)
-
-
-@register_model
-def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B3."""
-    args = _released(_DIMS, (8, 8, 4, 4), (3, 4, 18, 3), **kwargs)
-    return _create_flatten_pvt_v2('flatten_pvt_v2_b3', pretrained, **args)
-
-
-@register_model
-def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B4."""
-    args = _released(_DIMS, (8, 8, 4, 4), (3, 8, 27, 3), **kwargs)
-    return _create_flatten_pvt_v2('flatten_pvt_v2_b4', pretrained, **args)
-
-
-@register_model
-def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B5."""
-    args = _released(_DIMS, (4, 4, 4, 4), (3, 6, 40, 3), **kwargs)
-    return _create_flatten_pvt_v2('flatten_pvt_v2_b5', pretrained, **args)
+# The registered variants: name -> (docstring, settings).
+helpers.register_variants(__name__, _create_flatten_pvt_v2, {
+    'flatten_pvt_v2_b0': ('FLatten-PVTv2-B0.', _variant((2, 2, 2, 2), embed_dims=(32, 64, 160, 256))),
+    'flatten_pvt_v2_b1': ('FLatten-PVTv2-B1 (12.9M params, 2.2 GMACs at 224).', _variant((2, 2, 2, 2))),
+    'flatten_pvt_v2_b2': ('FLatten-PVTv2-B2 (4.3 GMACs at 224).', _variant((3, 4, 6, 3))),
+    'flatten_pvt_v2_b3': ('FLatten-PVTv2-B3.', _variant((3, 4, 18, 3))),
+    'flatten_pvt_v2_b4': ('FLatten-PVTv2-B4.', _variant((3, 8, 27, 3))),
+    'flatten_pvt_v2_b5': ('FLatten-PVTv2-B5.', _variant((3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4))),
+})

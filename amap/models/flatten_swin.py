@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import Tensor, nn
 
 from ..errors import ModelError
 from . import attention, helpers
 from .attention import head_widths
-from .helpers import ClassifierMixin, Rebuildable, block_attn_types
+from .helpers import BlockOptions, ClassifierMixin, Rebuildable, block_attn_types, register_variants
 
 __all__ = [
     'FocusedLinearAttention', 'WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'BasicLayer',
@@ -162,64 +162,36 @@ class SwinTransformerBlock(nn.Module):
         num_heads: Number of heads.
         window_size: Window size before clamping.
         shift_size: Cyclic shift (0 for W-MSA blocks, ``window_size // 2`` for SW-MSA blocks).
-        mlp_ratio: MLP hidden width over ``dim``.
-        qkv_bias: Add a bias to the qkv projection.
-        qk_scale: Softmax scale override (``S`` attention only).
-        drop, attn_drop: Dropout after projections, on attention weights.
         drop_path: Stochastic depth rate.
-        act_layer, norm_layer: MLP activation, normalization layer.
-        focusing_factor, kernel_size: Focusing power and DWC kernel size (``L`` attention).
         attn_type: ``'L'`` (focused linear) or ``'S'`` (softmax with relative position bias).
+        opts: MLP, dropout, norm and attention settings (``focusing_factor`` and ``kernel_size`` for ``L`` attention,
+            ``qk_scale`` for ``S`` attention).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            input_resolution: tuple[int, int],
-            num_heads: int,
-            window_size: int = 7,
-            shift_size: int = 0,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            qk_scale: float | None = None,
-            drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Callable[..., nn.Module] = nn.GELU,
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            attn_type: str = 'L',
-    ) -> None:
+    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, drop_path: float = 0., attn_type: str = 'L',
+                 opts: BlockOptions | None = None) -> None:
         super().__init__()
+        opts = opts or BlockOptions()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
-        self.mlp_ratio = mlp_ratio
+        self.mlp_ratio = opts.mlp_ratio
         self.attn_type = attn_type
-        if min(self.input_resolution) <= self.window_size:
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
+        clamped = min(self.input_resolution) <= window_size  # one unshifted window over the whole map
+        self.window_size = min(self.input_resolution) if clamped else window_size
+        self.shift_size = 0 if clamped else shift_size
         if not 0 <= self.shift_size < self.window_size:
             raise ModelError(f'shift_size={shift_size} must be in [0, window_size={self.window_size})')
 
-        self.norm1 = norm_layer(dim)
+        self.norm1 = opts.norm_layer(dim)
         window = to_2tuple(self.window_size)
-        if attn_type == 'L':
-            self.attn = FocusedLinearAttention(
-                dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                attn_drop=attn_drop, proj_drop=drop, focusing_factor=focusing_factor, kernel_size=kernel_size)
-        elif attn_type == 'S':
-            self.attn = WindowAttention(
-                dim, window_size=window, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                attn_drop=attn_drop, proj_drop=drop)
-        else:
-            raise ModelError(f"attn_type={attn_type!r} per block must be 'L' (linear) or 'S' (softmax)")
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        linear = helpers.is_linear(attn_type)
+        attn_cls = FocusedLinearAttention if linear else WindowAttention
+        self.attn = attn_cls(dim, window_size=window, num_heads=num_heads, **opts.attention(linear=linear))
+        self.drop_path = helpers.drop_path(drop_path)
+        self.norm2 = opts.norm_layer(dim)
+        self.mlp = opts.mlp(dim)
 
         mask = None
         if self.shift_size > 0:
@@ -294,31 +266,13 @@ class BasicLayer(nn.Module):
         use_checkpoint: Recompute the blocks in the backward pass (activation checkpointing) while training.
         attn_type: ``'L'``, ``'S'``, ``'M<n>'`` (first ``n`` blocks linear, the rest softmax), or a letter per block.
         softmax_window_size: Window of softmax blocks; None applies the official rule above.
-        mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, norm_layer, focusing_factor, kernel_size: Passed to every
-            :class:`SwinTransformerBlock`.
+        opts: The settings of every :class:`SwinTransformerBlock` (``norm_layer`` also for the patch merging).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            input_resolution: tuple[int, int],
-            depth: int,
-            num_heads: int,
-            window_size: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            qk_scale: float | None = None,
-            drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float | Sequence[float] = 0.,
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-            downsample: Any = None,
-            use_checkpoint: bool = False,
-            focusing_factor: float = 3,
-            kernel_size: int = 5,
-            attn_type: str | Sequence[str] = 'L',
-            softmax_window_size: int | None = None,
-    ) -> None:
+    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, window_size: int,
+                 drop_path: float | Sequence[float] = 0., downsample: Any = None, use_checkpoint: bool = False,
+                 attn_type: str | Sequence[str] = 'L', softmax_window_size: int | None = None,
+                 opts: BlockOptions | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -328,16 +282,15 @@ class BasicLayer(nn.Module):
         if softmax_window_size is None:
             softmax_window_size = 7 if window_size <= 56 else 12
         windows = [window_size if t == 'L' else softmax_window_size for t in attn_types]
+        opts = opts or BlockOptions()
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(
                 dim=dim, input_resolution=self.input_resolution, num_heads=num_heads, window_size=windows[i],
-                shift_size=0 if i % 2 == 0 else windows[i] // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, Sequence) else drop_path,
-                norm_layer=norm_layer, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                attn_type=attn_types[i])
+                shift_size=0 if i % 2 == 0 else windows[i] // 2,
+                drop_path=drop_path[i] if isinstance(drop_path, Sequence) else drop_path, attn_type=attn_types[i],
+                opts=opts)
             for i in range(depth)])
-        self.downsample = PatchMerging(dim, 2 * dim, norm_layer=norm_layer) if downsample else None
+        self.downsample = PatchMerging(dim, 2 * dim, norm_layer=opts.norm_layer) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the stage on tokens ``(B, H*W, C)``; returns ``(B, H*W/4, 2C)`` when it downsamples."""
@@ -441,17 +394,17 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         total = sum(depths)
         dpr = torch.linspace(0, drop_path_rate, total, device='cpu').tolist()
         stage_types = block_attn_types(attn_type, depths)
+        opts = BlockOptions(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                            attn_drop=attn_drop_rate, norm_layer=norm_layer, focusing_factor=focusing_factor,
+                            kernel_size=kernel_size)
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
             start, end = sum(depths[:i]), sum(depths[:i + 1])
             self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i),
-                input_resolution=(grid[0] // 2 ** i, grid[1] // 2 ** i),
-                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[start:end], norm_layer=norm_layer, downsample=i < self.num_layers - 1,
-                use_checkpoint=use_checkpoint, focusing_factor=focusing_factor, kernel_size=kernel_size,
-                attn_type=stage_types[i], softmax_window_size=softmax_window_size))
+                dim=int(embed_dim * 2 ** i), input_resolution=(grid[0] // 2 ** i, grid[1] // 2 ** i),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size, drop_path=dpr[start:end],
+                downsample=i < self.num_layers - 1, use_checkpoint=use_checkpoint, attn_type=stage_types[i],
+                softmax_window_size=softmax_window_size, opts=opts))
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -500,10 +453,10 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         return x if pre_logits else self.head(x)
 
 
-def _create_flatten_swin(variant: str, pretrained: bool, kwargs: dict[str, Any], **args: Any) -> FLattenSwinTransformer:
-    """A registered FLatten-Swin: released settings, overridden by the variant's ``args``, then by ``kwargs``."""
-    args = dict(dict(img_size=224, patch_size=4, window_size=56, attn_type='LLSS', drop_path_rate=0.), **args)
-    return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **dict(args, **kwargs))
+def _create_flatten_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    """A registered FLatten-Swin: the released settings, overridden by ``kwargs`` (the variant's, then the caller's)."""
+    released = dict(img_size=224, patch_size=4, window_size=56, attn_type='LLSS', drop_path_rate=0.)
+    return build_model_with_cfg(FLattenSwinTransformer, variant, pretrained, **{**released, **kwargs})
 
 
 _cfg = partial(helpers.flatten_cfg, 'patch_embed.proj')
@@ -516,67 +469,34 @@ default_cfgs = generate_default_cfgs({
     'flatten_swin_nano': _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, license='apache-2.0'),
 })
 
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_CIFAR = dict(img_size=32, patch_size=2, window_size=16, softmax_window_size=4)
 
-@register_model
-def flatten_swin_tiny(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    """FLatten-Swin-T (cfgs/flatten_swin_t.yaml): 224, embed 96, depths 2-2-6-2, heads 3-6-12-24, LLSS.
-
-    29.19M parameters, 4.5 GMACs (paper: 82.1% ImageNet top-1).
-    """
-    return _create_flatten_swin('flatten_swin_tiny', pretrained, kwargs,
-                                embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-
-
-@register_model
-def flatten_swin_small(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    """FLatten-Swin-S (cfgs/flatten_swin_s.yaml): 224, embed 96, depths 2-2-18-2, heads 3-6-12-24, LLSS.
-
-    50.51M parameters, 8.7 GMACs (paper: 83.5% ImageNet top-1).
-    """
-    return _create_flatten_swin('flatten_swin_small', pretrained, kwargs,
-                                embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-
-
-@register_model
-def flatten_swin_base(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    """FLatten-Swin-B (cfgs/flatten_swin_b.yaml): 224, embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS.
-
-    88.97M parameters, 15.4 GMACs (paper: 83.8% ImageNet top-1).
-    """
-    return _create_flatten_swin('flatten_swin_base', pretrained, kwargs,
-                                embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-
-
-@register_model
-def flatten_swin_base_384(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    """FLatten-Swin-B at 384 (cfgs/flatten_swin_b_384.yaml): window 96 (linear stages global at 96/48), softmax
-    windows of 12 in stages 3-4; embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS. 91.43M parameters.
-    """
-    return _create_flatten_swin('flatten_swin_base_384', pretrained, kwargs,
-                                img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                window_size=96)
-
-
-@register_model
-def flatten_swin_micro(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    """Small FLatten-Swin for 32x32 inputs (ours): patch 2, embed 32, depths 2-2-4-2, heads 2-4-8-16, LLSS.
-
-    Token grids 16/8/4/2: global focused linear attention in stages 1-2 (windows of 16), softmax attention with
-    relative position bias in stages 3-4 (windows of 4, so larger ``img_size`` powers of two get shifted windows).
-    2.70M parameters, 0.035 GMACs at 10 classes.
-    """
-    return _create_flatten_swin('flatten_swin_micro', pretrained, kwargs,
-                                img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16),
-                                window_size=16, softmax_window_size=4)
-
-
-@register_model
-def flatten_swin_nano(pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
-    """Tiny FLatten-Swin for fast tests on 32x32 inputs (ours): patch 2, embed 24, depths 1-1-2, heads 2-4-8, LLS.
-
-    Token grids 16/8/4: global linear attention in stages 1-2 (windows of 16), softmax in stage 3 (windows of 4).
-    0.29M parameters at 10 classes.
-    """
-    return _create_flatten_swin('flatten_swin_nano', pretrained, kwargs,
-                                img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 2), num_heads=(2, 4, 8),
-                                window_size=16, softmax_window_size=4, attn_type='LLS')
+# The registered variants (cfgs/flatten_swin_*.yaml, and two of ours for 32x32 inputs): name -> (docstring, settings).
+register_variants(__name__, _create_flatten_swin, {
+    'flatten_swin_tiny': (
+        'FLatten-Swin-T (cfgs/flatten_swin_t.yaml): 224, embed 96, depths 2-2-6-2, heads 3-6-12-24, LLSS. '
+        '29.19M parameters, 4.5 GMACs (paper: 82.1% ImageNet top-1).', _T),
+    'flatten_swin_small': (
+        'FLatten-Swin-S (cfgs/flatten_swin_s.yaml): 224, embed 96, depths 2-2-18-2, heads 3-6-12-24, LLSS. '
+        '50.51M parameters, 8.7 GMACs (paper: 83.5% ImageNet top-1).', dict(_T, depths=(2, 2, 18, 2))),
+    'flatten_swin_base': (
+        'FLatten-Swin-B (cfgs/flatten_swin_b.yaml): 224, embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS. '
+        '88.97M parameters, 15.4 GMACs (paper: 83.8% ImageNet top-1).', _B),
+    'flatten_swin_base_384': (
+        'FLatten-Swin-B at 384 (cfgs/flatten_swin_b_384.yaml): window 96 (linear stages global at 96/48), softmax '
+        'windows of 12 in stages 3-4; embed 128, depths 2-2-18-2, heads 4-8-16-32, LLSS. 91.43M parameters.',
+        dict(_B, img_size=384, window_size=96)),
+    'flatten_swin_micro': (
+        'Small FLatten-Swin for 32x32 inputs (ours): patch 2, embed 32, depths 2-2-4-2, heads 2-4-8-16, LLSS. Token '
+        'grids 16/8/4/2: global focused linear attention in stages 1-2 (windows of 16), softmax attention with '
+        'relative position bias in stages 3-4 (windows of 4, so larger ``img_size`` powers of two get shifted '
+        'windows). 2.70M parameters, 0.035 GMACs at 10 classes.',
+        dict(_CIFAR, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16))),
+    'flatten_swin_nano': (
+        'Tiny FLatten-Swin for fast tests on 32x32 inputs (ours): patch 2, embed 24, depths 1-1-2, heads 2-4-8, LLS. '
+        'Token grids 16/8/4: global linear attention in stages 1-2 (windows of 16), softmax in stage 3 (windows of '
+        '4). 0.29M parameters at 10 classes.',
+        dict(_CIFAR, embed_dim=24, depths=(1, 1, 2), num_heads=(2, 4, 8), attn_type='LLS')),
+})

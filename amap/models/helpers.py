@@ -1,26 +1,31 @@
-"""What every FLatten family shares beyond attention: weight initialisation, the classifier head, timm's default
-configuration, and :class:`Rebuildable` (how a module is built again at other widths).
+"""What every FLatten family shares beyond attention: weight initialisation, the classifier head, the per-block
+options, timm's default configuration and registration, and :class:`Rebuildable` (how a module is built again at other
+widths).
 
-The families' model classes mix in :class:`ClassifierMixin` (``get_classifier``, ``reset_classifier``, ``forward``) and
-initialise with :func:`init_weights`; their ``default_cfgs`` come from :func:`flatten_cfg`.
+The families' model classes mix in :class:`ClassifierMixin` (``get_classifier``, ``reset_classifier``, ``forward``),
+hand their blocks one :class:`BlockOptions` and initialise with :func:`init_weights`; their ``default_cfgs`` come from
+:func:`flatten_cfg` and their registered variants from :func:`register_variants`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import register_model
 from torch import Tensor, nn
 
 from ..errors import ModelError
 
-__all__ = ['Rebuildable', 'init_weights', 'init_weights_with_conv', 'ClassifierMixin', 'flatten_cfg',
-           'block_attn_types']
+__all__ = ['Rebuildable', 'init_weights', 'init_weights_with_conv', 'ClassifierMixin', 'BlockOptions', 'drop_path',
+           'flatten_cfg', 'register_variants', 'block_attn_types', 'is_linear']
 
 
 class Rebuildable:
@@ -108,6 +113,49 @@ class ClassifierMixin:
         return self.forward_head(self.forward_features(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """The settings a FLatten model hands unchanged to every block (the official block arguments of these names).
+
+    Attributes:
+        mlp_ratio: MLP hidden width as a multiple of the block width.
+        qkv_bias: Bias on the q/k/v projections.
+        qk_scale: Softmax scale override (softmax attention only).
+        drop: Dropout after the attention projection and in the MLP.
+        attn_drop: Dropout on softmax attention weights.
+        act_layer: MLP activation.
+        norm_layer: Norm layer of the blocks (and of Swin's patch merging).
+        focusing_factor: Focusing power of linear attention.
+        kernel_size: Depthwise-conv kernel of linear attention.
+    """
+
+    mlp_ratio: float = 4.
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop: float = 0.
+    attn_drop: float = 0.
+    act_layer: Callable[..., nn.Module] = nn.GELU
+    norm_layer: Callable[..., nn.Module] = nn.LayerNorm
+    focusing_factor: float = 3
+    kernel_size: int = 5
+
+    def attention(self, linear: bool = True) -> dict[str, Any]:
+        """The attention modules' keyword arguments among these (``proj_drop`` is ``drop``); ``focusing_factor`` and
+        ``kernel_size`` only for linear attention."""
+        args: dict[str, Any] = dict(qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, attn_drop=self.attn_drop,
+                                    proj_drop=self.drop)
+        return dict(args, focusing_factor=self.focusing_factor, kernel_size=self.kernel_size) if linear else args
+
+    def mlp(self, dim: int) -> Mlp:
+        """timm's ``Mlp`` of a block of width ``dim``."""
+        return Mlp(in_features=dim, hidden_features=int(dim * self.mlp_ratio), act_layer=self.act_layer, drop=self.drop)
+
+
+def drop_path(rate: float) -> nn.Module:
+    """Stochastic depth at ``rate`` (an identity at 0)."""
+    return DropPath(rate) if rate > 0. else nn.Identity()
+
+
 def flatten_cfg(first_conv: str, *, crop_pct: float = .9, license: str = 'mit', **kwargs: Any) -> dict[str, Any]:
     """A timm default configuration of a FLatten model (ImageNet at 224, bicubic, classifier ``head``)."""
     return {
@@ -116,6 +164,44 @@ def flatten_cfg(first_conv: str, *, crop_pct: float = .9, license: str = 'mit', 
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': first_conv, 'classifier': 'head', 'license': license, **kwargs,
     }
+
+
+def register_variants(module: str, create: Callable[..., nn.Module],
+                      variants: Mapping[str, tuple[str, dict[str, Any]]]) -> None:
+    """Register one timm entry point per variant in ``module`` (after its ``default_cfgs``).
+
+    Each entry point is ``name(pretrained=False, **kwargs)``, documented by the variant's docstring, and returns
+    ``create(name, pretrained, **{**settings, **kwargs})``: the variant's settings, overridden by the caller's.
+
+    Args:
+        module: ``__name__`` of the family module (the entry points become its attributes, as timm expects).
+        create: The family's builder, ``create(variant, pretrained, **model_kwargs)``.
+        variants: ``name -> (docstring, settings)``.
+    """
+    for name, (doc, settings) in variants.items():
+        setattr(sys.modules[module], name, register_model(_entry_point(module, name, doc, create, settings)))
+
+
+def _entry_point(module: str, name: str, doc: str, create: Callable[..., nn.Module],
+                 settings: dict[str, Any]) -> Callable[..., nn.Module]:
+    def entry_point(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(name, pretrained, **{**settings, **kwargs})
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__module__ = module
+    entry_point.__doc__ = doc
+    return entry_point
+
+
+def is_linear(attn_type: str) -> bool:
+    """Whether a block's ``attn_type`` is ``'L'`` (focused linear attention) rather than ``'S'`` (softmax).
+
+    Raises:
+        ModelError: Any other value.
+    """
+    if attn_type not in ('L', 'S'):
+        raise ModelError(f"attn_type={attn_type!r} of a block must be 'L' (focused linear) or 'S' (softmax)")
+    return attn_type == 'L'
 
 
 def block_attn_types(attn_type: str, depths: Sequence[int]) -> list[list[str]]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modules import PrunedHeads
+
 __all__ = ['PrunedHFAttention', 'PrunedMultiheadAttention', 'PrunedShiftedWindowAttention', 'heads_attention']
 
 
@@ -33,15 +35,13 @@ def heads_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float, *
     return out.transpose(1, 2).reshape(B, N, -1)
 
 
-class PrunedHFAttention(nn.Module):
+class PrunedHFAttention(PrunedHeads):
     """transformers' ViT / DeiT / Swin attention with ``qk_dim`` q/k and ``v_dim`` v channels per head.
 
     Args:
         dim: Token width.
-        num_heads: Number of heads.
-        qk_dim: q/k channels per head.
-        v_dim: v channels per head.
-        scaling: Softmax scale (the original ``head_dim ** -0.5``).
+        num_heads, qk_dim, v_dim: As for :class:`~amap.prune.modules.PrunedHeads`.
+        scaling: Softmax scale (the original ``head_dim ** -0.5``; also ``scale``).
         qkv_bias: Bias on the q/k/v projections.
         attention_dropout: Dropout on the attention weights (training only).
         relative_position_bias: Swin's relative position bias module (None for ViT / DeiT).
@@ -49,10 +49,8 @@ class PrunedHFAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scaling: float, qkv_bias: bool = True,
                  attention_dropout: float = 0.0, relative_position_bias: nn.Module | None = None) -> None:
-        super().__init__()
-        self.num_attention_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
+        super().__init__(num_heads, qk_dim, v_dim, scaling)
+        self.num_attention_heads = num_heads  # transformers' names
         self.scaling = scaling
         self.attention_dropout = attention_dropout
         self.q_proj = nn.Linear(dim, num_heads * qk_dim, bias=qkv_bias)
@@ -80,16 +78,13 @@ class PrunedHFAttention(nn.Module):
         return self.o_proj(out), None
 
 
-class PrunedMultiheadAttention(nn.Module):
+class PrunedMultiheadAttention(PrunedHeads):
     """Batch-first self-attention with ``qk_dim`` q/k and ``v_dim`` v channels per head, in place of
     ``nn.MultiheadAttention`` (torchvision ``VisionTransformer``).
 
     Args:
         embed_dim: Token width.
-        num_heads: Number of heads.
-        qk_dim: q/k channels per head.
-        v_dim: v channels per head.
-        scale: Softmax scale (the original ``(embed_dim / num_heads) ** -0.5``).
+        num_heads, qk_dim, v_dim, scale: As for :class:`~amap.prune.modules.PrunedHeads`.
         bias: Biases on the in- and output projections.
         dropout: Dropout on the attention weights (training only).
     """
@@ -98,12 +93,8 @@ class PrunedMultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, bias: bool = True,
                  dropout: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(num_heads, qk_dim, v_dim, scale)
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
-        self.scale = scale
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(num_heads * (2 * qk_dim + v_dim), embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(num_heads * (2 * qk_dim + v_dim))) if bias else None
@@ -126,17 +117,14 @@ class PrunedMultiheadAttention(nn.Module):
         return self.out_proj(self.attend(query, self.in_proj_weight, self.in_proj_bias)), None
 
 
-class PrunedShiftedWindowAttention(nn.Module):
+class PrunedShiftedWindowAttention(PrunedHeads):
     """torchvision Swin's shifted-window attention with ``qk_dim`` q/k and ``v_dim`` v channels per head.
 
     Args:
         dim: Token width.
         window_size: Window height and width.
         shift_size: Cyclic shift of the windows.
-        num_heads: Number of heads.
-        qk_dim: q/k channels per head.
-        v_dim: v channels per head.
-        scale: Softmax scale (the original ``(dim / num_heads) ** -0.5``).
+        num_heads, qk_dim, v_dim, scale: As for :class:`~amap.prune.modules.PrunedHeads`.
         qkv_bias: Bias on the qkv projection.
         proj_bias: Bias on the output projection.
         attention_dropout: Dropout on the attention weights (training only).
@@ -146,16 +134,12 @@ class PrunedShiftedWindowAttention(nn.Module):
     def __init__(self, dim: int, window_size: list[int], shift_size: list[int], num_heads: int, qk_dim: int,
                  v_dim: int, scale: float, qkv_bias: bool = True, proj_bias: bool = True,
                  attention_dropout: float = 0.0, dropout: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(num_heads, qk_dim, v_dim, scale)
         self.window_size = list(window_size)
         self.shift_size = list(shift_size)
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
-        self.scale = scale
         self.attention_dropout = attention_dropout
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.qkv = self.fused_qkv(dim, qkv_bias)
         self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))

@@ -14,18 +14,38 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import get_relative_position_index
 from torch import Tensor, nn
 
-__all__ = ['PrunedAttention', 'PrunedWindowAttention']
+__all__ = ['PrunedHeads', 'PrunedAttention', 'PrunedWindowAttention']
 
 
-class PrunedAttention(nn.Module):
-    """Multi-head self-attention with ``qk_dim`` q/k and ``v_dim`` v channels per head (timm ``Attention`` layout).
+class PrunedHeads(nn.Module):
+    """What every pruned attention module (here and in :mod:`amap.prune.dropin`) holds: ``num_heads`` heads of
+    ``qk_dim`` q/k and ``v_dim`` v channels, and the softmax ``scale`` of the original head width.
 
     Args:
-        dim: Token width.
         num_heads: Number of heads.
         qk_dim: q/k channels per head.
         v_dim: v channels per head.
         scale: Softmax scale (the original ``head_dim ** -0.5``).
+    """
+
+    def __init__(self, num_heads: int, qk_dim: int, v_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.v_dim = v_dim
+        self.scale = scale
+
+    def fused_qkv(self, dim: int, bias: bool) -> nn.Linear:
+        """A fused ``[q | k | v]`` projection of ``dim``-wide tokens for these heads."""
+        return nn.Linear(dim, self.num_heads * (2 * self.qk_dim + self.v_dim), bias=bias)
+
+
+class PrunedAttention(PrunedHeads):
+    """Multi-head self-attention with ``qk_dim`` q/k and ``v_dim`` v channels per head (timm ``Attention`` layout).
+
+    Args:
+        dim: Token width.
+        num_heads, qk_dim, v_dim, scale: As for :class:`PrunedHeads`.
         qkv_bias: Bias on the qkv projection.
         proj_bias: Bias on the output projection.
         dim_out: Output width (default ``dim``).
@@ -52,13 +72,9 @@ class PrunedAttention(nn.Module):
             proj_drop: float = 0.0,
             fused_attn: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
-        self.scale = scale
+        super().__init__(num_heads, qk_dim, v_dim, scale)
         self.fused_attn = fused_attn
-        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.qkv = self.fused_qkv(dim, qkv_bias)
         self.q_norm = nn.Identity()
         self.k_norm = nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)

@@ -121,6 +121,8 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     'amap_frozen_weights': {'lr': 0.0},
     'amap_group_adam': {'indicator_opt': 'group_adam'},
     'amap_dual': {'resource_control': 'dual'},
+    # the indicator LR decayed to 0 by the end of the search (the structure settles before the cut)
+    'amap_ind_cosine': {'indicator_schedule': 'cosine'},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -139,7 +141,7 @@ TARGETLESS = {'unpruned'}  # one run per (base, seed), shown under every target
 QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned']
 CURVE_EPOCHS = (0.25, 1.0, 3.0)  # default curve points (epochs of optimizer steps), then the whole budget
 VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
-            'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual',
+            'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual', 'amap_ind_cosine',
             'amap_structure']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',

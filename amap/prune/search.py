@@ -289,22 +289,25 @@ class Search:
         self._update_mu(step, float(excess.detach()))
         self.step += 1
         if step % s.log_every == 0 or step == s.total_steps - 1:
-            with torch.no_grad():
-                hard = pruner.hard_macs()
-                logged = torch.cat([sums, res.detach().double().cpu().reshape(1)]).to(self.device)
-                if self.reduce is not None:
-                    logged = self.reduce(logged)
-                loss_v, task_v, kd_v, res_v = logged.tolist()
-                loss_v += res_v
-            rec = {'step': step, 'loss': loss_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
-                   'lambda': lam, 'mu': mu, 'mac_ratio': hard / pruner.full_macs,
-                   'target_ratio': self.target_macs / pruner.resource.full, 'kept': kept_by_kind(pruner)}
-            if pruner.resource.name != 'macs':  # the ratio the target is set in, e.g. latency_ratio
-                rec[f'{pruner.resource.name}_ratio'] = float(pruner.cost(pruner.hard_counts(), exact=True)) / \
-                    pruner.resource.full
-            self.history.append(rec)
-            return rec
+            return self._record(step, sums, res, lam, mu)
         return None
+
+    @torch.no_grad()
+    def _record(self, step: int, sums: Tensor, res: Tensor, lam: float, mu: float) -> dict:
+        """The history record of ``step``: losses (averaged over ranks), weights of the resource loss, structure."""
+        pruner = self.pruner
+        logged = torch.cat([sums, res.detach().double().cpu().reshape(1)]).to(self.device)
+        if self.reduce is not None:
+            logged = self.reduce(logged)
+        loss_v, task_v, kd_v, res_v = logged.tolist()
+        rec = {'step': step, 'loss': loss_v + res_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
+               'lambda': lam, 'mu': mu, 'mac_ratio': pruner.hard_macs() / pruner.full_macs,
+               'target_ratio': self.target_macs / pruner.resource.full, 'kept': kept_by_kind(pruner)}
+        if pruner.resource.name != 'macs':  # the ratio the target is set in, e.g. latency_ratio
+            rec[f'{pruner.resource.name}_ratio'] = float(pruner.cost(pruner.hard_counts(), exact=True)) / \
+                pruner.resource.full
+        self.history.append(rec)
+        return rec
 
     def run(
             self,

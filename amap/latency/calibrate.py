@@ -44,7 +44,7 @@ from ..prune.adapters import Adapter
 from ..prune.pruner import Pruner
 from ..prune.target import channel_step
 from ..utils.io import atomic_write_json
-from .measure import Backend, interleaved, low_percentile, make_backend, split_half, torch_threads
+from .measure import Backend, LatencyWarning, interleaved, low_percentile, make_backend, split_half, torch_threads
 from .model import LatencyModel, OpTable
 
 __all__ = ['calibrate_latency', 'detect_step', 'cache_dir', 'DEFAULT_STEP', 'TOLERANCE']
@@ -260,7 +260,7 @@ def calibrate_latency(
                          'step_probe': probe})
         if lat.noise > TOLERANCE:
             warnings.warn(f'latency calibration: the device is too noisy (the two halves of the rounds disagree by '
-                          f'{lat.noise:.1%}); latency predictions may be off by as much', stacklevel=2)
+                          f'{lat.noise:.1%}); latency predictions may be off by as much', LatencyWarning, stacklevel=2)
         if cache:
             atomic_write_json(path, {'key': key, 'model': lat.to_dict()})
         return lat

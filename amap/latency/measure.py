@@ -7,6 +7,7 @@ round times each model once, and each model's figure is the median over rounds (
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import platform
 import random
@@ -21,8 +22,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ['measure_latency', 'BACKENDS', 'Backend', 'OnnxRuntimeBackend', 'make_backend', 'interleaved',
-           'low_percentile', 'split_half', 'torch_threads', 'device_name']
+__all__ = ['measure_latency', 'LatencyWarning', 'BACKENDS', 'Backend', 'OnnxRuntimeBackend', 'make_backend',
+           'interleaved', 'low_percentile', 'split_half', 'torch_threads', 'device_name']
+
+
+class LatencyWarning(UserWarning):
+    """A latency measurement or target the device's noise puts in doubt (printed as one line by the CLI)."""
 
 
 @torch.no_grad()
@@ -37,6 +42,9 @@ def measure_latency(
 ) -> dict[str, dict[str, float]]:
     """Median latency (ms per batch) and throughput (images/s) of each model at each batch size.
 
+    Each call is timed as :class:`Backend` times it: with one CPU thread as the process's CPU time (time slices other
+    jobs take on a shared machine do not count), with more as wall time, on a GPU with CUDA events.
+
     Args:
         models: ``{name: model}``; put in eval mode, restored afterwards.
         input_size: ``(C, H, W)``.
@@ -49,6 +57,7 @@ def measure_latency(
         ``{name: {'b1_ms': ..., 'b1_images_per_s': ..., 'b32_ms': ..., ...}, '_meta': {'threads': n, ...}}``.
     """
     device = torch.device(device)
+    timer = Backend(device, torch.get_num_threads())
     modes = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -58,14 +67,9 @@ def measure_latency(
         for r in range(warmup + rounds):
             for b in batch_sizes:
                 for name, m in models.items():
-                    if device.type == 'cuda':
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    m(inputs[b])
-                    if device.type == 'cuda':
-                        torch.cuda.synchronize(device)
+                    t = timer.seconds(functools.partial(m, inputs[b]))
                     if r >= warmup:
-                        times[(name, b)].append(time.perf_counter() - t0)
+                        times[(name, b)].append(t)
     finally:
         for name, m in models.items():
             m.train(modes[name])
@@ -74,7 +78,9 @@ def measure_latency(
         med = statistics.median(ts)
         out.setdefault(name, {})[f'b{b}_ms'] = 1e3 * med
         out[name][f'b{b}_images_per_s'] = b / med
-    out['_meta'] = {'threads': torch.get_num_threads(), 'rounds': rounds, 'warmup': warmup, 'device': str(device)}
+    out['_meta'] = {'threads': timer.threads, 'rounds': rounds, 'warmup': warmup, 'device': str(device),
+                    'clock': 'cuda events' if device.type == 'cuda' else
+                    'process cpu time' if timer.clock is time.process_time else 'wall'}
     return out
 
 

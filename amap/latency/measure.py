@@ -88,6 +88,8 @@ def measure_latency(
 BACKENDS = ('eager', 'onnxruntime')
 MIN_SECONDS = 2e-3  # a timed call shorter than this is repeated back to back (timer resolution, call overhead)
 WARM_BELOW = 0.05  # a call shorter than this is preceded by an untimed one (caches)
+ROUND_BUDGET = 8.0  # seconds of timed calls per runner, beyond which a long runner is timed in fewer rounds
+MIN_ROUNDS = 3  # ... but in at least this many
 
 Runner = Callable[[], Any]
 
@@ -250,23 +252,38 @@ def interleaved(
     called several times back to back per round (as many as its first warm-up call says make up that time, at most
     100) and its time per call recorded.
 
+    Long calls cost the time, not the statistics: a runner of :data:`WARM_BELOW` or more skips the warm-up rounds
+    (its first, untimed call warmed it), and one whose rounds would add up to more than :data:`ROUND_BUDGET` seconds
+    is timed in fewer of them, spread evenly over the rounds, at least :data:`MIN_ROUNDS` (a DeiT-S at batch 32 on
+    one CPU thread, 3-5 s a call, in 3 rounds instead of 5 and no warm-up round). Such a call averages thousands of
+    kernels and is not preempted in CPU time; whether its rounds agree is still checked (:func:`split_half`), and
+    an extension (``times``) adds rounds to it as to the others.
+
     Args:
         runners: Zero-argument callables.
         backend: Times one call (:meth:`Backend.seconds`).
         rounds: Timed rounds (added to ``times`` when given, to extend an earlier measurement).
         warmup: Untimed rounds first.
         seed: Seed of the orders.
-        progress: Called with the number of calls done after each call.
-        times: Earlier rounds to extend.
+        progress: Called with the number of calls done after each call (and once with the number of calls the
+            long runners skip).
+        times: Earlier rounds to extend (their medians stand for the first, untimed calls).
     """
     rng = random.Random(seed + (len(times[0]) if times else 0))
+    first = [statistics.median(t) for t in times] if times and all(times) else [backend.seconds(r) for r in runners]
     times = times if times is not None else [[] for _ in runners]
-    first = [backend.seconds(run) for run in runners]
     reps = [max(1, min(100, math.ceil(MIN_SECONDS / max(t, 1e-9)))) for t in first]
+    counts = [min(rounds, max(MIN_ROUNDS, math.ceil(ROUND_BUDGET / max(t * n, 1e-9)))) for t, n in zip(first, reps)]
+    timed = [{warmup + j * rounds // n for j in range(n)} | (set(range(warmup)) if t < WARM_BELOW else set())
+             for t, n in zip(first, counts)]
+    if progress is not None and sum(warmup + rounds - len(s) for s in timed):
+        progress(sum(warmup + rounds - len(s) for s in timed))
     order = list(range(len(runners)))
     for r in range(warmup + rounds):
         rng.shuffle(order)
         for i in order:
+            if r not in timed[i]:
+                continue
             if first[i] < WARM_BELOW:
                 runners[i]()  # warm: weights and activations in the caches
             t = backend.seconds(runners[i], reps[i])

@@ -165,9 +165,10 @@ def _add_export(sub: Any) -> None:
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser('demo', help='train, prune to a latency target measured here, fine-tune and report, on '
                                     'embedded data',
-                       description='Train a small FLatten Transformer on the embedded digits data (no download), '
-                                   'prune it until it runs 1.6x faster at batch 32 on this machine (its latency '
-                                   'measured here, predicted and checked), fine-tune it and print the report table.')
+                       description=f'Train a small FLatten Transformer on the embedded digits data (no download), '
+                                   f'prune it until it runs {DEMO_SPEEDUP}x faster at batch {DEMO_LATENCY_BATCH} on '
+                                   f'this machine (its latency measured here, predicted and checked), fine-tune it and '
+                                   f'print the report table.')
     p.add_argument('--out', '-o', default='runs/demo', help='output folder (default: %(default)s)')
     p.add_argument('--model', '-m', default=DEMO_MODEL, help='default: %(default)s')
     p.add_argument('--epochs', type=positive_int, default=DEMO_EPOCHS, help='default: %(default)s')
@@ -177,8 +178,8 @@ def _add_demo(sub: Any) -> None:
                              f'measured on this machine (default: {DEMO_SPEEDUP})')
     target.add_argument('--target', '-t', type=float, default=None,
                         help='a MAC target ratio instead of the latency target (e.g. 0.6)')
-    p.add_argument('--latency-batch', type=positive_int, default=DEMO_LATENCY_BATCH,
-                   help='batch size the latency target is for (default: %(default)s)')
+    p.add_argument('--latency-batch', type=positive_int, default=None,
+                   help=f'batch size the latency target is for (default: {DEMO_LATENCY_BATCH}; not with --target)')
     p.add_argument('--search-epochs', type=float, default=2.0, help='default: %(default)s')
     p.add_argument('--finetune-epochs', type=int, default=5, help='default: %(default)s')
     p.add_argument('--seed', type=int, default=0, help='default: %(default)s')
@@ -374,9 +375,11 @@ def _demo_target(args: argparse.Namespace) -> tuple[Any, str]:
     """The demo's pruning options (checked before the training starts) and how to name the target."""
     from .prune.config import PruneConfig
     if args.target is not None:
+        if args.latency_batch is not None:
+            raise ConfigError('--latency-batch is for the latency target: drop it, or --target (a MAC target)')
         return PruneConfig(target=args.target), f'to {args.target:.0%} of its MACs'
     speedup = DEMO_SPEEDUP if args.speedup is None else args.speedup
-    cfg = PruneConfig(resource='latency', speedup=speedup, latency_batch=args.latency_batch,
+    cfg = PruneConfig(resource='latency', speedup=speedup, latency_batch=args.latency_batch or DEMO_LATENCY_BATCH,
                       latency_threads=args.threads or 1)
     threads = cfg.latency_threads
     return cfg, (f'until it runs {speedup:g}x faster at batch {cfg.latency_batch}, {threads} thread'

@@ -125,6 +125,9 @@ def test_demo_checks_its_target_before_training(tmp_path, capsys):
         main(['demo', '--speedup', '1.6', '--target', '0.6'])
     assert exc.value.code == 2
     assert 'not allowed with' in _one_error_line(capsys.readouterr().err)
+    assert main(['demo', '--target', '0.6', '--latency-batch', '8', '--out', str(out)]) == 2
+    assert '--latency-batch' in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_argument_errors_are_one_line_exit_2(capsys):

@@ -276,8 +276,9 @@ def interleaved(
     counts = [min(rounds, max(MIN_ROUNDS, math.ceil(ROUND_BUDGET / max(t * n, 1e-9)))) for t, n in zip(first, reps)]
     timed = [{warmup + j * rounds // n for j in range(n)} | (set(range(warmup)) if t < WARM_BELOW else set())
              for t, n in zip(first, counts)]
-    if progress is not None and sum(warmup + rounds - len(s) for s in timed):
-        progress(sum(warmup + rounds - len(s) for s in timed))
+    skipped = sum(warmup + rounds - len(s) for s in timed)
+    if progress is not None and skipped:
+        progress(skipped)
     order = list(range(len(runners)))
     for r in range(warmup + rounds):
         rng.shuffle(order)

@@ -98,15 +98,36 @@ def test_python_dash_m_amap_exit_code_and_no_traceback(tmp_path):
     assert _one_error_line(proc.stderr).endswith("or 'digits' for the embedded default")
 
 
-def test_demo_fast(tmp_path, capsys):
+def test_demo_fast(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('AMAP_CACHE', str(tmp_path / 'cache'))
     out = tmp_path / 'demo'
     assert main(['demo', '--epochs', '1', '--out', str(out), '--workers', '0', '--no-progress', '-q']) == 0
     text = capsys.readouterr().out
     for key in ('parameters', 'MACs / image', 'top-1 (digits val)', 'training', str(out / 'model.safetensors')):
         assert key in text
     assert (out / 'model.safetensors').is_file()
-    # a second demo run starts afresh in its own folder
+    # the demo prunes to a latency target: 1.6x faster at batch 32, predicted and measured
+    report = json.loads((out / 'prune' / 'report.json').read_text())['latency_target']
+    assert report['batch'] == 32 and report['speedup_target'] == pytest.approx(1.6)
+    assert 'predicted latency, batch 32' in text and 'measured latency, batch 32' in text
+    assert 'read from the cache' not in text
+    # a second demo run starts afresh in its own folder, and reuses the latency calibration of the first
     assert main(['demo', '--epochs', '1', '--out', str(out), '--workers', '0', '--no-progress', '-q']) == 0
+    assert 'calibration read from the cache' in capsys.readouterr().out
+
+
+def test_demo_checks_its_target_before_training(tmp_path, capsys):
+    out = tmp_path / 'demo'
+    assert main(['demo', '--speedup', '0.5', '--out', str(out), '--workers', '0', '--no-progress', '-q']) == 2
+    assert 'speedup 0.5 must be above 1' in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(['demo', '--speedup', '1.6', '--target', '0.6'])
+    assert exc.value.code == 2
+    assert 'not allowed with' in _one_error_line(capsys.readouterr().err)
+    assert main(['demo', '--target', '0.6', '--latency-batch', '8', '--out', str(out)]) == 2
+    assert '--latency-batch' in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_argument_errors_are_one_line_exit_2(capsys):

@@ -2,8 +2,8 @@
 device -- the calibration (:func:`calibrate_latency`), the model the search and the target guarantee use
 (:class:`LatencyModel`) and the closed loop that checks the cut model (:mod:`amap.latency.closed_loop`)."""
 from .calibrate import calibrate_latency, detect_step
-from .measure import BACKENDS, Backend, make_backend, measure_latency
+from .measure import BACKENDS, Backend, LatencyWarning, make_backend, measure_latency
 from .model import LatencyModel, OpTable
 
 __all__ = ['measure_latency', 'calibrate_latency', 'detect_step', 'LatencyModel', 'OpTable', 'BACKENDS', 'Backend',
-           'make_backend']
+           'make_backend', 'LatencyWarning']

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..prune.pruner import Pruner
 from ..prune.surgery import apply_surgery
 from .calibrate import TOLERANCE
-from .measure import Backend, interleaved, low_percentile, make_backend, split_half, torch_threads
+from .measure import Backend, LatencyWarning, interleaved, low_percentile, make_backend, split_half, torch_threads
 from .model import LatencyModel
 
 __all__ = ['MAX_RESELECT', 'CLOSE', 'cut_copy', 'measure_cut', 'close_loop']
@@ -134,7 +134,7 @@ def close_loop(
         verdict += f'; the device is too noisy to promise a number (timings disagree by {noise:.1%})'
     if not verdict.startswith('met') or noise > TOLERANCE:
         warnings.warn(f'latency target {goal:.3f} of the unpruned model at batch {batch}: measured '
-                      f'{kept["measured_ratio"]:.3f}, {verdict}', stacklevel=2)
+                      f'{kept["measured_ratio"]:.3f}, {verdict}', LatencyWarning, stacklevel=2)
     return {'batch': batch, 'threads': threads, 'backend': timer.name, 'device_type': timer.device.type,
             'target_ms': target, 'target_ratio': goal,
             'speedup_target': 1 / goal, 'predicted_before_ms': lat.full, 'predicted_after_ms': kept['predicted_ms'],

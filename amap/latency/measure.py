@@ -7,6 +7,7 @@ round times each model once, and each model's figure is the median over rounds (
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import platform
 import random
@@ -21,8 +22,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ['measure_latency', 'BACKENDS', 'Backend', 'OnnxRuntimeBackend', 'make_backend', 'interleaved',
-           'low_percentile', 'split_half', 'torch_threads', 'device_name']
+__all__ = ['measure_latency', 'LatencyWarning', 'BACKENDS', 'Backend', 'OnnxRuntimeBackend', 'make_backend',
+           'interleaved', 'low_percentile', 'split_half', 'torch_threads', 'device_name']
+
+
+class LatencyWarning(UserWarning):
+    """A latency measurement or target the device's noise puts in doubt (printed as one line by the CLI)."""
 
 
 @torch.no_grad()
@@ -37,6 +42,9 @@ def measure_latency(
 ) -> dict[str, dict[str, float]]:
     """Median latency (ms per batch) and throughput (images/s) of each model at each batch size.
 
+    Each call is timed as :class:`Backend` times it: with one CPU thread as the process's CPU time (time slices other
+    jobs take on a shared machine do not count), with more as wall time, on a GPU with CUDA events.
+
     Args:
         models: ``{name: model}``; put in eval mode, restored afterwards.
         input_size: ``(C, H, W)``.
@@ -49,6 +57,7 @@ def measure_latency(
         ``{name: {'b1_ms': ..., 'b1_images_per_s': ..., 'b32_ms': ..., ...}, '_meta': {'threads': n, ...}}``.
     """
     device = torch.device(device)
+    timer = Backend(device, torch.get_num_threads())
     modes = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -58,14 +67,9 @@ def measure_latency(
         for r in range(warmup + rounds):
             for b in batch_sizes:
                 for name, m in models.items():
-                    if device.type == 'cuda':
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    m(inputs[b])
-                    if device.type == 'cuda':
-                        torch.cuda.synchronize(device)
+                    t = timer.seconds(functools.partial(m, inputs[b]))
                     if r >= warmup:
-                        times[(name, b)].append(time.perf_counter() - t0)
+                        times[(name, b)].append(t)
     finally:
         for name, m in models.items():
             m.train(modes[name])
@@ -74,7 +78,9 @@ def measure_latency(
         med = statistics.median(ts)
         out.setdefault(name, {})[f'b{b}_ms'] = 1e3 * med
         out[name][f'b{b}_images_per_s'] = b / med
-    out['_meta'] = {'threads': torch.get_num_threads(), 'rounds': rounds, 'warmup': warmup, 'device': str(device)}
+    out['_meta'] = {'threads': timer.threads, 'rounds': rounds, 'warmup': warmup, 'device': str(device),
+                    'clock': 'cuda events' if device.type == 'cuda' else
+                    'process cpu time' if timer.clock is time.process_time else 'wall'}
     return out
 
 
@@ -82,6 +88,8 @@ def measure_latency(
 BACKENDS = ('eager', 'onnxruntime')
 MIN_SECONDS = 2e-3  # a timed call shorter than this is repeated back to back (timer resolution, call overhead)
 WARM_BELOW = 0.05  # a call shorter than this is preceded by an untimed one (caches)
+ROUND_BUDGET = 8.0  # seconds of timed calls per runner, beyond which a long runner is timed in fewer rounds
+MIN_ROUNDS = 3  # ... but in at least this many
 
 Runner = Callable[[], Any]
 
@@ -244,23 +252,39 @@ def interleaved(
     called several times back to back per round (as many as its first warm-up call says make up that time, at most
     100) and its time per call recorded.
 
+    Long calls cost the time, not the statistics: a runner of :data:`WARM_BELOW` or more skips the warm-up rounds
+    (its first, untimed call warmed it), and one whose rounds would add up to more than :data:`ROUND_BUDGET` seconds
+    is timed in fewer of them, spread evenly over the rounds, at least :data:`MIN_ROUNDS` (a DeiT-S at batch 32 on
+    one CPU thread, 3-5 s a call, in 3 rounds instead of 5 and no warm-up round). Such a call averages thousands of
+    kernels and is not preempted in CPU time; whether its rounds agree is still checked (:func:`split_half`), and
+    an extension (``times``) adds rounds to it as to the others.
+
     Args:
         runners: Zero-argument callables.
         backend: Times one call (:meth:`Backend.seconds`).
         rounds: Timed rounds (added to ``times`` when given, to extend an earlier measurement).
         warmup: Untimed rounds first.
         seed: Seed of the orders.
-        progress: Called with the number of calls done after each call.
-        times: Earlier rounds to extend.
+        progress: Called with the number of calls done after each call (and once with the number of calls the
+            long runners skip).
+        times: Earlier rounds to extend (their medians stand for the first, untimed calls).
     """
     rng = random.Random(seed + (len(times[0]) if times else 0))
+    first = [statistics.median(t) for t in times] if times and all(times) else [backend.seconds(r) for r in runners]
     times = times if times is not None else [[] for _ in runners]
-    first = [backend.seconds(run) for run in runners]
     reps = [max(1, min(100, math.ceil(MIN_SECONDS / max(t, 1e-9)))) for t in first]
+    counts = [min(rounds, max(MIN_ROUNDS, math.ceil(ROUND_BUDGET / max(t * n, 1e-9)))) for t, n in zip(first, reps)]
+    timed = [{warmup + j * rounds // n for j in range(n)} | (set(range(warmup)) if t < WARM_BELOW else set())
+             for t, n in zip(first, counts)]
+    skipped = sum(warmup + rounds - len(s) for s in timed)
+    if progress is not None and skipped:
+        progress(skipped)
     order = list(range(len(runners)))
     for r in range(warmup + rounds):
         rng.shuffle(order)
         for i in order:
+            if r not in timed[i]:
+                continue
             if first[i] < WARM_BELOW:
                 runners[i]()  # warm: weights and activations in the caches
             t = backend.seconds(runners[i], reps[i])

@@ -238,6 +238,30 @@ def test_timing_statistics():
     assert math.isfinite(split_half([[2.0, 2.0]]))
 
 
+
+def test_long_calls_are_timed_in_fewer_rounds_without_a_warmup_round():
+    calls = {'long': 0, 'short': 0}
+
+    class Fixed(Backend):
+        def seconds(self, run, reps=1):
+            return sum(run() for _ in range(reps)) / reps
+
+    def runner(name, seconds):
+        def run():
+            calls[name] += 1
+            return seconds
+        return run
+
+    runners, ticks = [runner('long', 5.0), runner('short', 0.01)], []
+    times = interleaved(runners, Fixed(), rounds=5, warmup=1, progress=ticks.append)
+    assert [len(t) for t in times] == [3, 5]  # 5 s a call: 3 rounds (spread over the 5); the short one in all
+    assert calls['long'] == 1 + 3  # its first, untimed call was its warm-up
+    assert calls['short'] == 1 + 2 * (1 + 5)  # a warm call before each warm-up and timed call
+    assert sum(ticks) == 2 * (1 + 5)  # a progress bar of warm-up + rounds per runner ends full
+    # extending a noisy measurement adds rounds to the long runner too, without another untimed call
+    interleaved(runners, Fixed(), rounds=5, warmup=0, times=times)
+    assert [len(t) for t in times] == [6, 10] and calls['long'] == 1 + 3 + 3
+
 def test_latency_flags_of_amap_prune():
     import argparse
 

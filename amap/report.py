@@ -82,9 +82,13 @@ def format_report(report: dict[str, Any]) -> str:
     if seconds:
         lines += ['', '| stage | wall time (s) |', '|---|---:|']
         lines += [f'| {k} | {_fmt(v, ".1f")} |' for k, v in seconds.items()]
-    threads = ((report.get('latency') or {}).get('cpu') or {}).get('_meta', {}).get('threads')
-    if threads:
-        lines += ['', f'CPU latency: median of interleaved rounds, {threads} thread{"s" if threads > 1 else ""}.']
+    meta = ((report.get('latency') or {}).get('cpu') or {}).get('_meta', {})
+    if meta.get('threads'):
+        threads, clock = meta['threads'], meta.get('clock', 'wall')
+        if clock == 'process cpu time':
+            clock += ' (what the process itself used: other jobs on the machine do not count)'
+        lines += ['', f'CPU latency: median of interleaved rounds, {threads} thread{"s" if threads > 1 else ""}, '
+                      f'{clock}.']
     return '\n'.join(lines) + '\n'
 
 

@@ -77,6 +77,8 @@ def test_cli_end_to_end(trained, cifar10, tmp_path, capsys):
     # the saved config holds every option, and re-rendering reproduces the report
     assert 'search_steps: 10' in (out / 'config.yaml').read_text()
     md = (out / 'report.md').read_text()
+    # which clock timed the CPU latencies is said (process CPU time at 1 thread: other jobs do not count)
+    assert f"{report['latency']['cpu']['_meta']['clock']}" in md.split('CPU latency:')[1]
     (out / 'report.md').unlink()
     assert main(['report', str(out)]) == 0
     assert (out / 'report.md').read_text() == md

@@ -61,6 +61,19 @@ def measure_cut(pruner: Pruner, *, batch: int, backend: Backend, threads: int, r
     return 1e3 * low_percentile(times[0]), 1e3 * low_percentile(times[1]), split_half(times)
 
 
+def _verdict(attempts: list[dict[str, Any]], goal: float) -> tuple[int, str]:
+    """The attempt to keep (the slowest that meets ``goal`` within its noise, else the fastest) and what it says."""
+    meeting = [i for i, a in enumerate(attempts) if a['measured_ratio'] <= goal * (1 + a['noise'])]
+    best = max(meeting, key=lambda i: attempts[i]['measured_ratio']) if meeting else \
+        min(range(len(attempts)), key=lambda i: attempts[i]['measured_ratio'])
+    kept = attempts[best]
+    if kept['measured_ratio'] <= goal:
+        return best, 'met'
+    if best in meeting:
+        return best, f'met within the measurement noise ({kept["noise"]:.1%})'
+    return best, f'missed after {len(attempts) - 1} re-selection(s)'
+
+
 def close_loop(
         pruner: Pruner,
         target: float,
@@ -117,18 +130,10 @@ def close_loop(
             break
         if any(all(torch.equal(c, s[k]) for k, c in pruner.hard_counts().items()) for s in structures):
             break  # the corrected target selects a structure already measured
-    meeting = [i for i, a in enumerate(attempts) if a['measured_ratio'] <= goal * (1 + a['noise'])]
-    best = max(meeting, key=lambda i: attempts[i]['measured_ratio']) if meeting else \
-        min(range(len(attempts)), key=lambda i: attempts[i]['measured_ratio'])
+    best, verdict = _verdict(attempts, goal)
     if best != len(attempts) - 1:
         select(None, structures[best])
     kept = attempts[best]
-    if kept['measured_ratio'] <= goal:
-        verdict = 'met'
-    elif best in meeting:
-        verdict = f'met within the measurement noise ({kept["noise"]:.1%})'
-    else:
-        verdict = f'missed after {len(attempts) - 1} re-selection(s)'
     noise = max(lat.noise, kept['noise'])
     if noise > TOLERANCE:
         verdict += f'; the device is too noisy to promise a number (timings disagree by {noise:.1%})'

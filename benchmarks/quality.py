@@ -148,6 +148,8 @@ QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
 GOAL_GAP = 0.5  # AMAP at 70% within this many top-1 points of the unpruned model
 SEARCH_SLACK = 0.05  # a search that ends this far above its target did not converge
+# what a run's summary keeps of a latency target's closed loop (amap.latency.closed_loop)
+LATENCY_KEYS = ('batch', 'target_ratio', 'predicted_ratio', 'measured_ratio', 'speedup_measured', 'noise', 'verdict')
 
 
 def _log(msg: str) -> None:
@@ -295,16 +297,21 @@ def _summary_of(report: dict[str, Any]) -> dict[str, Any]:
             'curve': list(report['curve']),
             # where the AMAP search ended: far above the target, the target guarantee cut the rest from indicators
             # that had not learned yet (a search too short for its budget)
-            'search_final_mac_ratio': history[-1].get('mac_ratio') if history else None}
+            'search_final_mac_ratio': history[-1].get('mac_ratio') if history else None,
+            **({'latency_target': {k: report['latency_target'].get(k) for k in LATENCY_KEYS}}
+               if report.get('latency_target') else {})}
 
 
 def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: int, data: dict[str, Any],
                       budget: dict[str, Any], device: str = 'auto', progress: dict[str, Any] | None = None,
-                      on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                      on_progress: Callable[[dict[str, Any]], None] | None = None,
+                      cut_only: bool = False) -> dict[str, Any]:
     """The pipeline run, its fine-tune stopped at every curve point (``max_finetune_steps``) and continued from
     there (``resume``: the same schedule) to the next; the report of the last with ``curve`` and the seconds of all.
 
-    ``progress`` (what ``on_progress`` was last given) holds the points measured before an interruption."""
+    ``progress`` (what ``on_progress`` was last given) holds the points measured before an interruption.
+    ``cut_only``: stop after the cut and one fine-tune step (the least the pipeline stops at), so that the cut model
+    (``out/pruned_init``) can be looked at; the same call without it continues the run from there."""
     from amap.pipeline import CONFIG_FILE, run
     spe = _steps_per_epoch(json.dumps(data, sort_keys=True))
     search_steps = math.ceil(budget['search_epochs'] * spe)  # the pipeline's search length (one batch per update)
@@ -315,6 +322,8 @@ def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: i
     whole = float(budget['finetune_epochs']).is_integer()
     finetune_steps = None if whole else round(budget['curve_epochs'][-1] * spe) - search_steps
     stops: list[int | None] = [*_finetune_stops(budget, spe, search_steps)] or [None]  # None: no fine-tune
+    if cut_only:
+        stops = [1]
     for i, stop in enumerate(stops):
         if stop is not None and search_steps + stop in points and i < len(stops) - 1:
             continue  # measured before an interruption (the last is always run: it gives the report)
@@ -323,6 +332,8 @@ def run_amap_pipeline(base: Path, out: Path, target: float, method: str, seed: i
                      finetune_steps=finetune_steps, out=str(out),
                      resume=(out / CONFIG_FILE).is_file(), latency=False, progress=False, seed=seed, device=device,
                      teacher='original', max_finetune_steps=stop).report
+        if cut_only:
+            return report
         points.setdefault(search_steps, _point(search_steps, spe, report['top1']['after_surgery']))  # the cut
         if stop is not None:
             points[search_steps + stop] = _point(search_steps + stop, spe, report['top1']['after_finetune'])
@@ -475,6 +486,34 @@ class NotRun(Exception):
     """With ``--collect``: the run has no finished result."""
 
 
+def run_folder(args: argparse.Namespace, base_name: str, target: float, method: str, seed: int) -> Path:
+    """The work folder of one run."""
+    out = Path(args.work_dir).expanduser() / base_name
+    return (out if method in TARGETLESS else out / f't{target:g}') / method / f'seed{seed}'
+
+
+def run_to_cut(args: argparse.Namespace, base_name: str, base: Path, target: float, method: str, seed: int,
+               data: dict[str, Any]) -> Path:
+    """An AMAP pipeline run (``method`` in :data:`METHODS`) taken as far as its cut: returns its folder, whose
+    ``pruned_init`` holds the cut model. Reused when the run got there before with the same settings; :func:`one_run`
+    with the same arguments continues it to the end of the budget."""
+    from amap.pipeline import PRUNED_INIT
+    out = run_folder(args, base_name, target, method, seed)
+    marker = out / 'benchmark.json'
+    budget = _budget(args, method)
+    settings = _settings(base, target, method, seed, data, budget)
+    same = marker.is_file() and read_json(marker).get('settings') == settings
+    if same and (out / PRUNED_INIT / 'config.json').is_file():
+        return out
+    if not same and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {'settings': settings})
+    _log(f'run {base_name} target {target:g} {method} seed {seed} to its cut')
+    run_amap_pipeline(base, out, target, method, seed, data, budget, args.device, cut_only=True)
+    return out
+
+
 def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float, method: str, seed: int,
             data: dict[str, Any]) -> dict[str, Any]:
     """The summary of one run: reused when it finished before with the same settings, else run (or continued:
@@ -484,8 +523,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     the summary (or why the method is not applicable).
     """
     from benchmarks.torch_pruning_baseline import NotApplicable
-    out = Path(args.work_dir).expanduser() / base_name
-    out = (out if method in TARGETLESS else out / f't{target:g}') / method / f'seed{seed}'
+    out = run_folder(args, base_name, target, method, seed)
     marker = out / 'benchmark.json'
     budget = _budget(args, method)
     settings = _settings(base, target, method, seed, data, budget)
@@ -830,6 +868,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--quick', action='store_true', help='smoke test: a quick base trained on the fly, 1 seed, '
                                                         'target 0.7, amap + magnitude + torch_pruning_magnitude')
     p.add_argument('--quick-base-epochs', type=int, default=8, help='training epochs of the quick base')
+    p.add_argument('--equal-latency', type=float, default=None, metavar='S',
+                   help='top-1 at equal measured latency instead of the MAC grid: a latency target of S times faster '
+                        'than the base against MAC targets (plain and channel_multiple 8) matched to its measured '
+                        'latency (benchmarks/equal_latency.py); --targets and --methods are not used')
+    p.add_argument('--latency-batch', type=int, default=32, help='batch of --equal-latency (default %(default)s)')
+    p.add_argument('--match-probes', type=int, default=None,
+                   help='--equal-latency: candidate MAC targets per MAC arm at most (default 4)')
     p.add_argument('--out', default=None, help='JSON output (default benchmarks/results/quality.json, quick: '
                                                'benchmarks/results/quality_quick.json); Markdown beside it')
     args = p.parse_args(argv)
@@ -864,6 +909,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or f'benchmarks/results/{"quality_quick" if q else "quality"}.json'
     if any(not 0 < t < 1 for t in args.targets):
         p.error('--targets are MAC ratios in (0, 1)')
+    if args.equal_latency is not None:
+        from benchmarks.equal_latency import MAX_PROBES
+        if not args.equal_latency > 1:
+            p.error(f'--equal-latency is a speed-up above 1 (e.g. 1.6), got {args.equal_latency:g}')
+        if args.latency_batch < 1:
+            p.error(f'--latency-batch must be at least 1, got {args.latency_batch}')
+        args.match_probes = args.match_probes or MAX_PROBES
+        if args.out == f'benchmarks/results/{"quality_quick" if q else "quality"}.json':
+            args.out = f'benchmarks/results/{"quality_quick" if q else "quality"}_eqlat.json'
     return args
 
 
@@ -889,6 +943,13 @@ def main(argv: list[str] | None = None) -> int:
         if not bases:
             _log('no base model found: train them first (commands above) or pass --bases NAME=PATH')
             return 2
+    if args.equal_latency is not None:
+        from benchmarks import equal_latency
+        return equal_latency.main(args, bases, data, {
+            'command': command_line('quality.py', argv), 'machine': info, 'quick': args.quick, 'data': data,
+            'budget': {'search_epochs': args.search_epochs, 'finetune_epochs': args.finetune_epochs,
+                       'curve_epochs': args.curve_epochs, 'kd_alpha': 0.5, 'teacher': 'original'},
+            'work_dir': str(work), 'bases': {name: str(path) for name, path in bases.items()}})
     from amap.train import read_trained_meta
     plan = [(b, t, m, s) for b in bases for t in args.targets for m in args.methods for s in args.seeds]
     shard, shards = args.shard

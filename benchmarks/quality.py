@@ -49,6 +49,13 @@ seeds = 225 runs (Torch-Pruning is not applicable to the FLatten bases, 24 of th
 ``--train-subset`` / ``--val-subset``, fewer ``--seeds`` / ``--methods`` / ``--models``, and use both cores with two
 processes (``--shard 0/2`` and ``--shard 1/2``), then one plain invocation collects every finished run.
 
+Equal measured latency (``--equal-latency S --latency-batch B``, issue 13): instead of the MAC grid, per base and
+seed, AMAP with a latency target (``S`` times faster than the base at batch ``B``, 1 thread) against AMAP with a MAC
+target and with a MAC target and ``channel_multiple`` 8, both matched to the latency arm's *measured* latency
+(candidate MAC targets run to their cut and timed against it; the closest is continued), every arm with the AMAP
+budget above; the table gives each arm's measured latency ratio (with its noise) beside top-1
+(``benchmarks/equal_latency.py``; ``--match-probes`` bounds the candidates; resumable like every run here).
+
 ``--quick`` (the CI smoke test, about a minute): a small timm DeiT (2 blocks, width 96, patch 8) trained on the
 fly for 8 epochs of the embedded digits data, pruned to 70% by amap, magnitude and torch_pruning_magnitude, and
 ``unpruned``, with 1 seed, on a 960-image training subset (30 steps per epoch): a 3-epoch search (90 steps, about what
@@ -61,6 +68,11 @@ Usage::
     python benchmarks/quality.py --data ~/data/cifar10 --train-subset 10000 --val-subset 2000 \
         --seeds 0 1 2 --shard 0/2 --out /tmp/q0.json &                                              # + --shard 1/2
     python benchmarks/quality.py --quick --out /tmp/quality_quick.json                               # ~1 minute
+    python benchmarks/quality.py --data ~/.cache/amap/cifar10 \
+        --bases fdeit_e40=benchmarks/bases/flatten_deit_micro/probe_e40 --seeds 0 --train-subset 10000 \
+        --val-subset 2000 --search-epochs 0.5 --curve-epochs 0.25,1,3 --equal-latency 1.6 --latency-batch 32 \
+        --records benchmarks/results/quality_runs/probe_fdeit_e40_eqlat \
+        --out benchmarks/results/quality_eqlat_probe_fdeit_e40.json                     # equal measured latency
 """
 from __future__ import annotations
 

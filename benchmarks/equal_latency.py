@@ -240,7 +240,7 @@ def main(args: argparse.Namespace, bases: dict[str, Path], data: dict[str, Any],
     from amap.errors import Interrupted
     from amap.train import read_trained_meta
     from benchmarks.common import loadavg, write_results
-    from benchmarks.quality import _log
+    from benchmarks.quality import NotRun, _log
     t0 = time.perf_counter()
     results, failed, interrupted = [], [], None
     for base_name, base in bases.items():
@@ -248,12 +248,18 @@ def main(args: argparse.Namespace, bases: dict[str, Path], data: dict[str, Any],
         for seed in args.seeds:
             try:
                 results.append(run_seed(args, base_name, base, seed, base_data))
+            except NotRun as e:  # --collect: not finished
+                _log(f'not run: {e}')
+                failed.append({'base': base_name, 'seed': seed, 'error': f'not run: {e}'})
             except Interrupted as e:
+                _log(f'interrupted: {e}; run the same command again to continue')
                 interrupted = str(e)
                 break
             except Exception as e:  # one broken (base, seed) must not lose the others
                 _log(f'FAILED {base_name} seed {seed}: {type(e).__name__}: {e}')
                 failed.append({'base': base_name, 'seed': seed, 'error': f'{type(e).__name__}: {e}'})
+        if interrupted:
+            break
     payload = {'meta': {**meta, 'speedup': args.equal_latency, 'batch': args.latency_batch,
                         'seconds': time.perf_counter() - t0, 'loadavg_end': loadavg(), 'seeds': args.seeds,
                         'complete': not failed and not interrupted, 'interrupted': interrupted,

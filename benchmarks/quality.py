@@ -517,6 +517,8 @@ def run_to_cut(args: argparse.Namespace, base_name: str, base: Path, target: flo
     same = marker.is_file() and read_json(marker).get('settings') == settings
     if same and (out / PRUNED_INIT / 'config.json').is_file():
         return out
+    if args.collect:
+        raise NotRun(f'{base_name} {target:g} {method} seed {seed} has not reached its cut (--collect runs nothing)')
     if not same and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

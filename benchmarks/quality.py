@@ -733,7 +733,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
                        f'{g["margin"]:+.2f} vs {g["runner_up"]} (std {g["spread"]:.2f})',
                        f'{g["gap_to_unpruned"]:+.2f}', '' if within is None else ('yes' if within else 'NO')])
         lines += [markdown_table(['base', 'target', 'best method', 'AMAP best', 'AMAP - best other (points)',
-                                  'unpruned - AMAP (points)', 'within 0.5 at 70%'], gt, left=3), '']
+                                  'original - AMAP (points; the base as given, not fine-tuned)',
+                                  'within 0.5 at 70%'], gt, left=3), '']
         ref = [g for g in payload['goals'] if 'gap_to_unpruned_finetuned' in g]
         if ref:
             lines += ['Against the unpruned model fine-tuned with the same budget, recipe and teacher (`unpruned`):',

@@ -785,7 +785,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
                        f'{g["margin"]:+.2f} vs {g["runner_up"]} (std {g["spread"]:.2f})',
                        f'{g["gap_to_unpruned"]:+.2f}', '' if within is None else ('yes' if within else 'NO')])
         lines += [markdown_table(['base', 'target', 'best method', 'AMAP best', 'AMAP - best other (points)',
-                                  'unpruned - AMAP (points)', 'within 0.5 at 70%'], gt, left=3), '']
+                                  'original - AMAP (points; the base as given, not fine-tuned)',
+                                  'within 0.5 at 70%'], gt, left=3), '']
         ref = [g for g in payload['goals'] if 'gap_to_unpruned_finetuned' in g]
         if ref:
             lines += ['Against the unpruned model fine-tuned with the same budget, recipe and teacher (`unpruned`):',
@@ -853,8 +854,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--search-epochs', type=_whole_if_integer, default=None,
                    help='AMAP search epochs, may be fractional: the fine-tune gets the rest of the budget in steps '
                         '(default 1; quick 3)')
-    p.add_argument('--finetune-epochs', type=int, default=None,
-                   help='fine-tune epochs after the AMAP search (default 5; quick 2; or set by --curve-epochs)')
+    p.add_argument('--finetune-epochs', type=_whole_if_integer, default=None,
+                   help='fine-tune epochs after the AMAP search (default: the rest of 6 epochs in all, quick 5; or '
+                        'set by --curve-epochs); search + fine-tune is a whole number of epochs')
     p.add_argument('--curve-epochs', type=_epochs, default=None, metavar='E,E,...',
                    help="top-1 is recorded after these epochs of optimizer steps since the unpruned model (AMAP's "
                         'search counts); the last ends every run, so it sets the budget (default: 0.25,1,3 below '
@@ -901,10 +903,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.methods = args.methods or (QUICK_METHODS if q else [m for m in METHODS if m not in VARIANTS])
     args.seeds = args.seeds if args.seeds else ([0] if q else [0, 1, 2])
     # quick: 3 epochs of the 960-image subset = 90 search steps, about what the search needs to reach the target
-    args.search_epochs = args.search_epochs if args.search_epochs is not None else (3 if q else 1)
+    # the search as `amap prune` runs it by default (half an epoch); quick: 90 steps, what its search needs
+    args.search_epochs = args.search_epochs if args.search_epochs is not None else (3 if q else 0.5)
     if args.curve_epochs is None:
-        args.finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if q else 5)
+        if args.finetune_epochs is None:
+            args.finetune_epochs = (5 if q else 6) - args.search_epochs
         total = args.search_epochs + args.finetune_epochs
+        if total != round(total):
+            p.error(f'--search-epochs + --finetune-epochs is the budget of every method: a whole number of epochs; '
+                    f'got {total:g}')
         args.curve_epochs = [e for e in CURVE_EPOCHS if e < total] + [float(total)]
     else:
         last = args.curve_epochs[-1]

@@ -144,6 +144,10 @@ def test_curve_epochs_set_the_budget(monkeypatch):
     from benchmarks.quality import parse_args
     quick = parse_args(['--quick'])
     assert quick.curve_epochs == [0.25, 1.0, 3.0, 5.0] and quick.search_epochs + quick.finetune_epochs == 5
+    default = parse_args(['--data', 'x'])  # the half-epoch search `amap prune` runs, 6 epochs of steps in all
+    assert (default.search_epochs, default.finetune_epochs, default.curve_epochs) == (0.5, 5.5, [0.25, 1.0, 3.0, 6.0])
+    with pytest.raises(SystemExit):  # every method's budget is a whole number of epochs
+        parse_args(['--data', 'x', '--finetune-epochs', '2'])
     args = parse_args(['--data', 'x', '--search-epochs', '1', '--curve-epochs', '0.5,2,4'])
     assert args.curve_epochs == [0.5, 2.0, 4.0] and args.finetune_epochs == 3
     for bad in (['--curve-epochs', '1,2.5'], ['--curve-epochs', '3,1'], ['--curve-epochs', '0.5'],

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.equal_latency import ARMS, MATCH_TOL, next_target
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEEDUP, BATCH, PROBES = 1.3, 8, 2
@@ -35,7 +35,16 @@ def _percent(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and 0 <= x <= 100
 
 
-def test_equal_latency_quick(tmp_path):
+@pytest.fixture
+def equal_latency(monkeypatch):
+    """benchmarks/equal_latency.py (benchmarks/ is a folder of scripts, importable from the repo root)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.equal_latency as module
+    return module
+
+
+def test_equal_latency_quick(tmp_path, equal_latency):
+    ARMS, MATCH_TOL = equal_latency.ARMS, equal_latency.MATCH_TOL  # noqa: N806 - the module's constants
     out, work = tmp_path / 'eqlat.json', tmp_path / 'work'
     data = _run(out, work)
     meta = data['meta']
@@ -93,7 +102,8 @@ def test_equal_latency_quick(tmp_path):
     assert {a: r['measured'] for a, r in res2['arms'].items()} == {a: r['measured'] for a, r in arms.items()}
 
 
-def test_next_target():
+def test_next_target(equal_latency):
+    next_target = equal_latency.next_target
     # one candidate: a step by its latency ratio (slower than the latency arm: fewer MACs)
     assert next_target([{'target': 0.6, 'q': 1.2}]) == 0.5
     assert next_target([{'target': 0.5, 'q': 0.8}]) == 0.625

@@ -142,7 +142,8 @@ def run_seed(args: argparse.Namespace, base_name: str, base: Path, seed: int, da
     'target', 'measured'}, 'match': {arm: candidates}}``."""
     from amap.macs import count_macs
     from amap.train import load_trained
-    from benchmarks.quality import _budget, _portable, _settings, _weights_sha256, one_run, run_to_cut
+    from amap.utils.runfolder import file_digest
+    from benchmarks.quality import _budget, _portable, _settings, one_run, run_to_cut
     s, batch = args.equal_latency, args.latency_batch
     lat = latency_method(batch)
     size = (3, data['img_size'], data['img_size'])
@@ -151,7 +152,7 @@ def run_seed(args: argparse.Namespace, base_name: str, base: Path, seed: int, da
         f'seed{seed}.json'
     settings = {'speedup': s, 'batch': batch, 'max_probes': args.match_probes, 'match_tol': MATCH_TOL,
                 'retime': RETIME, 'match_rounds': MATCH_ROUNDS,
-                'base_sha256': _weights_sha256(base),  # the runs' settings but their targets (the matching's result)
+                'base_sha256': file_digest(base),  # the runs' settings but their targets (the matching's result)
                 'runs': {arm: _portable(_settings(base, 0.0, m or lat, seed, data, _budget(args, m or lat)), None)
                          for arm, m in ARMS.items()}}
     doc = read_json(doc_path) if doc_path.is_file() else {}

@@ -33,9 +33,9 @@ whose report exists is reused, an interrupted one continues (the pipeline resume
 where it stopped. With ``--records DIR`` (e.g. ``benchmarks/results/quality_runs``, committed) every finished run also
 leaves a small record there (settings, summary, and for ``amap`` the structure ``amap_structure`` needs) that any
 machine reuses when its work folder lacks the run: the grid outlasts a session and a machine. A record names its base
-by the SHA-256 of the weights, not by a path, so it matches the same base wherever it is. The JSON + Markdown
-results hold every run, the mean and spread (sample std over seeds) per (base, target, method), the exact command,
-the machine and the date.
+by the SHA-256 of its weights (:func:`amap.utils.runfolder.file_digest`), not by a path, so it matches the same
+base wherever it is. The JSON + Markdown results hold every run, the mean and spread (sample std over seeds) per
+(base, target, method), the exact command, the machine and the date.
 
 Bases: ``--bases NAME=PATH ...``, or by default ``~/.cache/amap-bench/<model>/`` for flatten_deit_micro,
 flatten_swin_micro and timm_deit_micro (the DeiTs at width 96 with 3 heads of 32: flatten_deit_micro with
@@ -80,7 +80,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -98,6 +97,7 @@ if __package__ in (None, ''):  # run as a script: make `benchmarks.common` impor
 import torch  # noqa: E402
 
 from amap.utils.io import atomic_write_json, read_json  # noqa: E402
+from amap.utils.runfolder import file_digest  # noqa: E402
 from benchmarks.common import command_line, loadavg, machine_info, markdown_table, write_results  # noqa: E402
 
 DEFAULT_MODELS = ['flatten_deit_micro', 'flatten_swin_micro', 'timm_deit_micro']
@@ -469,18 +469,6 @@ def _settings(base: Path, target: float, method: str, seed: int, data: dict[str,
     return json.loads(json.dumps(doc))
 
 
-def _weights_sha256(base: Path) -> str | None:
-    """SHA-256 of the base's weights file (``model.safetensors`` of a run folder, or the file itself)."""
-    f = base / 'model.safetensors' if base.is_dir() else base
-    if not f.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(f, 'rb') as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _record_path(args: argparse.Namespace, base_name: str, target: float, method: str, seed: int) -> Path | None:
     """Where the committed record of a run lives (``--records``), or None without records."""
     if not args.records:
@@ -543,7 +531,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     settings = _settings(base, target, method, seed, data, budget)
     key = {'base': base_name, 'target': target, 'method': method, 'seed': seed, 'folder': str(out), 'budget': budget}
     record = _record_path(args, base_name, target, method, seed)
-    portable = _portable(settings, _weights_sha256(base)) if record is not None else None
+    portable = _portable(settings, file_digest(base)) if record is not None else None
 
     def keep(doc: dict[str, Any], report: dict[str, Any] | None = None) -> None:
         if record is not None:
@@ -853,7 +841,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--seeds', nargs='*', type=int, default=None, help='seeds (default: 0 1 2)')
     p.add_argument('--search-epochs', type=_whole_if_integer, default=None,
                    help='AMAP search epochs, may be fractional: the fine-tune gets the rest of the budget in steps '
-                        '(default 1; quick 3)')
+                        "(default 0.5, as amap prune searches; quick 3)")
     p.add_argument('--finetune-epochs', type=_whole_if_integer, default=None,
                    help='fine-tune epochs after the AMAP search (default: the rest of 6 epochs in all, quick 5; or '
                         'set by --curve-epochs); search + fine-tune is a whole number of epochs')
@@ -902,8 +890,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.targets = args.targets or ([0.7] if q else [0.5, 0.7])
     args.methods = args.methods or (QUICK_METHODS if q else [m for m in METHODS if m not in VARIANTS])
     args.seeds = args.seeds if args.seeds else ([0] if q else [0, 1, 2])
-    # quick: 3 epochs of the 960-image subset = 90 search steps, about what the search needs to reach the target
-    # the search as `amap prune` runs it by default (half an epoch); quick: 90 steps, what its search needs
+    # the search as `amap prune` runs it by default (half an epoch); quick: 3 epochs of the 960-image subset = 90
+    # search steps, about what the search needs to reach the target
     args.search_epochs = args.search_epochs if args.search_epochs is not None else (3 if q else 0.5)
     if args.curve_epochs is None:
         if args.finetune_epochs is None:

@@ -206,7 +206,7 @@ class Search:
         s = self.settings
         return s.resource_lambda * min(1.0, (step + 1) / self._warmup_steps())
 
-    def indicator_lr(self, step: int) -> float:
+    def indicator_lr_at(self, step: int) -> float:
         """Indicator learning rate at ``step`` (``indicator_schedule``)."""
         s = self.settings
         if s.indicator_schedule == 'cosine':
@@ -244,7 +244,7 @@ class Search:
         step = self.step
         lam = self.lam(step)
         for g in self.opt_ind.param_groups:  # a function of the step alone: a resumed search continues it exactly
-            g['lr'] = self.indicator_lr(step)
+            g['lr'] = self.indicator_lr_at(step)
         sums = torch.zeros(3, dtype=torch.float64)
         for xb, yb in micro:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

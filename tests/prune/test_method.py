@@ -234,17 +234,17 @@ def test_cosine_indicator_schedule_decays_the_indicator_lr_to_zero():
     from amap.prune.search import Search, SearchSettings
     pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
     cosine = Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, lr=0.0, indicator_schedule='cosine'))
-    assert [cosine.indicator_lr(k) for k in range(4)] == pytest.approx([0.02, 0.01 * (1 + 2 ** -0.5), 0.01,
+    assert [cosine.indicator_lr_at(k) for k in range(4)] == pytest.approx([0.02, 0.01 * (1 + 2 ** -0.5), 0.01,
                                                                         0.01 * (1 - 2 ** -0.5)])
     x, y = _loader()[0]
     for k in range(3):
         before = pruner.indicators[next(iter(pruner.indicators))].m.detach().clone()
         cosine.train_step(x, y)
-        assert cosine.opt_ind.param_groups[0]['lr'] == pytest.approx(cosine.indicator_lr(k))
+        assert cosine.opt_ind.param_groups[0]['lr'] == pytest.approx(cosine.indicator_lr_at(k))
     moved = (pruner.indicators[next(iter(pruner.indicators))].m.detach() - before).abs().max().item()
-    assert 0 < moved <= cosine.indicator_lr(2) * 1.01  # Adam's step is at most about its learning rate
+    assert 0 < moved <= cosine.indicator_lr_at(2) * 1.01  # Adam's step is at most about its learning rate
     constant = Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, lr=0.0))
-    assert {constant.indicator_lr(k) for k in range(4)} == {0.02}
+    assert {constant.indicator_lr_at(k) for k in range(4)} == {0.02}
 
 
 # --------------------------------------------------------------------------------------------------- prune() API

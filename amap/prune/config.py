@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..utils.config import check_value
 from .criteria import CRITERIA
+from .criterion_init import INDICATOR_INITS
 from .groups import GROUP_KINDS
 from .search import SearchSettings
 
@@ -109,6 +110,11 @@ class PruneConfig:
             linear-attention channel starts at this value, the most important at 1 (null: the centred ranking).
             Times a similarity weight of ``1 - similarity_beta``, a value below ``threshold / (1 - similarity_beta)``
             gates channels off before the search has seen a gradient.
+        indicator_init: Where the search starts: constant (every indicator at 1, or the attention-difference init as
+            ``attn_init`` says) or taylor (ours: at the structure the Taylor criterion gives at the target, kept
+            channels ``init_margin`` above the threshold and the others below it, so the search refines a structure
+            that already meets the target; docs/amap-method.md, section 5b).
+        init_margin: Distance of the start scores from the threshold under a criterion init.
         calib_batches: Batches of the loader used for calibration (similarity, initialisation, Taylor).
         threshold: Indicator score threshold for a kept channel.
         min_keep: Channels every head keeps at least.
@@ -138,6 +144,8 @@ class PruneConfig:
     attn_init: bool = False
     attn_init_spread: float = 0.1
     attn_init_low: float | None = None
+    indicator_init: str = field(default='constant', metadata={'choices': INDICATOR_INITS})
+    init_margin: float = 0.1
     calib_batches: int = field(default=8, metadata={'min': 1})
     threshold: float = 0.5
     min_keep: int = 1
@@ -161,6 +169,12 @@ class PruneConfig:
             raise ConfigError(f'attn_init_low must be in (0, 1] or null, got {self.attn_init_low}')
         if not 0 <= self.attn_init_spread < 1:
             raise ConfigError(f'attn_init_spread must be in [0, 1), got {self.attn_init_spread}')
+        if self.indicator_init not in INDICATOR_INITS:
+            raise ConfigError(f'indicator_init {self.indicator_init!r} is unknown; choose from {list(INDICATOR_INITS)}')
+        if self.indicator_init != 'constant' and self.attn_init:
+            raise ConfigError(f'indicator_init={self.indicator_init!r} sets every start itself: turn attn_init off')
+        if not 0 < self.init_margin < 1:
+            raise ConfigError(f'init_margin must be in (0, 1), got {self.init_margin}')
         if self.channel_multiple < 1:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':

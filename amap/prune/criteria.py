@@ -117,6 +117,7 @@ def criterion_structure(
         seed: int = 0,
         fill: bool = True,
         multiple: int = 1,
+        scores: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Fix the structure a baseline criterion gives at ``target_macs`` (see the module docstring) and return its kept
     counts ``{key: (H,)}``.
@@ -129,8 +130,10 @@ def criterion_structure(
         seed: Seed (``random``).
         fill: Grow the structure back up to the target once the allocation rule has spoken.
         multiple: Keep pruned widths multiples of this.
+        scores: The criterion's scores when already computed (:func:`criterion_scores`).
     """
-    scores = criterion_scores(name, pruner, batches=batches, seed=seed)
+    if scores is None:
+        scores = criterion_scores(name, pruner, batches=batches, seed=seed)
     if name in UNIFORM:
         counts = uniform_counts(pruner, target_macs, multiple)
         if not fill:

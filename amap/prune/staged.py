@@ -31,6 +31,7 @@ from ..utils.distributed import broadcast_object, is_main_process
 from .attn_init import attention_difference_init
 from .config import PruneConfig, resolve_cost_target
 from .criteria import criterion_structure
+from .criterion_init import criterion_init
 from .pruner import Pruner
 from .search import Search
 from .similarity import calibrate_similarity
@@ -48,9 +49,9 @@ def install(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig
                   reweight=cfg.reweight and cfg.searches, threshold=cfg.threshold, min_keep=cfg.min_keep)
 
 
-def calibrate(pruner: Pruner, cfg: PruneConfig, calib: Batches) -> None:
-    """For the amap criterion: initialise the indicators (attention difference) and fold in the similarity weights
-    -- each as the config switches say."""
+def calibrate(pruner: Pruner, cfg: PruneConfig, calib: Batches, target: float | None = None) -> None:
+    """For the amap criterion: initialise the indicators (attention difference, or a criterion's structure at
+    ``target``, in the pruner's resource units) and fold in the similarity weights -- each as the config says."""
     if not cfg.searches:
         return
     if cfg.attn_init:
@@ -58,12 +59,18 @@ def calibrate(pruner: Pruner, cfg: PruneConfig, calib: Batches) -> None:
                                   seed=cfg.seed)
     if cfg.similarity:
         calibrate_similarity(pruner, (x for x, _ in calib), beta=cfg.similarity_beta)
+    if cfg.indicator_init != 'constant':
+        if target is None:
+            raise ValueError(f'indicator_init={cfg.indicator_init!r} needs the target')
+        criterion_init(pruner, target, calib, criterion=cfg.indicator_init, margin=cfg.init_margin,
+                       multiple=final_multiple(pruner, cfg), seed=cfg.seed)
 
 
 def prepare(model: nn.Module, input_size: tuple[int, int, int], cfg: PruneConfig, calib: Batches) -> Pruner:
-    """:func:`install` then :func:`calibrate`: the pruner ready to search."""
+    """:func:`install` then :func:`calibrate` (a MAC target): the pruner ready to search."""
     pruner = install(model, input_size, cfg)
-    calibrate(pruner, cfg, calib)
+    seeded = cfg.indicator_init != 'constant'
+    calibrate(pruner, cfg, calib, resolve_cost_target(cfg, pruner.resource.full) if seeded else None)
     return pruner
 
 
@@ -190,7 +197,7 @@ class StagedPruning:
         whose baseline criteria score on them)."""
         t0 = self._enter('calibrate', 'prepared')
         self.calib = list(batches)
-        calibrate(self.pruner, self.config, self.calib)
+        calibrate(self.pruner, self.config, self.calib, self.target)
         self._leave('calibrated', 'calibration', t0)
 
     def search(

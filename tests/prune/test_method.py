@@ -192,6 +192,39 @@ def test_attn_init_low_gives_the_papers_range_and_can_gate_channels_at_step_zero
         PruneConfig(attn_init_spread=1.5)
 
 
+def test_taylor_init_starts_the_search_at_taylors_structure_at_the_target():
+    """indicator_init='taylor': step 0 gates exactly the structure the Taylor criterion gives at the target (so the
+    search starts at the target), kept channels start above the threshold and cut ones below, both within the margin
+    and ordered within each head by the Taylor score; the indicators stay free to move."""
+    from amap.prune.criteria import criterion_scores, criterion_structure
+    from amap.prune.criterion_init import within_head_ranks
+    torch.testing.assert_close(within_head_ranks(torch.tensor([[0.3, 0.1, 0.2]])), torch.tensor([[1.0, 0.0, 0.5]]))
+    calib = _calib()
+    cfg = PruneConfig(target=0.5, indicator_init='taylor', init_margin=0.2)
+    torch.manual_seed(0)
+    seeded = prepare(build('flatten_deit'), (3, 32, 32), cfg, calib)
+    torch.manual_seed(0)
+    ref = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(target=0.5), calib)
+    taylor = criterion_scores('taylor', ref, batches=calib)
+    criterion_structure('taylor', ref, 0.5 * ref.full_macs, scores=taylor)
+    assert 0.45 < seeded.hard_macs() / seeded.full_macs <= 0.5
+    for key, ind in seeded.indicators.items():
+        assert not ind.fixed.numel()  # searching, not fixed
+        assert torch.equal(ind.hard_mask(), ref.indicators[key].fixed)
+        s, kept = ind.scores().detach(), ind.hard_mask().bool()
+        assert bool((s[kept] > 0.6).all()) and bool((s[kept] <= 0.7 + 1e-6).all())
+        assert bool((s[~kept] < 0.4).all()) and bool((s[~kept] >= 0.3 - 1e-6).all())
+        order = taylor[key].argsort(-1)  # scores rise with the Taylor score within every head
+        assert bool((s.gather(-1, order).diff(dim=-1) >= -1e-6).all())
+        assert ind.m.requires_grad and ind.upper >= float(ind.m.detach().max()) - 1e-6
+    with pytest.raises(ConfigError, match='attn_init off'):
+        PruneConfig(indicator_init='taylor', attn_init=True)
+    with pytest.raises(ConfigError, match='init_margin'):
+        PruneConfig(init_margin=1.5)
+    with pytest.raises(ConfigError, match='indicator_init'):
+        PruneConfig(indicator_init='magic')
+
+
 def test_group_adam_keeps_gradient_sizes_within_a_group():
     """Adam moves every channel by about its learning rate; GroupAdam normalises the group as a whole, so a channel
     with 4x the gradient moves 4x as far."""

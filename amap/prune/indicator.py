@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .groups import ChannelGroup
 
 __all__ = ['ChannelIndicator', 'topk_mask']
@@ -63,6 +64,7 @@ class ChannelIndicator(nn.Module):
         self.threshold = threshold
         self.min_keep = min_keep
         self.upper = 1.0  # the search clamps m to [0, upper]; an initialisation may start m above 1 and raise it
+        self.ramp = False  # the search's ramp gate (SearchSettings.gate); folded into the reweights at the cut
         shape = (group.num_heads, group.dim)
         value = init if isinstance(init, Tensor) else torch.full(shape, float(init))
         self.m = nn.Parameter(value.detach().clone().float().reshape(shape))
@@ -110,10 +112,26 @@ class ChannelIndicator(nn.Module):
         s = self.scores()
         return b + (s - s.detach())  # exactly b in value (b + s - s would round), gradient d/ds = 1
 
+    def ramp_scale(self) -> Tensor:
+        """The ramp gate's factor of every channel, ``clip((s - threshold) / (w - threshold), 0, 1)`` (1 at the start
+        ``m = 1``, 0 at the threshold), with the gradient of the unclipped line, ``(H, d)``."""
+        w = self.similarity_weight
+        line = (self.scores() - self.threshold) / (w - self.threshold).clamp(min=1e-3)
+        return line + (line.clamp(0.0, 1.0) - line).detach()
+
+    def reweight_scale(self) -> Tensor | None:
+        """The factor where the reweights act, ``(H, d)`` (None without reweights): the reweights, times, while
+        searching with the ramp gate on, :meth:`ramp_scale` on the kept channels -- a kept channel fades out as its
+        indicator falls to the threshold, so the task loss feels the cut coming (with the binary gate alone the
+        gradient at a kept channel is the unpruned model's)."""
+        if self.reweight is None or not self.ramp or self.fixed.numel() or not self.m.requires_grad:
+            return self.reweight
+        return self.reweight * torch.where(self.hard_mask().bool(), self.ramp_scale(), torch.ones_like(self.m))
+
     def channel_scale(self) -> Tensor:
         """Mask times reweight: the factor the gate multiplies each channel by, ``(H, d)``."""
-        scale = self.mask()
-        return scale if self.reweight is None else scale * self.reweight
+        scale, rw = self.mask(), self.reweight_scale()
+        return scale if rw is None else scale * rw
 
     def kept(self) -> Tensor:
         """Channels kept per head, ``(H,)``, differentiable through the straight-through mask."""
@@ -126,6 +144,17 @@ class ChannelIndicator(nn.Module):
         self.fixed = torch.empty(0, device=self.m.device)
         s = self.scores()
         self.fixed = topk_mask(s, self.counts(s) if counts is None else counts.to(s.device))
+
+    @torch.no_grad()
+    def fold_ramp(self, floor: float = 0.05) -> None:
+        """End the ramp gate: multiply the reweights by the ramp factors (at least ``floor``, so that a channel the
+        target guarantee adds back stays trainable), so the fixed structure computes what the search's gate did."""
+        if not self.ramp:
+            return
+        if self.reweight is None:
+            raise ConfigError('the ramp gate is folded into the reweights: turn reweight on or use gate=binary')
+        self.reweight.mul_(self.ramp_scale().clamp(floor, 1.0))
+        self.ramp = False
 
     def unfix(self) -> None:
         """Return to searching."""

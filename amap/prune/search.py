@@ -30,10 +30,11 @@ from ..utils.outputs import logits_of
 from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
 
-__all__ = ['DEFAULT_STEPS', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search', 'distillation_loss',
-           'task_loss', 'kept_by_kind']
+__all__ = ['DEFAULT_STEPS', 'GATES', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search',
+           'distillation_loss', 'task_loss', 'kept_by_kind']
 
 RESOURCE_CONTROLS = ('penalty', 'dual')
+GATES = ('binary', 'ramp')
 INDICATOR_SCHEDULES = ('constant', 'cosine')
 
 
@@ -55,6 +56,11 @@ class SearchSettings:
             step, so the structure settles and the weights adapt to it before the cut; an option under evaluation).
         indicator_opt: Indicator optimiser: adam (per-channel normalisation), group_adam (one second moment per
             channel group) or sgd (momentum 0.9).
+        gate: How the search gates a kept channel: binary (1, the paper's straight-through gate; the gradient at a
+            kept channel is that of the unpruned model, zero on average at a trained optimum) or ramp (ours: scaled
+            by ``clip((s - threshold) / (w - threshold), 0, 1)``, 1 at the start and 0 at the threshold, so a falling
+            indicator fades its channel out and the task loss pushes back in proportion to the channel's importance;
+            folded into the reweights at the cut; an option under evaluation).
         reweight_lr: Reweight learning rate.
         resource_lambda: Final weight of the resource loss.
         lambda_warmup: Fraction of the search over which the resource weight ramps up.
@@ -76,6 +82,7 @@ class SearchSettings:
     indicator_lr: float = 0.02
     indicator_schedule: str = field(default='constant', metadata={'choices': INDICATOR_SCHEDULES})
     indicator_opt: str = field(default='adam', metadata={'choices': INDICATOR_OPTIMIZERS})
+    gate: str = field(default='binary', metadata={'choices': GATES, 'flags': ('--search-gate',)})
     reweight_lr: float = 1e-3
     resource_lambda: float = 5.0
     lambda_warmup: float = 0.3
@@ -180,6 +187,8 @@ class Search:
         self.teacher, self.device, self.mixup_fn, self.grad_sync = teacher, torch.device(device), mixup_fn, grad_sync
         s = settings
         model = pruner.model[0]
+        for ind in pruner.indicators.values():
+            ind.ramp = s.gate == 'ramp'
         self.ind_params = pruner.indicator_parameters()
         self.rw_params = pruner.reweight_parameters()
         self.weights = [p for p in model.parameters() if p.requires_grad] if s.train_weights else []

@@ -84,6 +84,8 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
     indicators (amap), or the baseline criterion's scores under the same constraints."""
     multiple = final_multiple(pruner, cfg)
     if cfg.searches:
+        for ind in pruner.indicators.values():
+            ind.fold_ramp()  # the search's ramp gate (if on) carries over into the reweights
         counts = None
         if not cfg.head_balance:
             # the physical model needs balanced heads: every head keeps the layer's mean count of the search

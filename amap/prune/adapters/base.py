@@ -173,7 +173,8 @@ class Adapter(ABC):
     def reweight(self, kind: str) -> Tensor | None:
         """The flattened reweight scales of a group (None when disabled or not gated)."""
         ind = self.indicators.get(kind)
-        return None if ind is None or ind.reweight is None else ind.reweight.flatten()
+        rw = None if ind is None else ind.reweight_scale()
+        return None if rw is None else rw.flatten()
 
     def record(self, kind: str, x: Tensor, role: str | None = None, first_head: int = 0) -> None:
         """Hand an activation at a gate to the recorder (if any)."""

@@ -1,6 +1,7 @@
 """The method's components against hand-computed examples, and every ablation switch doing what it says."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -223,6 +224,47 @@ def test_taylor_init_starts_the_search_at_taylors_structure_at_the_target():
         PruneConfig(init_margin=1.5)
     with pytest.raises(ConfigError, match='indicator_init'):
         PruneConfig(indicator_init='magic')
+
+
+def test_ramp_gate_fades_kept_channels_and_folds_exactly_into_the_reweights():
+    """gate='ramp': the unpruned function at the start (m = 1), a kept channel halfway between its start and the
+    threshold scaled by 1/2 where the reweights act, and after a few search steps the fold into the reweights plus the
+    fixed structure compute exactly what the searching model did."""
+    from amap.prune.search import Search
+    from amap.prune.target import apply_counts
+    torch.manual_seed(0)
+    model = build('flatten_deit')
+    cfg = PruneConfig(target=0.5, gate='ramp')
+    pruner = prepare(model, (3, 32, 32), cfg, _calib())
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    loop = Search(pruner, 0.5 * pruner.full_macs, dataclasses.replace(cfg.search, steps=6, lr=1e-3))
+    assert all(ind.ramp for ind in pruner.indicators.values())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain)  # m = 1: every ramp factor is 1
+    ind = next(iter(pruner.indicators.values()))
+    with torch.no_grad():
+        w = ind.similarity_weight[0, 0]
+        ind.m[0, 0] = (ind.threshold + 0.5 * (w - ind.threshold)) / w
+    assert float(ind.reweight_scale()[0, 0].detach()) == pytest.approx(0.5, abs=1e-5)
+    ind.m.data.fill_(1.0)
+    g = torch.Generator().manual_seed(1)
+    loop.run([(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(6)])
+    faded = [ind for ind in pruner.indicators.values() if bool((ind.reweight_scale() < ind.reweight - 1e-4).any())]
+    assert faded  # some kept channels are on their way out
+    model.eval()
+    with torch.no_grad():
+        searching = model(x)
+        counts = pruner.hard_counts()
+        for ind in pruner.indicators.values():
+            ind.fold_ramp(floor=0.0)
+        apply_counts(pruner, counts)
+        torch.testing.assert_close(model(x), searching, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match='ramp'):
+        PruneConfig(gate='ramp', reweight=False)
 
 
 def test_group_adam_keeps_gradient_sizes_within_a_group():

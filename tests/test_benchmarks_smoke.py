@@ -102,3 +102,17 @@ def test_cost_quick(tmp_path):
         assert cal[total] == pytest.approx(sum(cal['phases'][k][key] for k in ('pruner', 'attn_init', 'similarity')))
     md = out.with_suffix('.md').read_text()
     assert '| flatten_deit_micro | 8 |' in md and 'Calibration' in md and 'profiler' in md
+
+
+def test_gate_gradients_quick(tmp_path):
+    """benchmarks/gate_gradients.py: per kind, the gradient statistics are finite and consistent (|E g| <= E|g|,
+    shares in [0, 1]), the noise reference is the median |t| of Student t (about 0.76 for 4 samples)."""
+    out = tmp_path / 'gg.json'
+    data = _run('gate_gradients.py', out, '--batches', '4', '--batch-size', '16')
+    assert data['meta']['complete'] is True and data['batches'] == 4
+    assert set(data['kinds']) == {'qk', 'v', 'mlp', 'all'}
+    for row in data['kinds'].values():
+        assert 0 < row['abs_mean_g'] <= row['mean_abs_g'] and 0 <= row['signal_share'] <= 1
+        assert 0 <= row['share_significant'] <= 1 and 0 <= row['share_closing'] <= 1
+    assert data['kinds']['all']['channels'] == sum(data['kinds'][k]['channels'] for k in ('qk', 'v', 'mlp'))
+    assert 0.7 < data['t_noise'] < 0.82

@@ -42,18 +42,25 @@ def cut_copy(pruner: Pruner) -> nn.Module:
 
 
 def measure_cut(pruner: Pruner, *, batch: int, backend: Backend, threads: int, rounds: int,
-                seed: int = 0) -> tuple[float, float, float]:
-    """``(unpruned ms, cut ms, split-half noise)`` of the pruner's model and its current structure, interleaved."""
+                seed: int = 0, cache: dict[str, Any] | None = None) -> tuple[float, float, float]:
+    """``(unpruned ms, cut ms, split-half noise)`` of the pruner's model and its current structure, interleaved.
+
+    ``cache``: a dict kept between calls of one closed loop; the unpruned model's runner (for onnxruntime, its
+    export, the slow part of a check) and input are built once into it and reused.
+    """
     model = pruner.model[0]
     small = cut_copy(pruner).eval()
+    cache = {} if cache is None else cache
     p = next(model.parameters())
-    x = torch.randn(batch, *pruner.input_size, device=p.device, dtype=p.dtype)
+    x = cache.setdefault('input', torch.randn(batch, *pruner.input_size, device=p.device, dtype=p.dtype))
     was_training = model.training
     pruner.detach()
     model.eval()
     try:
         with torch_threads(threads):
-            runners = [backend.runner(model, (x,), {}), backend.runner(small, (x,), {})]
+            if 'full' not in cache:
+                cache['full'] = backend.runner(model, (x,), {})
+            runners = [cache['full'], backend.runner(small, (x,), {})]
             times = interleaved(runners, backend, rounds=rounds, seed=seed)
     finally:
         model.train(was_training)
@@ -111,11 +118,12 @@ def close_loop(
     attempts: list[dict[str, Any]] = []
     structures: list[dict[str, Tensor]] = []
     current = target
+    cache: dict[str, Any] = {}  # the unpruned model's runner (its ONNX export), built once
     for attempt in range(MAX_RESELECT + 1):
         counts = pruner.hard_counts()
         predicted = float(pruner.cost(counts, exact=True))
         full_ms, cut_ms, noise = measure_cut(pruner, batch=batch, backend=timer, threads=threads, rounds=rounds,
-                                             seed=seed + attempt)
+                                             seed=seed + attempt, cache=cache)
         ratio = cut_ms / full_ms
         attempts.append({'target_ms': current, 'predicted_ms': predicted, 'predicted_ratio': predicted / lat.full,
                          'measured_before_ms': full_ms, 'measured_after_ms': cut_ms, 'measured_ratio': ratio,

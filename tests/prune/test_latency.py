@@ -55,8 +55,10 @@ class FakeBackend(Backend):
     def __init__(self, slow: float = 1.0, full_params: int | None = None) -> None:
         super().__init__('cpu', 1)
         self.slow, self.full_params, self.calls = slow, full_params, 0
+        self.built: list[int] = []  # parameter count of every module a runner was built for
 
     def runner(self, module, args, kwargs):
+        self.built.append(sum(p.numel() for p in module.parameters()))
         return lambda: module
 
     def seconds(self, run, reps: int = 1) -> float:
@@ -170,10 +172,16 @@ def _loader():
     return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
 
 
-def _fake_device(monkeypatch, slow: float = 1.0, full_params: int | None = None):
+def _fake_device(monkeypatch, slow: float = 1.0, full_params: int | None = None) -> list[FakeBackend]:
+    """Fake timing for calibration and closed loop; returns the list the closed loops' backends are appended to."""
+    loops: list[FakeBackend] = []
+
+    def loop_backend(*args, **kwargs):
+        loops.append(FakeBackend(slow=slow, full_params=full_params))
+        return loops[-1]
     monkeypatch.setattr('amap.latency.calibrate.make_backend', lambda *a, **k: FakeBackend())
-    monkeypatch.setattr('amap.latency.closed_loop.make_backend',
-                        lambda *a, **k: FakeBackend(slow=slow, full_params=full_params))
+    monkeypatch.setattr('amap.latency.closed_loop.make_backend', loop_backend)
+    return loops
 
 
 def test_prune_to_a_latency_target_snaps_to_the_step_and_reports_predicted_and_measured(monkeypatch):
@@ -198,7 +206,8 @@ def test_prune_to_a_latency_target_snaps_to_the_step_and_reports_predicted_and_m
 
 def test_closed_loop_tightens_when_the_cut_model_is_slower_than_predicted(monkeypatch):
     model = build('flatten_deit')
-    _fake_device(monkeypatch, slow=1.15, full_params=sum(p.numel() for p in model.parameters()))
+    full = sum(p.numel() for p in model.parameters())
+    (loop,) = [_fake_device(monkeypatch, slow=1.15, full_params=full)]
     result = amap.prune(model, _loader(), speedup=1.5, resource='latency', search_steps=2)
     lat = result.latency
     first, kept = lat['attempts'][0], lat['attempts'][lat['kept_attempt']]
@@ -207,6 +216,9 @@ def test_closed_loop_tightens_when_the_cut_model_is_slower_than_predicted(monkey
     assert len(lat['attempts']) >= 2 and kept['measured_ratio'] <= 1 / 1.5  # ... the loop tightens until it meets
     assert lat['verdict'] == 'met' and lat['measured_ratio'] == kept['measured_ratio']
     assert lat['measured_after_ms'] == pytest.approx(1e3 * 1.15 * synthetic_seconds(result.model))
+    (backend,) = loop
+    # the unpruned model's runner (for onnxruntime: its export) is built once, each attempt's cut model once
+    assert backend.built.count(full) == 1 and len(backend.built) == len(lat['attempts']) + 1
 
 
 def test_one_line_errors(monkeypatch):

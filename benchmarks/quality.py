@@ -142,6 +142,8 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # the ramp gate: a kept channel fades out as its indicator falls to the threshold, so the task loss resists the
     # cut of an important channel (with the binary gate the gradient at a kept channel is the unpruned model's)
     'amap_ramp': {'gate': 'ramp'},
+    'amap_ramp_cosine': {'gate': 'ramp', 'indicator_schedule': 'cosine'},
+    'amap_ramp_lr2e-4': {'gate': 'ramp', 'lr': 2e-4},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -161,7 +163,8 @@ QUICK_METHODS = ['amap', 'magnitude', 'torch_pruning_magnitude', 'unpruned']
 CURVE_EPOCHS = (0.25, 1.0, 3.0)  # default curve points (epochs of optimizer steps), then the whole budget
 VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_multiple8', 'amap_init_low0.75',
             'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual', 'amap_ind_cosine',
-            'amap_taylor_init', 'amap_taylor_init_lr2e-4', 'amap_ramp', 'amap_structure']  # not in the default grid
+            'amap_taylor_init', 'amap_taylor_init_lr2e-4', 'amap_ramp', 'amap_ramp_cosine',
+            'amap_ramp_lr2e-4', 'amap_structure']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

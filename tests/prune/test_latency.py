@@ -319,3 +319,18 @@ def test_onnxruntime_backend_runs_the_module_it_times():
     out = backend.runner(module, (x,), {})()
     assert torch.allclose(torch.from_numpy(out[0]), module(x), atol=1e-5)
     assert backend.seconds(backend.runner(module, (x,), {})) > 0
+
+
+def test_closed_loop_corrects_by_the_secant_once_two_checks_exist():
+    """After one check the target is scaled by the model's error; after two, the secant through the checks around the
+    goal is followed (a model whose error changes with the structure is not overshot back and forth)."""
+    from amap.latency.closed_loop import _next_target
+    first = {'predicted_ratio': 0.623, 'measured_ratio': 0.531}
+    assert _next_target([first], 0.625) == pytest.approx(0.625 * 0.623 / 0.531)
+    second = {'predicted_ratio': 0.733, 'measured_ratio': 0.700}
+    secant = 0.623 + (0.625 - 0.531) * (0.733 - 0.623) / (0.700 - 0.531)
+    assert _next_target([first, second], 0.625) == pytest.approx(secant)
+    far = {'predicted_ratio': 0.9, 'measured_ratio': 0.95}  # the bracketing pair is used, not the last two
+    assert _next_target([first, second, far], 0.625) == pytest.approx(secant)
+    same = {'predicted_ratio': 0.7, 'measured_ratio': 0.531}  # no slope: back to scaling by the last error
+    assert _next_target([first, same], 0.625) == pytest.approx(0.625 * 0.7 / 0.531)

@@ -175,9 +175,6 @@ class PruneConfig:
             raise ConfigError(f'indicator_init={self.indicator_init!r} sets every start itself: turn attn_init off')
         if not 0 < self.init_margin < 1:
             raise ConfigError(f'init_margin must be in (0, 1), got {self.init_margin}')
-        if self.search.gate == 'ramp' and not self.reweight:
-            raise ConfigError('the ramp gate (search gate=ramp) is folded into the reweights at the cut: turn reweight '
-                              'on or use gate=binary')
         if self.channel_multiple < 1:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from .groups import ChannelGroup
 
 __all__ = ['ChannelIndicator', 'topk_mask']
@@ -120,13 +119,14 @@ class ChannelIndicator(nn.Module):
         return line + (line.clamp(0.0, 1.0) - line).detach()
 
     def reweight_scale(self) -> Tensor | None:
-        """The factor where the reweights act, ``(H, d)`` (None without reweights): the reweights, times, while
+        """The factor where the reweights act, ``(H, d)`` (None when there is none): the reweights, times, while
         searching with the ramp gate on, :meth:`ramp_scale` on the kept channels -- a kept channel fades out as its
         indicator falls to the threshold, so the task loss feels the cut coming (with the binary gate alone the
         gradient at a kept channel is the unpruned model's)."""
-        if self.reweight is None or not self.ramp or self.fixed.numel() or not self.m.requires_grad:
+        if not self.ramp or self.fixed.numel() or not self.m.requires_grad:
             return self.reweight
-        return self.reweight * torch.where(self.hard_mask().bool(), self.ramp_scale(), torch.ones_like(self.m))
+        ramp = torch.where(self.hard_mask().bool(), self.ramp_scale(), torch.ones_like(self.m))
+        return ramp if self.reweight is None else self.reweight * ramp
 
     def channel_scale(self) -> Tensor:
         """Mask times reweight: the factor the gate multiplies each channel by, ``(H, d)``."""
@@ -148,12 +148,15 @@ class ChannelIndicator(nn.Module):
     @torch.no_grad()
     def fold_ramp(self, floor: float = 0.05) -> None:
         """End the ramp gate: multiply the reweights by the ramp factors (at least ``floor``, so that a channel the
-        target guarantee adds back stays trainable), so the fixed structure computes what the search's gate did."""
+        target guarantee adds back stays trainable), so the fixed structure computes what the search's gate did.
+        Without reweights the factors become fixed (untrained) scales that the surgery folds like reweights."""
         if not self.ramp:
             return
-        if self.reweight is None:
-            raise ConfigError('the ramp gate is folded into the reweights: turn reweight on or use gate=binary')
-        self.reweight.mul_(self.ramp_scale().clamp(floor, 1.0))
+        scale = self.ramp_scale().clamp(floor, 1.0)
+        if self.reweight is None:  # without the reweight module the factors are fixed scales, folded the same way
+            self.reweight = nn.Parameter(scale.detach().clone(), requires_grad=False)
+        else:
+            self.reweight.mul_(scale)
         self.ramp = False
 
     def unfix(self) -> None:

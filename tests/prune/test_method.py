@@ -226,15 +226,18 @@ def test_taylor_init_starts_the_search_at_taylors_structure_at_the_target():
         PruneConfig(indicator_init='magic')
 
 
-def test_ramp_gate_fades_kept_channels_and_folds_exactly_into_the_reweights():
+@pytest.mark.parametrize('reweight', [True, False])
+def test_ramp_gate_fades_kept_channels_and_folds_exactly_into_the_reweights(reweight):
     """gate='ramp': the unpruned function at the start (m = 1), a kept channel halfway between its start and the
-    threshold scaled by 1/2 where the reweights act, and after a few search steps the fold into the reweights plus the
-    fixed structure compute exactly what the searching model did."""
+    threshold scaled by 1/2 where the reweights act, and after a few search steps the fold into the reweights (or,
+    without the reweight module, into fixed scales) plus the fixed structure compute exactly what the searching model
+    did."""
     from amap.prune.search import Search
+    from amap.prune.surgery import apply_surgery
     from amap.prune.target import apply_counts
     torch.manual_seed(0)
     model = build('flatten_deit')
-    cfg = PruneConfig(target=0.5, gate='ramp')
+    cfg = PruneConfig(target=0.5, gate='ramp', reweight=reweight)
     pruner = prepare(model, (3, 32, 32), cfg, _calib())
     x = torch.randn(4, 3, 32, 32)
     model.eval()
@@ -253,7 +256,8 @@ def test_ramp_gate_fades_kept_channels_and_folds_exactly_into_the_reweights():
     ind.m.data.fill_(1.0)
     g = torch.Generator().manual_seed(1)
     loop.run([(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(6)])
-    faded = [ind for ind in pruner.indicators.values() if bool((ind.reweight_scale() < ind.reweight - 1e-4).any())]
+    faded = [ind for ind in pruner.indicators.values()
+             if bool((ind.reweight_scale() < (1.0 if ind.reweight is None else ind.reweight) - 1e-4).any())]
     assert faded  # some kept channels are on their way out
     model.eval()
     with torch.no_grad():
@@ -261,10 +265,11 @@ def test_ramp_gate_fades_kept_channels_and_folds_exactly_into_the_reweights():
         counts = pruner.hard_counts()
         for ind in pruner.indicators.values():
             ind.fold_ramp(floor=0.0)
+            assert not ind.ramp and ind.reweight is not None
         apply_counts(pruner, counts)
         torch.testing.assert_close(model(x), searching, atol=1e-5, rtol=0)
-    with pytest.raises(ConfigError, match='ramp'):
-        PruneConfig(gate='ramp', reweight=False)
+        small = apply_surgery(pruner)  # and the physically smaller model too
+        torch.testing.assert_close(small.eval()(x), searching, atol=1e-5, rtol=0)
 
 
 def test_group_adam_keeps_gradient_sizes_within_a_group():

@@ -470,6 +470,26 @@ def _cut_to_structure(original: torch.nn.Module, structure: list[dict], size: tu
         count_params(original)
 
 
+# the method's defaults (PruneConfig, search settings as ``search.<name>``) under which the committed run records were
+# made; a run of a pipeline method records how today's defaults differ from these (``defaults_changed``), so a record
+# made under an old default is never reused for a new one
+RECORDED_DEFAULTS = Path(__file__).resolve().parent / 'results' / 'quality_runs' / 'defaults.json'
+
+
+def method_defaults() -> dict[str, Any]:
+    """Today's defaults of the pruning method, flat (``search.<name>`` for the search settings), as JSON values."""
+    from amap.prune.api import PruneConfig
+    doc = dataclasses.asdict(PruneConfig())
+    flat = {**{k: v for k, v in doc.items() if k != 'search'}, **{f'search.{k}': v for k, v in doc['search'].items()}}
+    return json.loads(json.dumps(flat))
+
+
+def defaults_changed(recorded: Path = RECORDED_DEFAULTS) -> dict[str, Any]:
+    """The method's defaults that differ from those the committed records were made under (new fields included)."""
+    before = read_json(recorded) if recorded.is_file() else {}
+    return {k: v for k, v in method_defaults().items() if k not in before or before[k] != v}
+
+
 def _settings(base: Path, target: float, method: str, seed: int, data: dict[str, Any],
               budget: dict[str, Any]) -> dict[str, Any]:
     """Everything that decides a run's result: a finished run is reused only when these are unchanged."""
@@ -478,6 +498,9 @@ def _settings(base: Path, target: float, method: str, seed: int, data: dict[str,
     doc = {'base': str(base), 'base_step': meta.get('step'), 'target': None if method in TARGETLESS else target,
            'method': method,
            'options': METHODS[method], 'seed': seed, 'data': data, 'budget': budget}
+    changed = defaults_changed() if METHODS[method] is not None else {}
+    if changed:
+        doc['defaults_changed'] = changed
     return json.loads(json.dumps(doc))
 
 

@@ -7,6 +7,7 @@ Accuracies are never compared between methods here (a few dozen steps decide not
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -154,3 +155,27 @@ def test_curve_epochs_set_the_budget(monkeypatch):
                 ['--curve-epochs', '1,4', '--finetune-epochs', '2']):
         with pytest.raises(SystemExit):
             parse_args(['--data', 'x', '--search-epochs', '1', *bad])
+
+
+def test_a_changed_method_default_is_part_of_a_runs_settings(tmp_path, monkeypatch):
+    """A record made under other method defaults is never reused: the defaults that differ from the recorded ones
+    (new fields included) enter the settings of every pipeline method's run, and nothing enters when none differ."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import quality
+    today = quality.method_defaults()
+    assert today['search.gate'] in ('binary', 'ramp') and 'search.lr' in today and 'similarity' in today
+    recorded = tmp_path / 'defaults.json'
+    recorded.write_text(json.dumps(today))
+    assert quality.defaults_changed(recorded) == {}
+    older = {k: v for k, v in today.items() if k != 'indicator_init'}
+    older['search.indicator_lr'] = 0.5
+    recorded.write_text(json.dumps(older))
+    assert quality.defaults_changed(recorded) == {'indicator_init': today['indicator_init'],
+                                                  'search.indicator_lr': today['search.indicator_lr']}
+    monkeypatch.setattr(quality, 'RECORDED_DEFAULTS', recorded)
+    monkeypatch.setattr(quality, 'defaults_changed', functools.partial(quality.defaults_changed, recorded))
+    base = ROOT / 'benchmarks' / 'bases' / 'flatten_deit_micro' / 'probe_e40'  # any trained base
+    amap_run = quality._settings(base, 0.5, 'amap', 0, {}, {})
+    assert amap_run['defaults_changed'] == {'indicator_init': today['indicator_init'], 'search.indicator_lr':
+                                            today['search.indicator_lr']}
+    assert 'defaults_changed' not in quality._settings(base, 0.5, 'unpruned', 0, {}, {})  # not a pipeline run

@@ -4,9 +4,10 @@ For each trained base model (``amap train`` run folders), each MAC target and ea
 same pipeline budget is spent -- same data, same distillation from the unpruned model (``kd_alpha`` 0.5), same
 number of training epochs -- and top-1 is measured before pruning, right after the cut and after fine-tuning:
 
-* ``amap``: the method as shipped; ``amap_no_similarity``, ``amap_no_head_balance``, ``amap_no_reweight``: one
-  component switched off; ``amap_attn_init``: the attention-difference initialisation of linear attention switched
-  on (off by default since these measurements; :class:`amap.prune.PruneConfig` switches);
+* ``amap``: the method as shipped; ``amap_no_similarity``, ``amap_no_head_balance``, ``amap_no_reweight``,
+  ``amap_binary`` (the paper's straight-through gate instead of our ramp): one component switched off;
+  ``amap_attn_init``: the attention-difference initialisation of linear attention switched on (off by default since
+  these measurements; :class:`amap.prune.PruneConfig` switches);
 * ``magnitude`` (L1), ``taylor``, ``random``, ``uniform`` (per-layer ratio): the engine's baseline criteria, under the
   same groups, head balance and target guarantee;
 * ``torch_pruning_magnitude`` / ``torch_pruning_taylor``: Torch-Pruning's MetaPruner with GroupMagnitudeImportance /
@@ -139,9 +140,12 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # that already meets the target; with the search's weights at the fine-tune LR, no step trains at a lower LR
     'amap_taylor_init': {'indicator_init': 'taylor'},
     'amap_taylor_init_lr2e-4': {'indicator_init': 'taylor', 'lr': 2e-4},
-    # the ramp gate: a kept channel fades out as its indicator falls to the threshold, so the task loss resists the
-    # cut of an important channel (with the binary gate the gradient at a kept channel is the unpruned model's)
+    # the ramp gate (the default since 2026-11-26): a kept channel fades out as its indicator falls to the threshold, so
+    # the task loss resists the cut of an important channel; `amap_ramp` labels the runs made while binary was the
+    # default, `amap_binary` is the paper's straight-through gate (the gradient at a kept channel is the unpruned
+    # model's), an ablation of the ramp
     'amap_ramp': {'gate': 'ramp'},
+    'amap_binary': {'gate': 'binary'},
     'amap_ramp_cosine': {'gate': 'ramp', 'indicator_schedule': 'cosine'},
     'amap_ramp_lr2e-4': {'gate': 'ramp', 'lr': 2e-4},
     # the ramp's restoring force grows with a channel's curvature; a group-shared second moment keeps that size

@@ -488,10 +488,23 @@ def method_defaults() -> dict[str, Any]:
     return json.loads(json.dumps(flat))
 
 
-def defaults_changed(recorded: Path = RECORDED_DEFAULTS) -> dict[str, Any]:
-    """The method's defaults that differ from those the committed records were made under (new fields included)."""
-    before = read_json(recorded) if recorded.is_file() else {}
-    return {k: v for k, v in method_defaults().items() if k not in before or before[k] != v}
+# options of the learned method only: a baseline criterion's run does not depend on them
+_AMAP_ONLY = ('similarity', 'similarity_beta', 'head_balance', 'reweight', 'attn_init', 'attn_init_spread',
+              'attn_init_low', 'indicator_init', 'init_margin')
+
+
+def defaults_changed(options: dict[str, Any] | None = None, recorded: Path = RECORDED_DEFAULTS) -> dict[str, Any]:
+    """The method's effective options (today's defaults with ``options``, a METHODS entry, applied) that differ from
+    those under the defaults the committed records were made under (new fields included); for a baseline criterion
+    the learned method's options and the search settings are left out."""
+    from amap.prune.config import FLAT_SEARCH_KEYS
+    opts = {(f'search.{FLAT_SEARCH_KEYS[k]}' if k in FLAT_SEARCH_KEYS else k): v for k, v in (options or {}).items()}
+    opts = json.loads(json.dumps(opts))
+    before = {**(read_json(recorded) if recorded.is_file() else {}), **opts}
+    now = {**method_defaults(), **opts}
+    if now.get('criterion', 'amap') != 'amap':
+        now = {k: v for k, v in now.items() if not k.startswith('search.') and k not in _AMAP_ONLY}
+    return {k: v for k, v in now.items() if k not in before or before[k] != v}
 
 
 def _settings(base: Path, target: float, method: str, seed: int, data: dict[str, Any],
@@ -502,7 +515,7 @@ def _settings(base: Path, target: float, method: str, seed: int, data: dict[str,
     doc = {'base': str(base), 'base_step': meta.get('step'), 'target': None if method in TARGETLESS else target,
            'method': method,
            'options': METHODS[method], 'seed': seed, 'data': data, 'budget': budget}
-    changed = defaults_changed() if METHODS[method] is not None else {}
+    changed = defaults_changed(METHODS[method]) if METHODS[method] is not None else {}
     if changed:
         doc['defaults_changed'] = changed
     return json.loads(json.dumps(doc))

@@ -158,24 +158,27 @@ def test_curve_epochs_set_the_budget(monkeypatch):
 
 
 def test_a_changed_method_default_is_part_of_a_runs_settings(tmp_path, monkeypatch):
-    """A record made under other method defaults is never reused: the defaults that differ from the recorded ones
-    (new fields included) enter the settings of every pipeline method's run, and nothing enters when none differ."""
+    """A record made under other method defaults is never reused: the effective options that differ from those under
+    the recorded defaults (new fields included) enter the settings of a pipeline method's run; nothing enters when
+    none differ, when the method sets the option itself, or when a baseline criterion does not use it."""
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import quality
     today = quality.method_defaults()
     assert today['search.gate'] in ('binary', 'ramp') and 'search.lr' in today and 'similarity' in today
     recorded = tmp_path / 'defaults.json'
     recorded.write_text(json.dumps(today))
-    assert quality.defaults_changed(recorded) == {}
+    assert quality.defaults_changed({}, recorded) == {}
     older = {k: v for k, v in today.items() if k != 'indicator_init'}
     older['search.indicator_lr'] = 0.5
+    older['calib_batches'] = 99
     recorded.write_text(json.dumps(older))
-    assert quality.defaults_changed(recorded) == {'indicator_init': today['indicator_init'],
-                                                  'search.indicator_lr': today['search.indicator_lr']}
-    monkeypatch.setattr(quality, 'RECORDED_DEFAULTS', recorded)
-    monkeypatch.setattr(quality, 'defaults_changed', functools.partial(quality.defaults_changed, recorded))
+    changed = {'indicator_init': today['indicator_init'], 'search.indicator_lr': today['search.indicator_lr'],
+               'calib_batches': today['calib_batches']}
+    assert quality.defaults_changed({}, recorded) == changed
+    assert quality.defaults_changed({'indicator_lr': 0.3}, recorded) == {  # set by the method: the same both times
+        k: v for k, v in changed.items() if k != 'search.indicator_lr'}
+    assert quality.defaults_changed({'criterion': 'taylor'}, recorded) == {'calib_batches': today['calib_batches']}
+    monkeypatch.setattr(quality, 'defaults_changed', functools.partial(quality.defaults_changed, recorded=recorded))
     base = ROOT / 'benchmarks' / 'bases' / 'flatten_deit_micro' / 'probe_e40'  # any trained base
-    amap_run = quality._settings(base, 0.5, 'amap', 0, {}, {})
-    assert amap_run['defaults_changed'] == {'indicator_init': today['indicator_init'], 'search.indicator_lr':
-                                            today['search.indicator_lr']}
+    assert quality._settings(base, 0.5, 'amap', 0, {}, {})['defaults_changed'] == changed
     assert 'defaults_changed' not in quality._settings(base, 0.5, 'unpruned', 0, {}, {})  # not a pipeline run

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,22 +36,16 @@ from benchmarks.common import command_line, loadavg, machine_info, markdown_tabl
 
 def gate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                    input_size: tuple[int, int, int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``{group key: (n_batches, H, d)}`` gradients of the cross-entropy at every gate (all gates open), and the
-    kind of every group."""
+    """``{group key: (n_batches, H, d)}`` gradients of the cross-entropy at every gate (all gates open, train mode),
+    and the kind of every group."""
     from amap.prune import PruneConfig
+    from amap.prune.criteria import gate_gradients as per_batch
     from amap.prune.staged import install
     pruner = install(model, input_size, PruneConfig(reweight=False))
-    model.train()
-    grads: dict[str, list[torch.Tensor]] = {k: [] for k in pruner.indicators}
-    for x, y in batches:
-        for ind in pruner.indicators.values():
-            ind.m.grad = None
-        F.cross_entropy(model(x), y).backward()
-        for k, ind in pruner.indicators.items():
-            grads[k].append(ind.m.grad.detach().clone())
+    batches_grads = list(per_batch(pruner, batches, train=True))
     kinds = {k: ind.group.kind for k, ind in pruner.indicators.items()}
     pruner.detach()
-    return {k: torch.stack(g) for k, g in grads.items()}, kinds
+    return {k: torch.stack([g[k] for g in batches_grads]) for k in kinds}, kinds
 
 
 def statistics(grads: torch.Tensor) -> dict[str, float]:

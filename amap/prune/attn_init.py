@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .indicator import within_head_ranks
 from .pruner import Pruner
 
 __all__ = ['focus', 'qk_attention_difference', 'v_output_difference', 'attention_difference_init']
@@ -83,11 +84,7 @@ def v_output_difference(o: Tensor, heads: int) -> Tensor:
 
 def centred_ranks(d: Tensor, spread: float) -> Tensor:
     """``1 + spread * (rank / (dim - 1) - 1/2)`` per row (head) of ``d``, rank 0 for the smallest value."""
-    dim = d.shape[-1]
-    order = d.argsort(dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(dim, device=d.device).expand_as(order))
-    return 1.0 + spread * (rank.float() / max(dim - 1, 1) - 0.5)
+    return 1.0 + spread * (within_head_ranks(d) - 0.5)
 
 
 def _to_range(d: Tensor, low: float, high: float) -> Tensor:

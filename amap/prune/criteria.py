@@ -19,7 +19,7 @@ Each criterion gives ``{indicator key: (H, d) scores}`` and a structure at the M
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from ..utils.outputs import logits_of
 from .pruner import Pruner
 from .target import apply_counts, fit_to_target, uniform_counts
 
-__all__ = ['CRITERIA', 'criterion_scores', 'criterion_structure']
+__all__ = ['CRITERIA', 'criterion_scores', 'criterion_structure', 'gate_gradients']
 
 CRITERIA = ('amap', 'magnitude', 'magnitude_l2', 'taylor', 'random', 'uniform', 'taylor_uniform')
 UNIFORM = {'uniform': 'magnitude', 'taylor_uniform': 'taylor'}  # per-layer uniform criteria and their scores
@@ -45,14 +45,21 @@ def magnitude_scores(pruner: Pruner, p: float = 1.0) -> dict[str, Tensor]:
                        pruner.groups().items()})
 
 
-def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """``sum over batches of |dL/db|`` with the gates fully open (``m = 1``, straight-through gradient)."""
+def gate_gradients(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]], *,
+                   train: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Per batch, the cross-entropy's gradient ``dL/db`` at every gate with the gates fully open (``m = 1``, no
+    similarity weights; straight-through), ``{key: (H, d)}``; the indicators, gradients and mode are restored after.
+
+    Args:
+        pruner: The pruner.
+        batches: Labelled batches on the model's device.
+        train: Run the model in train mode (as the search sees it) instead of eval mode.
+    """
     model = pruner.model[0]
     inds = pruner.indicators
     saved = {k: (ind.m.detach().clone(), ind.similarity_weight.clone()) for k, ind in inds.items()}
-    acc = {k: torch.zeros_like(ind.m) for k, ind in inds.items()}
     was_training = model.training
-    model.eval()
+    model.train(train)
     try:
         for ind in inds.values():
             ind.m.data.fill_(1.0)
@@ -61,9 +68,8 @@ def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> d
             for ind in inds.values():
                 ind.m.grad = None
             F.cross_entropy(logits_of(model(x)), y).backward()
-            for k, ind in inds.items():
-                if ind.m.grad is not None:
-                    acc[k] += ind.m.grad.abs()
+            yield {k: torch.zeros_like(ind.m) if ind.m.grad is None else ind.m.grad.detach().clone()
+                   for k, ind in inds.items()}
     finally:
         for k, ind in inds.items():
             ind.m.data.copy_(saved[k][0])
@@ -71,6 +77,14 @@ def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> d
             ind.m.grad = None
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+
+
+def taylor_scores(pruner: Pruner, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """``sum over batches of |dL/db|`` with the gates fully open (``m = 1``, straight-through gradient)."""
+    acc = {k: torch.zeros_like(ind.m) for k, ind in pruner.indicators.items()}
+    for grads in gate_gradients(pruner, batches):
+        for k, g in grads.items():
+            acc[k] += g.abs()
     return _normalise({k: a.cpu() for k, a in acc.items()})
 
 

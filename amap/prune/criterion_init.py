@@ -24,20 +24,12 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .criteria import criterion_scores, criterion_structure
+from .indicator import within_head_ranks
 from .pruner import Pruner
 
-__all__ = ['INDICATOR_INITS', 'criterion_init', 'within_head_ranks']
+__all__ = ['INDICATOR_INITS', 'criterion_init']
 
 INDICATOR_INITS = ('constant', 'taylor')
-
-
-def within_head_ranks(scores: Tensor) -> Tensor:
-    """Rank of every channel among its head's, scaled to [0, 1] (highest score 1), ``(H, d)``."""
-    d = scores.shape[-1]
-    order = scores.argsort(dim=-1, stable=True)
-    ranks = torch.empty_like(scores)
-    ranks.scatter_(-1, order, torch.arange(d, dtype=scores.dtype).expand_as(order).contiguous())
-    return ranks / max(d - 1, 1)
 
 
 def criterion_init(
@@ -73,7 +65,7 @@ def criterion_init(
         for key, ind in pruner.indicators.items():
             kept = ind.fixed.cpu().bool()
             ind.unfix()
-            r = within_head_ranks(scores[key].float())
+            r = within_head_ranks(scores[key])
             thr = ind.threshold
             s0 = torch.where(kept, thr + margin * (1 + r) / 2, thr - margin * (2 - r) / 2)
             w = ind.similarity_weight.detach().float().cpu()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .groups import ChannelGroup
 
-__all__ = ['ChannelIndicator', 'topk_mask']
+__all__ = ['ChannelIndicator', 'topk_mask', 'within_head_ranks']
 
 
 def topk_mask(scores: Tensor, counts: Tensor) -> Tensor:
@@ -33,6 +33,16 @@ def topk_mask(scores: Tensor, counts: Tensor) -> Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return (rank < counts.to(rank.device).unsqueeze(-1)).to(scores.dtype)
+
+
+def within_head_ranks(scores: Tensor) -> Tensor:
+    """Rank of every channel among its head's (row's), scaled to [0, 1]: 0 for the lowest score, 1 for the highest
+    (ties in index order), ``(H, d)`` float."""
+    d = scores.shape[-1]
+    order = scores.argsort(dim=-1, stable=True)
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=scores.device)
+    ranks.scatter_(-1, order, torch.arange(d, dtype=torch.float32, device=scores.device).expand_as(order).contiguous())
+    return ranks / max(d - 1, 1)
 
 
 class ChannelIndicator(nn.Module):

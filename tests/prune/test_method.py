@@ -198,7 +198,7 @@ def test_taylor_init_starts_the_search_at_taylors_structure_at_the_target():
     search starts at the target), kept channels start above the threshold and cut ones below, both within the margin
     and ordered within each head by the Taylor score; the indicators stay free to move."""
     from amap.prune.criteria import criterion_scores, criterion_structure
-    from amap.prune.criterion_init import within_head_ranks
+    from amap.prune.indicator import within_head_ranks
     torch.testing.assert_close(within_head_ranks(torch.tensor([[0.3, 0.1, 0.2]])), torch.tensor([[1.0, 0.0, 0.5]]))
     calib = _calib()
     cfg = PruneConfig(target=0.5, indicator_init='taylor', init_margin=0.2)

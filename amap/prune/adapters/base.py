@@ -171,7 +171,8 @@ class Adapter(ABC):
         return None if ind is None else ind.mask().flatten()
 
     def reweight(self, kind: str) -> Tensor | None:
-        """The flattened reweight scales of a group (None when disabled or not gated)."""
+        """The flattened factor where a group's reweights act: the reweights, times the search's ramp gate while it is
+        on (:meth:`~amap.prune.indicator.ChannelIndicator.reweight_scale`); None when there is none."""
         ind = self.indicators.get(kind)
         rw = None if ind is None else ind.reweight_scale()
         return None if rw is None else rw.flatten()

@@ -75,6 +75,8 @@ def run_one(name: str, speedup: float, batch: int, backend: str, threads: int, r
         'noise': lat['noise'], 'checks': len(lat['attempts']), 'verdict': lat['verdict'], 'mac_ratio': result.ratio,
         'step': lat['step'], 'measured_before_ms': lat['measured_before_ms'],
         'measured_after_ms': lat['measured_after_ms'], 'calibration_s': 0.0 if cal.get('cached') else cal['seconds'],
+        # the whole model at the middle widths against the additive prediction (the latency model's warp bends it)
+        'bend': cal['middle_ms'] / cal['middle_additive_ms'] - 1 if cal.get('middle_additive_ms') else None,
         'seconds': time.perf_counter() - t0, 'stage_seconds': result.seconds,
         'warnings': [str(w.message) for w in caught],
     }
@@ -85,10 +87,11 @@ def _markdown(all_rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     failed = [f"- {r['model']} {r['backend']} batch {r['batch']} {r['speedup']:.2f}x: {r['error']}"
               for r in all_rows if 'error' in r]
     head = ['model', 'backend', 'batch', 'requested x', 'measured x', 'x error %', 'predicted', 'measured',
-            'pred. error %', 'spread %', 'MAC ratio', 'step', 'checks', 'calib. s', 'verdict']
+            'pred. error %', 'spread %', 'MAC ratio', 'step', 'bend %', 'checks', 'calib. s', 'verdict']
     body = [[r['model'], r['backend'], r['batch'], f"{r['speedup']:.2f}", f"{r['speedup_measured']:.2f}",
              f"{100 * r['speedup_error']:+.1f}", f"{r['predicted_ratio']:.3f}", f"{r['measured_ratio']:.3f}",
              f"{100 * r['prediction_error']:+.1f}", f"{100 * r['noise']:.1f}", f"{r['mac_ratio']:.3f}", r['step'],
+             '' if r.get('bend') is None else f"{100 * r['bend']:+.1f}",
              r['checks'], f"{r['calibration_s']:.1f}", r['verdict']] for r in rows]
     ok = [r for r in rows if abs(r['prediction_error']) <= GOAL and abs(r['speedup_error']) <= GOAL]
     return '\n'.join([
@@ -97,7 +100,9 @@ def _markdown(all_rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"Date {info['date']}; {info['cpu']}, {rows[0]['threads'] if rows else '?'} thread(s), load average at start "
         f"{info.get('loadavg_start')}, at end {info.get('loadavg_end')}; commit {info.get('git_commit')}. Ratios are "
         'pruned / unpruned latency at the target batch, measured interleaved in the closed loop (low percentile of '
-        'its rounds); "spread" is the split-half disagreement of that measurement.', '',
+        'its rounds); "spread" is the split-half disagreement of that measurement; "bend" is how far the whole '
+        'model at the middle widths of the calibration ran from the sum of its timed modules (the latency model '
+        'bends its prediction through it).', '',
         markdown_table(head, body, left=2), '',
         f'Within {GOAL:.0%} on both goals: {len(ok)} of {len(rows)}.', '',
         *(['Not reachable:', '', *failed, ''] if failed else [])])

@@ -12,8 +12,10 @@
    disagree by more than the tolerance, rounds are added (up to three times as many), then a warning says the
    device is too noisy.
 4. The whole model is timed too, at the target batch, at full width and with every pruned module at its smallest
-   grid point: the tables are scaled so that the model is exact at both (modules timed alone find other caches than
-   inside the model), and the constant is the whole model minus its scaled modules at full width. On a CPU the
+   and at its middle grid point: the tables are scaled so that the model is exact at the full and the smallest
+   (modules timed alone find other caches than inside the model), the constant is the whole model minus its scaled
+   modules at full width, and when the middle model departs from that straight line by more than the noise, the
+   model's warp bends the prediction through it (a monotone piecewise linear map of the additive sum). On a CPU the
    tables are timed at a batch of at most 8 (:data:`TABLE_BATCH`; latency there is close to linear in the batch and
    the scale carries them to the target batch); on a GPU at the target batch. The whole model, seconds a call at a
    large batch, is timed in fewer rounds than the tables and without a warm-up round
@@ -57,7 +59,7 @@ DEFAULT_STEP = 8  # the width step assumed when no MLP is wide enough to probe
 TABLE_BATCH = 8  # on a CPU the module tables are timed at most at this batch (latency is close to linear in batch)
 TOLERANCE = 0.03  # split-half disagreement (and step penalty) above which a measurement is noisy (penalised)
 PROBES = 6  # probe widths W0 - 2^j, j < PROBES
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the middle whole-model measurement and the warp
 
 
 def cache_dir() -> Path:
@@ -288,14 +290,31 @@ def _measure_step(shapes: dict[str, _Shape], timer: Backend, rounds: int, seed: 
     return step, {'detected': True, 'widths': widths, 'ms': [1e3 * s for s in seconds], 'noise': noise}
 
 
-def _smallest_model(model: nn.Module, shapes: dict[str, _Shape], modules: dict[str, str],
-                    plans: dict[str, tuple]) -> nn.Module:
-    """A copy of ``model`` with every pruned module rebuilt at the smallest counts of its table's grid."""
-    small = copy.deepcopy(model)
+def _grid_index(grid: list[int], where: str) -> int:
+    return 0 if where == 'smallest' else len(grid) // 2
+
+
+def _cut_model(model: nn.Module, shapes: dict[str, _Shape], modules: dict[str, str], plans: dict[str, tuple],
+               where: str) -> nn.Module:
+    """A copy of ``model`` with every pruned module rebuilt at the ``'smallest'`` or ``'middle'`` counts of its
+    table's grid."""
+    cut = copy.deepcopy(model)
     for name, key in modules.items():
         grid = plans[key][0]
-        small.set_submodule(name, shapes[key].build(tuple(g[0] for g in grid)), strict=True)
-    return small.eval()
+        cut.set_submodule(name, shapes[key].build(tuple(g[_grid_index(g, where)] for g in grid)), strict=True)
+    return cut.eval()
+
+
+def _warp(points: list[tuple[float, float]], noise: float) -> list[list[float]]:
+    """Knots through ``(additive prediction, measured)`` whole-model points, ascending: the middle one is dropped
+    when it breaks monotonicity or agrees with the straight line within the noise (no bend to learn)."""
+    (p0, m0), (p1, m1), (p2, m2) = sorted(points)
+    if not (p0 < p1 < p2 and m0 < m1 < m2):
+        return []
+    line = m0 + (m2 - m0) * (p1 - p0) / (p2 - p0)
+    if abs(m1 - line) <= max(noise, 1e-9) * m1 and abs(m0 - p0) <= 1e-6 * m0 and abs(m2 - p2) <= 1e-6 * m2:
+        return []
+    return [[p0, m0], [p1, m1], [p2, m2]]
 
 
 def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modules: dict[str, str],
@@ -305,13 +324,14 @@ def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modu
         steps = [channel_step(h, step) for h in shape.heads]
         grid = [_grid(f, s, 5 if len(shape.kinds) > 1 else 9) for f, s in zip(shape.full, steps)]
         plans[key] = (grid, steps, list(product(*grid)))
-    runners = [timer.runner(model, (x,), {}), timer.runner(_smallest_model(model, shapes, modules, plans), (x,), {})]
+    runners = [timer.runner(model, (x,), {})]
+    runners += [timer.runner(_cut_model(model, shapes, modules, plans, w), (x,), {}) for w in ('smallest', 'middle')]
     for key, (_, _, points) in plans.items():
         runners += [timer.runner(shapes[key].build(pt), shapes[key].args, shapes[key].kwargs) for pt in points]
     bar.total += (rounds + 1) * len(runners)
     seconds, noise = _timed(runners, timer, rounds, seed + 1, bar)
     ms = [1e3 * s for s in seconds]
-    (full, small), at = ms[:2], 2
+    (full, small, middle), at = ms[:3], 3
     tables: dict[str, Tensor] = {}
     for key, (grid, _, points) in plans.items():
         tables[key] = torch.tensor(ms[at:at + len(points)], dtype=torch.float64).reshape([len(g) for g in grid])
@@ -328,6 +348,16 @@ def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modu
     scale = scale if scaled else expected
     ops = {key: OpTable(kinds=shapes[key].kinds, full=shapes[key].full, steps=plans[key][1], grid=plans[key][0],
                         values=(scale * tables[key]).tolist()) for key in plans}
+    constant = full - scale * m_full
+
+    def additive(where: str) -> float:  # what the (monotone, scaled) tables predict for a cut model
+        return constant + sum(float(ops[k]([torch.tensor(float(g[_grid_index(g, where)])) for g in plans[k][0]],
+                                           exact=True)) for k in modules.values())
+
+    # the whole model measured against the additive prediction at three widths: where a cut model runs faster (or
+    # slower) than the sum of its modules (caches, at large batches), the warp bends the prediction through them
+    points = [(additive('smallest'), small), (additive('middle'), middle), (full, full)]
+    warp = _warp(points, noise)
     meta = {'noise': noise, 'points': len(runners), 'shapes': len(shapes), 'module_scale': scale,
-            'smallest_ms': small, 'scaled': scaled}
-    return LatencyModel(ops, modules, constant=full - scale * m_full, full=full, step=step, meta=meta)
+            'smallest_ms': small, 'middle_ms': middle, 'middle_additive_ms': points[1][0], 'scaled': scaled}
+    return LatencyModel(ops, modules, constant=constant, full=full, step=step, warp=warp, meta=meta)

@@ -1,9 +1,11 @@
 """The latency model the search and the target guarantee use: measured tables, additive over block modules.
 
-``L(counts) = constant + sum over pruned modules of T_shape(per-head kept counts)``, where ``T_shape`` is a table of
-one distinct block shape's module (an attention module as a function of its q/k and v counts per head, an MLP as a
-function of its hidden width) measured on the device (:mod:`amap.latency.calibrate`) and ``constant`` is what the
-rest of the model costs (the measured whole model minus its modules at full width).
+``L(counts) = warp(constant + sum over pruned modules of T_shape(per-head kept counts))``, where ``T_shape`` is a table
+of one distinct block shape's module (an attention module as a function of its q/k and v counts per head, an MLP as a
+function of its hidden width) measured on the device (:mod:`amap.latency.calibrate`), ``constant`` is what the rest
+of the model costs (the measured whole model minus its modules at full width), and ``warp`` is a monotone piecewise
+linear map through whole-model measurements (a cut model at large batch can run faster than the sum of its modules
+timed alone, because its activations fit caches the full model's do not); without knots it is the identity.
 
 Each table is made monotone (a running maximum along every axis, with a small minimum rise per grid step so that no
 segment is flat; data that rise anyway are unchanged) and read two ways:
@@ -42,6 +44,17 @@ def monotone(values: Tensor) -> Tensor:
         ramp = RAMP * span * torch.arange(v.shape[axis], dtype=v.dtype).reshape(shape)
         v = torch.cummax(v - ramp, dim=axis).values + ramp
     return v
+
+
+def _through(x: Tensor, knots: list[list[float]], src: int, dst: int) -> Tensor:
+    """``x`` mapped through the piecewise linear function of ``knots`` (coordinate ``src`` to ``dst``), linear along
+    the end segments outside them; the identity with fewer than two knots. Differentiable in ``x``."""
+    if len(knots) < 2:
+        return x
+    xs = [k[src] for k in knots]
+    i = min(max(sum(float(x) >= v for v in xs[1:-1]), 0), len(knots) - 2)
+    (a0, b0), (a1, b1) = (knots[i][src], knots[i][dst]), (knots[i + 1][src], knots[i + 1][dst])
+    return b0 + (x - a0) * ((b1 - b0) / (a1 - a0))
 
 
 @dataclass
@@ -99,16 +112,29 @@ class LatencyModel(Resource):
         constant: Latency of everything else (ms).
         full: Measured latency of the unpruned model (ms); ``constant + sum of the tables at full width``.
         step: The width step the device rewards (the final structure's widths are multiples of it).
+        warp: ``[[additive ms, measured ms], ...]``, ascending in both: whole models measured against what the
+            additive part predicts for them; the cost is interpolated through them (extrapolated along the end
+            segments). Empty: the identity.
         meta: How it was measured (device, backend, threads, batch, rounds, split-half noise, seconds).
     """
 
     name = 'latency'
 
     def __init__(self, tables: dict[str, OpTable], modules: dict[str, str], *, constant: float, full: float,
-                 step: int, meta: dict[str, Any] | None = None) -> None:
+                 step: int, warp: list[list[float]] | None = None, meta: dict[str, Any] | None = None) -> None:
         self.tables, self.modules = tables, modules
         self.fixed, self.full, self.step = float(constant), float(full), int(step)
+        self.warp = [[float(a), float(b)] for a, b in (warp or [])]
+        for (a0, b0), (a1, b1) in zip(self.warp, self.warp[1:]):
+            if not (a1 > a0 and b1 > b0):
+                raise ValueError(f'latency warp knots must ascend in both coordinates: {self.warp}')
         self.meta = dict(meta or {})
+
+    def total(self, additive: Tensor) -> Tensor:
+        return _through(additive, self.warp, 0, 1)
+
+    def additive(self, value: float) -> float:
+        return float(_through(torch.tensor(float(value), dtype=torch.float64), self.warp, 1, 0))
 
     def adapter_cost(self, adapter: Adapter, kept: dict[str, Tensor], *, exact: bool) -> Tensor:
         key = self.modules.get(adapter.name)
@@ -133,12 +159,12 @@ class LatencyModel(Resource):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (:meth:`from_dict` reads it back)."""
         return {'tables': {k: t.to_dict() for k, t in self.tables.items()}, 'modules': self.modules,
-                'constant': self.fixed, 'full': self.full, 'step': self.step, 'meta': self.meta}
+                'constant': self.fixed, 'full': self.full, 'step': self.step, 'warp': self.warp, 'meta': self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyModel:
         return cls({k: OpTable(**t) for k, t in d['tables'].items()}, dict(d['modules']), constant=d['constant'],
-                   full=d['full'], step=d['step'], meta=d.get('meta'))
+                   full=d['full'], step=d['step'], warp=d.get('warp'), meta=d.get('meta'))
 
     def ratio(self, value: float) -> float:
         return value / self.full if self.full > 0 else math.nan

@@ -169,7 +169,7 @@ class Pruner(nn.Module):
         None (see :meth:`macs`). ``exact`` is the step-shaped cost an integer structure really has (for latency),
         else the smooth one the search follows."""
         r = self.resource
-        return self._total(r.fixed, lambda a, kept: r.adapter_cost(a, kept, exact=exact), counts)
+        return r.total(self._total(r.fixed, lambda a, kept: r.adapter_cost(a, kept, exact=exact), counts))
 
     def _total(self, fixed: float, per_adapter, counts: dict[str, Tensor] | None) -> Tensor:
         device = next(iter(self.indicators.values())).m.device

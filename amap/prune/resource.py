@@ -19,7 +19,7 @@ __all__ = ['Resource', 'MacResource']
 
 
 class Resource(ABC):
-    """The cost a target is set in: ``fixed + sum over adapters of adapter_cost``.
+    """The cost a target is set in: ``fixed + sum over adapters of adapter_cost`` (through :meth:`total`).
 
     Attributes:
         name: Short name (``'macs'``, ``'latency'``), as in ``PruneConfig.resource``.
@@ -43,6 +43,15 @@ class Resource(ABC):
             exact: The cost a final, integer structure really has (the target guarantee selects against it); when
                 False, a smooth, monotone function of the counts whose gradient the search follows.
         """
+
+    def total(self, additive: Tensor) -> Tensor:
+        """The cost of a structure from its additive part ``fixed + sum of adapter costs``: the identity, unless a
+        resource measured the whole model bending away from the sum of its parts (a monotone map)."""
+        return additive
+
+    def additive(self, value: float) -> float:
+        """The inverse of :meth:`total`: the additive part whose cost is ``value`` (the target guarantee's budget)."""
+        return value
 
     @abstractmethod
     def format(self, value: float) -> str:

@@ -145,6 +145,7 @@ def fit_to_target(
     ranked = {k: s.sort(dim=-1, descending=True).values for k, s in scores.items()}
     cost = {a.name: pruner.adapter_cost(a, counts) for a in pruner.adapters}
     total = pruner.resource.fixed + sum(cost.values())
+    budget = pruner.resource.additive(target_macs)  # the greedy adds adapter costs: compare in additive units
 
     def moves(sign: int):
         return _moves(pruner, counts, ranked, cost, sign=sign, multiple=multiple, per_mac=per_mac)
@@ -157,13 +158,13 @@ def fit_to_target(
         cost[name], counts[key] = new_cost, new
         return total + delta
 
-    while total > target_macs and (best := min(moves(-1), key=lambda m: m[0], default=None)) is not None:
+    while total > budget and (best := min(moves(-1), key=lambda m: m[0], default=None)) is not None:
         total = take(best)
-    if total > target_macs:  # only reachable with a channel multiple (check_target covers the rest)
+    if total > budget:  # only reachable with a channel multiple (check_target covers the rest)
         raise ConfigError(f'target of {pruner.resource.format(target_macs)} cannot be met with widths in multiples of '
                           f'{multiple}; raise the target or lower channel_multiple')
     while fill and (fitting := [m for m in moves(+1)
-                                if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= target_macs]):
+                                if total + m[3] - cost[pruner.adapter_of(m[1]).name] <= budget]):
         total = take(max(fitting, key=lambda m: m[0]))
     apply_counts(pruner, counts, scores)
     return counts

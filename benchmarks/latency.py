@@ -77,6 +77,9 @@ def run_one(name: str, speedup: float, batch: int, backend: str, threads: int, r
         'measured_after_ms': lat['measured_after_ms'], 'calibration_s': 0.0 if cal.get('cached') else cal['seconds'],
         # the whole model at the middle widths against the additive prediction (the latency model's warp bends it)
         'bend': cal['middle_ms'] / cal['middle_additive_ms'] - 1 if cal.get('middle_additive_ms') else None,
+        'attempts': [{k: a[k] for k in ('predicted_ratio', 'measured_ratio', 'noise', 'macs')}
+                     for a in lat['attempts']],
+        'kept_attempt': lat['kept_attempt'],
         'seconds': time.perf_counter() - t0, 'stage_seconds': result.seconds,
         'warnings': [str(w.message) for w in caught],
     }

@@ -170,7 +170,8 @@ def _config(config: PruneConfig | None, target: float, overrides: dict[str, Any]
 def _frozen_teacher(teacher: nn.Module | None | str, model: nn.Module, cfg: PruneConfig) -> nn.Module | None:
     """The distillation teacher: ``'copy'`` is a frozen copy of ``model`` when the search distils, else None."""
     if isinstance(teacher, str) and teacher == 'copy':
-        teacher = copy.deepcopy(model).eval() if cfg.searches and cfg.search.kd_alpha > 0 else None
+        distils = cfg.search.kd_alpha > 0 or cfg.search.search_loss == 'kd'
+        teacher = copy.deepcopy(model).eval() if cfg.searches and distils else None
     if teacher is not None:
         for p in teacher.parameters():
             p.requires_grad_(False)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import AmapError
+from ..errors import AmapError, ConfigError
 from ..utils.outputs import logits_of
 from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
@@ -36,6 +36,7 @@ __all__ = ['DEFAULT_STEPS', 'GATES', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS',
 RESOURCE_CONTROLS = ('penalty', 'dual')
 GATES = ('binary', 'ramp')
 INDICATOR_SCHEDULES = ('constant', 'cosine')
+SEARCH_LOSSES = ('mixed', 'kd')
 
 
 DEFAULT_STEPS = 200
@@ -69,6 +70,10 @@ class SearchSettings:
             structure is above the target; an option under evaluation).
         dual_rate: Growth of the dual multiplier: 10% above the target for a tenth of the search adds
             ``dual_rate * resource_lambda`` to it.
+        search_loss: What the search minimises besides the resource loss: mixed (``(1 - kd_alpha) task + kd_alpha
+            KD``, the fine-tune's loss) or kd (distillation from the original alone: its gradient is zero at the
+            start, so a gate feels only how far its fading moves the outputs from the original's, free of the label
+            noise of the task loss; needs a teacher).
         kd_alpha: Weight of the distillation loss (0: none); ``amap prune`` also fine-tunes with it.
         kd_temperature: Distillation temperature.
         clip_grad: Gradient-norm clipping of the weights during the search (null: none).
@@ -89,6 +94,7 @@ class SearchSettings:
     lambda_warmup: float = 0.3
     resource_control: str = field(default='penalty', metadata={'choices': RESOURCE_CONTROLS})
     dual_rate: float = 0.1
+    search_loss: str = field(default='mixed', metadata={'choices': SEARCH_LOSSES})
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     clip_grad: float | None = field(default=5.0, metadata={'flags': ('--search-clip-grad',)})
@@ -200,7 +206,10 @@ class Search:
             groups.append({'params': self.rw_params, 'lr': s.reweight_lr, 'weight_decay': 0.0})
         self.opt = torch.optim.AdamW(groups) if groups else None
         self.opt_ind = indicator_optimizer(s.indicator_opt, self.ind_params, s.indicator_lr)
-        self.kd_alpha = s.kd_alpha if teacher is not None else 0.0
+        if s.search_loss == 'kd' and teacher is None:
+            raise ConfigError("search_loss='kd' distils from the original model: give the search a teacher "
+                              '(kd_alpha > 0, or --teacher original)')
+        self.kd_alpha = 0.0 if teacher is None else 1.0 if s.search_loss == 'kd' else s.kd_alpha
         self.amp = bool(s.amp and self.device.type == 'cuda')  # float16 autocast + loss scaling on CUDA only
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.step = 0

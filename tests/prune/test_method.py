@@ -1,6 +1,7 @@
 """The method's components against hand-computed examples, and every ablation switch doing what it says."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -270,6 +271,27 @@ def test_ramp_gate_fades_kept_channels_and_folds_exactly_into_the_reweights(rewe
         torch.testing.assert_close(model(x), searching, atol=1e-5, rtol=0)
         small = apply_surgery(pruner)  # and the physically smaller model too
         torch.testing.assert_close(small.eval()(x), searching, atol=1e-5, rtol=0)
+
+
+def test_kd_search_loss_leaves_the_gates_alone_until_the_model_departs_from_the_original():
+    """search_loss='kd': at the start the gated model computes the original's function, so the distillation
+    gradient on every gate is zero (to rounding); the mixed loss (hard labels) pulls the gates. Without a teacher it
+    is a one-line error."""
+    from amap.prune.search import Search, SearchSettings
+    x, y = _loader()[0]
+    pull = {}
+    for loss in ('kd', 'mixed'):
+        torch.manual_seed(0)
+        model = build('flatten_deit')
+        pruner = prepare(model, (3, 32, 32), PruneConfig(gate='ramp'), _calib())
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        loop = Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, lr=0.0, resource_lambda=0.0,
+                                                                     search_loss=loss), teacher=teacher)
+        loop.train_step(x, y)  # the gradients stay on the indicators until the next step
+        pull[loss] = max(float(ind.m.grad.abs().max()) for ind in pruner.indicators.values())
+    assert pull['kd'] < 1e-5 * pull['mixed'] and pull['mixed'] > 1e-4
+    with pytest.raises(ConfigError, match='teacher'):
+        Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, search_loss='kd'))
 
 
 def test_group_adam_keeps_gradient_sizes_within_a_group():

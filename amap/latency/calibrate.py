@@ -8,16 +8,18 @@
    wide enough to probe, the step is 8.
 3. Each distinct shape's module is rebuilt (``Adapter.build``) at a grid of aligned per-head counts (up to 5 per axis
    for two axes, 9 for one, first and full count included) and timed with the whole model, in random-order
-   interleaved rounds; each figure is a low percentile (p20) of its rounds. When the two halves of the rounds
+   interleaved rounds; each figure is a low percentile (p20) of its rounds. On a CPU the tables are timed at a
+   batch of at most 8 (:data:`TABLE_BATCH`), and each shape's smallest and full widths at the target batch too: an
+   affine map per shape carries its table to the target batch (memory-bound modules slow down by more than the
+   batch ratio once their activations leave the caches, others by less). When the two halves of the rounds
    disagree by more than the tolerance, rounds are added (up to three times as many), then a warning says the
    device is too noisy.
 4. The whole model is timed too, at the target batch, at full width and with every pruned module at its smallest
    and at its middle grid point: the tables are scaled so that the model is exact at the full and the smallest
    (modules timed alone find other caches than inside the model), the constant is the whole model minus its scaled
    modules at full width, and when the middle model departs from that straight line by more than the noise, the
-   model's warp bends the prediction through it (a monotone piecewise linear map of the additive sum). On a CPU the
-   tables are timed at a batch of at most 8 (:data:`TABLE_BATCH`; latency there is close to linear in the batch and
-   the scale carries them to the target batch); on a GPU at the target batch. The whole model, seconds a call at a
+   model's warp bends the prediction through it (a monotone piecewise linear map of the additive sum). On a GPU
+   the tables are timed at the target batch. The whole model, seconds a call at a
    large batch, is timed in fewer rounds than the tables and without a warm-up round
    (:func:`~amap.latency.measure.interleaved`): a DeiT-S at batch 32 on one thread in 4 calls instead of 7, about
    28 s of CPU time for the whole calibration instead of 38.
@@ -59,7 +61,7 @@ DEFAULT_STEP = 8  # the width step assumed when no MLP is wide enough to probe
 TABLE_BATCH = 8  # on a CPU the module tables are timed at most at this batch (latency is close to linear in batch)
 TOLERANCE = 0.03  # split-half disagreement (and step penalty) above which a measurement is noisy (penalised)
 PROBES = 6  # probe widths W0 - 2^j, j < PROBES
-CACHE_VERSION = 2  # 2: the middle whole-model measurement and the warp
+CACHE_VERSION = 3  # 2: the middle whole-model measurement and the warp; 3: per-shape batch maps
 
 
 def cache_dir() -> Path:
@@ -257,7 +259,8 @@ def calibrate_latency(
         with torch_threads(threads), tqdm(total=0, desc='latency calibration', unit='run',
                                           disable=None if progress else True, leave=False) as bar:
             step, probe = _measure_step(shapes, timer, rounds, seed, bar)
-            lat = _measure_tables(model, x, shapes, modules, timer, rounds, seed, bar, step, table_batch)
+            at_batch = _inputs_at_batch(pruner, x, modules) if table_batch < batch else {}
+            lat = _measure_tables(model, x, shapes, modules, timer, rounds, seed, bar, step, table_batch, at_batch)
         lat.meta.update({'device': key['device'], 'backend': timer.name, 'threads': threads, 'batch': batch,
                          'table_batch': table_batch,
                          'dtype': str(p.dtype), 'rounds': rounds, 'seconds': time.perf_counter() - t0,
@@ -317,8 +320,31 @@ def _warp(points: list[tuple[float, float]], noise: float) -> list[list[float]]:
     return [[p0, m0], [p1, m1], [p2, m2]]
 
 
+def _inputs_at_batch(pruner: Pruner, x: Tensor, modules: dict[str, str]) -> dict[str, tuple[tuple, dict]]:
+    """``{shape key: (args, kwargs)}``: each distinct shape's recorded inputs at the whole batch of ``x``."""
+    big, big_modules, _ = _record_shapes(pruner, x)
+    return {key: (big[big_modules[name]].args, big[big_modules[name]].kwargs) for name, key in modules.items()}
+
+
+def _batch_maps(tables: dict[str, Tensor], ends: dict[str, tuple[float, float]],
+                expected: float) -> dict[str, tuple[float, float]]:
+    """Per shape, ``(a, b)`` of the affine map ``a + b t`` from its table (timed at the table batch) to the target
+    batch, through its smallest and full widths timed at both (``ends``: the target batch's times). Memory-bound
+    modules whose activations leave the caches at the target batch scale by more than the batch ratio, others by
+    less: one factor for every module mispredicts a cut model by up to 8% (FLatten-Swin-T at batch 32). A map that
+    is not increasing, or far from the batch ratio, falls back to ``(0, expected)``."""
+    maps = {}
+    for key, (big_small, big_full) in ends.items():
+        small, full = float(tables[key].flatten()[0]), float(tables[key].flatten()[-1])
+        b = (big_full - big_small) / (full - small) if full > small and big_full > big_small else big_full / full
+        ok = 0.25 < b / expected < 4 and 0.25 < big_full / (full * expected) < 4
+        maps[key] = (big_full - b * full, b) if ok else (0.0, expected)
+    return maps
+
+
 def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modules: dict[str, str],
-                    timer: Backend, rounds: int, seed: int, bar: Any, step: int, table_batch: int) -> LatencyModel:
+                    timer: Backend, rounds: int, seed: int, bar: Any, step: int, table_batch: int,
+                    at_batch: dict[str, tuple[tuple, dict]]) -> LatencyModel:
     plans: dict[str, tuple[list[list[int]], list[int], list[tuple[int, ...]]]] = {}
     for key, shape in shapes.items():
         steps = [channel_step(h, step) for h in shape.heads]
@@ -328,6 +354,8 @@ def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modu
     runners += [timer.runner(_cut_model(model, shapes, modules, plans, w), (x,), {}) for w in ('smallest', 'middle')]
     for key, (_, _, points) in plans.items():
         runners += [timer.runner(shapes[key].build(pt), shapes[key].args, shapes[key].kwargs) for pt in points]
+    for key, (args, kwargs) in at_batch.items():  # each shape's ends at the target batch too
+        runners += [timer.runner(shapes[key].build(pt), args, kwargs) for pt in (plans[key][2][0], plans[key][2][-1])]
     bar.total += (rounds + 1) * len(runners)
     seconds, noise = _timed(runners, timer, rounds, seed + 1, bar)
     ms = [1e3 * s for s in seconds]
@@ -338,11 +366,16 @@ def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modu
         at += len(points)
     if not all(math.isfinite(v) for v in ms):
         raise RuntimeError('latency calibration measured a non-finite time')
+    expected = x.shape[0] / table_batch  # tables timed at a smaller batch: about that much faster
+    maps = _batch_maps(tables, {key: (ms[at + 2 * i], ms[at + 2 * i + 1]) for i, key in enumerate(at_batch)},
+                       expected)
+    for key, (a, b) in maps.items():  # the tables in the target batch's time
+        tables[key] = a + b * tables[key]
+    expected = 1.0 if maps else expected
     # modules timed alone run in other caches than inside the model: scale them so that the model is exact for the
     # whole model at full and at the smallest widths (the constant is what the rest costs)
     m_full = sum(float(tables[k].flatten()[-1]) for k in modules.values())
     m_small = sum(float(tables[k].flatten()[0]) for k in modules.values())
-    expected = x.shape[0] / table_batch  # tables timed at a smaller batch: about that much faster
     scale = (full - small) / (m_full - m_small) if m_full > m_small else expected
     scaled = 0.25 < scale / expected < 4
     scale = scale if scaled else expected
@@ -359,5 +392,6 @@ def _measure_tables(model: nn.Module, x: Tensor, shapes: dict[str, _Shape], modu
     points = [(additive('smallest'), small), (additive('middle'), middle), (full, full)]
     warp = _warp(points, noise)
     meta = {'noise': noise, 'points': len(runners), 'shapes': len(shapes), 'module_scale': scale,
-            'smallest_ms': small, 'middle_ms': middle, 'middle_additive_ms': points[1][0], 'scaled': scaled}
+            'batch_maps': {k: list(v) for k, v in maps.items()}, 'smallest_ms': small, 'middle_ms': middle,
+            'middle_additive_ms': points[1][0], 'scaled': scaled}
     return LatencyModel(ops, modules, constant=constant, full=full, step=step, warp=warp, meta=meta)

@@ -120,6 +120,44 @@ class BentBackend(FakeBackend):
         return self.seconds(lambda: module)
 
 
+class BatchBackend(FakeBackend):
+    """A device on which MLP layers slow down faster than the batch grows (``B^1.25``: their activations leave the
+    caches) and everything else in proportion to it."""
+
+    def runner(self, module, args, kwargs):
+        batch = int(args[0].shape[0])
+        return lambda: (module, batch)
+
+    def seconds(self, run, reps: int = 1) -> float:
+        module, batch = run()
+        return batch_seconds(module, batch)
+
+
+def batch_seconds(module: nn.Module, batch: int) -> float:
+    total = 1e-6
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features * 1e-9 * batch ** (1.25 if name.endswith(('fc1', 'fc2')) else 1)
+    return total
+
+
+def test_each_block_shape_is_carried_to_the_target_batch_by_its_own_map():
+    """Tables timed at batch 8 predict batch 32 exactly when MLP and attention scale differently with the batch;
+    one factor for every table (the whole model's) would not."""
+    pruner = Pruner(build('flatten_deit'), (3, 32, 32))
+    lat = calibrate_latency(pruner, backend=BatchBackend(), batch=32, rounds=1, progress=False, cache=False)
+    assert lat.meta['table_batch'] == 8 and len(lat.meta['batch_maps']) == len(lat.tables)
+    scales = sorted(b for _, b in lat.meta['batch_maps'].values())
+    assert scales[0] == pytest.approx(4.0) and scales[-1] == pytest.approx(4 ** 1.25)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        counts = _random_aligned_counts(pruner, gen)
+        fit_to_target(pruner, 1e9, counts=counts, fill=False)
+        measured = 1e3 * batch_seconds(cut_copy(pruner), 32)
+        pruner.resource = lat
+        assert float(pruner.cost(counts, exact=True)) == pytest.approx(measured, rel=1e-6)
+
+
 def test_the_warp_bends_the_additive_prediction_through_the_measured_whole_models():
     model = build('flatten_deit')
     pruner = Pruner(model, (3, 32, 32))

@@ -30,6 +30,7 @@ __all__ = ['PruneConfig', 'SearchSettings', 'FLAT_SEARCH_KEYS', 'nest_search_opt
 
 RESOURCES = ('macs', 'latency')
 LATENCY_BACKENDS = ('eager', 'onnxruntime')
+CUT_WEIGHTS = ('search', 'original')
 
 # flat option name (before ``search`` was nested) -> field of SearchSettings
 FLAT_SEARCH_KEYS = {'search_steps': 'steps', **{f.name: f.name for f in dataclasses.fields(SearchSettings)
@@ -99,6 +100,10 @@ class PruneConfig:
             (ablation), channels are gated one by one and heads drift to different counts (the paper's channel
             mismatch); the physical model is then balanced afterwards, each head keeping the layer's mean count.
         reweight: Learn a reweight scale per kept channel, folded into the weights at surgery (section 6).
+        cut_weights: The weights the cut model starts its fine-tune from (amap criterion): search (the weights and
+            reweights as the search left them, its ramp factors folded in) or original (ours: the searched structure
+            cut from the unpruned model's own weights; the search's weight updates and reweights are dropped, so the
+            search only chooses the structure).
         attn_init: Initialise linear-attention indicators from the attention difference (section 5): ranked within
             each head and centred on the common start 1 (``attn_init_spread``), or the paper's mapping onto
             ``[attn_init_low, 1]``. Off by default until measured to help: the paper's mapping cost 4.9 top-1 points
@@ -141,6 +146,7 @@ class PruneConfig:
     similarity_beta: float = 0.3
     head_balance: bool = True
     reweight: bool = True
+    cut_weights: str = field(default='search', metadata={'choices': CUT_WEIGHTS})
     attn_init: bool = False
     attn_init_spread: float = 0.1
     attn_init_low: float | None = None

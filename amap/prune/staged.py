@@ -38,7 +38,7 @@ from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
 from .target import check_target, fit_to_target
 
-__all__ = ['StagedPruning', 'CutModel', 'load_cut', 'prepare', 'calibrate', 'finalize_structure']
+__all__ = ['StagedPruning', 'CutModel', 'load_cut', 'prepare', 'calibrate', 'finalize_structure', 'rewind']
 
 Batches = list[tuple[Tensor, Tensor]]
 
@@ -97,6 +97,19 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
         return
     criterion_structure(cfg.criterion, pruner, target_macs, batches=calib, seed=cfg.seed, fill=cfg.fill,
                         multiple=multiple)
+
+
+@torch.no_grad()
+def rewind(pruner: Pruner, original: dict[str, Tensor]) -> None:
+    """Put the unpruned model's weights (``original``, its state dict before the indicators were installed) back
+    under the fixed structure and reset every reweight to 1, so the cut keeps the searched structure alone."""
+    model = pruner.model[0]
+    unexpected = model.load_state_dict(original, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f'cut_weights=original: the installed model lost {unexpected[:3]} of the original')
+    for ind in pruner.indicators.values():
+        if ind.reweight is not None:
+            ind.reweight.fill_(1.0)
 
 
 def calibrate_resource(pruner: Pruner, cfg: PruneConfig, *, progress: bool = True) -> None:
@@ -169,6 +182,7 @@ class StagedPruning:
         self.history: list[dict] = []
         self.structure: list[dict] = []
         self.seconds: dict[str, float] = {}
+        self.original: dict[str, Tensor] | None = None  # the unpruned state, kept for cut_weights='original'
 
     def _enter(self, stage: str, *after: str) -> float:
         if self.stage not in after:
@@ -183,6 +197,8 @@ class StagedPruning:
         """Install the indicators, calibrate the latency model (a latency target) and resolve the target; an
         unreachable target fails here, before any search."""
         t0 = self._enter('prepare', 'new')
+        if self.config.searches and self.config.cut_weights == 'original':  # the weights the cut starts from
+            self.original = {k: v.detach().to('cpu', copy=True) for k, v in self.model.state_dict().items()}
         self.pruner = install(self.model, self.input_size, self.config)
         t1 = time.perf_counter()
         calibrate_resource(self.pruner, self.config, progress=self.progress)
@@ -249,6 +265,8 @@ class StagedPruning:
         """Fix the structure at the target (see :func:`finalize_structure`)."""
         t0 = self._enter('finalize', 'searched')
         finalize_structure(self.pruner, self.config, self.target, self.calib)
+        if self.original is not None:
+            rewind(self.pruner, self.original)
         self._leave('finalized', 'surgery', t0)
 
     def cut(self) -> list[dict]:

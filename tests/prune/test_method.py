@@ -294,6 +294,29 @@ def test_kd_search_loss_leaves_the_gates_alone_until_the_model_departs_from_the_
         Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, search_loss='kd'))
 
 
+def test_cut_weights_original_cuts_the_searched_structure_from_the_original_weights():
+    """cut_weights='original': the search (here with a large weight LR) only chooses the structure; the cut model
+    holds the unpruned model's own weights, sliced to the kept channels, with no reweight folded in."""
+    torch.manual_seed(0)
+    original = build('flatten_deit')
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    results = {w: prune(copy.deepcopy(original), _loader(), target=0.5, cut_weights=w, search_steps=4, lr=1e-2)
+               for w in ('original', 'search')}
+    assert {k: v for k, v in original.state_dict().items()}.keys() == before.keys()
+    untouched = [k for k, v in results['original'].model.state_dict().items() if k in before and v.shape ==
+                 before[k].shape and 'blocks' not in k]  # the stem, the last norm and the head are never pruned
+    assert untouched
+    for k in untouched:
+        assert torch.equal(results['original'].model.state_dict()[k], before[k]), k
+    assert any(not torch.equal(results['search'].model.state_dict()[k], before[k]) for k in untouched)
+    for rec in results['original'].structure:
+        if 'mlp' in rec['indices']:
+            kept = torch.tensor(rec['indices']['mlp'][0])
+            mlp = results['original'].model.get_submodule(rec['module'])
+            torch.testing.assert_close(mlp.fc1.weight, before[f"{rec['module']}.fc1.weight"][kept], rtol=0, atol=0)
+            torch.testing.assert_close(mlp.fc2.weight, before[f"{rec['module']}.fc2.weight"][:, kept], rtol=0, atol=0)
+
+
 def test_group_adam_keeps_gradient_sizes_within_a_group():
     """Adam moves every channel by about its learning rate; GroupAdam normalises the group as a whole, so a channel
     with 4x the gradient moves 4x as far."""

@@ -104,7 +104,7 @@ class PruneConfig:
             default: the searched structure cut from the unpruned model's own weights; the search's weight updates
             and reweights are dropped, so the search only chooses the structure) or search (the weights and
             reweights as the search left them, its ramp factors folded in, as the paper does). On the converged
-            FLatten-DeiT micro at 50% of the MACs: 84.10 +- 0.22 against 83.53 (BENCHMARKS.md).
+            FLatten-DeiT micro at 50% of the MACs: 84.08 +- 0.18 against 83.35 +- 0.31 (BENCHMARKS.md).
         attn_init: Initialise linear-attention indicators from the attention difference (section 5): ranked within
             each head and centred on the common start 1 (``attn_init_spread``), or the paper's mapping onto
             ``[attn_init_low, 1]``. Off by default until measured to help: the paper's mapping cost 4.9 top-1 points

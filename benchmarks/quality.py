@@ -794,7 +794,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f'{m.get("git_commit")}; load average at start {m["loadavg_start"]}, at end {meta["loadavg_end"]}.', '',
         f'Data: `{meta["data"]["data"]}` (train subset {meta["data"].get("train_subset")}, val subset '
         f'{meta["data"].get("val_subset")}, batch {meta["data"]["batch_size"]}). Budget: AMAP (and its ablations) '
-        f'search {b["search_epochs"]} epoch(s) (weights trained with distillation) + fine-tune '
+        f'search {b["search_epochs"]} epoch(s) (weights trained with distillation; the cut starts from the base\'s '
+        f'weights unless the method sets cut_weights=search) + fine-tune '
         f'{b["finetune_epochs"]} epoch(s); every other method fine-tunes {b["search_epochs"] + b["finetune_epochs"]} '
         f'epoch(s) (`unpruned`: the base itself, MAC ratio 1). Curve points: {b["curve_epochs"]} epochs of optimizer '
         f'steps. Distillation from the unpruned model (kd_alpha 0.5) for everyone. Seeds: {meta["seeds"]}. '

@@ -52,7 +52,7 @@ def _through(x: Tensor, knots: list[list[float]], src: int, dst: int) -> Tensor:
     if len(knots) < 2:
         return x
     xs = [k[src] for k in knots]
-    i = min(max(sum(float(x.detach()) >= v for v in xs[1:-1]), 0), len(knots) - 2)
+    i = sum(float(x.detach()) >= v for v in xs[1:-1])  # the segment: interior knots at or below x
     (a0, b0), (a1, b1) = (knots[i][src], knots[i][dst]), (knots[i + 1][src], knots[i + 1][dst])
     return b0 + (x - a0) * ((b1 - b0) / (a1 - a0))
 

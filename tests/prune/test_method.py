@@ -302,7 +302,7 @@ def test_cut_weights_original_cuts_the_searched_structure_from_the_original_weig
     before = {k: v.clone() for k, v in original.state_dict().items()}
     results = {w: prune(copy.deepcopy(original), _loader(), target=0.5, cut_weights=w, search_steps=4, lr=1e-2)
                for w in ('original', 'search')}
-    assert {k: v for k, v in original.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())  # the copies were pruned
     untouched = [k for k, v in results['original'].model.state_dict().items() if k in before and v.shape ==
                  before[k].shape and 'blocks' not in k]  # the stem, the last norm and the head are never pruned
     assert untouched

@@ -156,6 +156,10 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # a 4x stronger resource loss: on the converged FLatten-DeiT the ramp's restoring force held the search at 0.567
     # of the MACs for a 0.5 target, leaving the last cut to the target guarantee
     'amap_lambda20': {'resource_lambda': 20.0, 'cut_weights': 'search'},
+    # the same two under the cut from the original's weights: the search only chooses, so a search that reaches the
+    # target (lambda 20) or follows the distillation loss may choose better without its weights paying for it
+    'amap_lambda20_original': {'resource_lambda': 20.0},
+    'amap_search_kd_original': {'search_loss': 'kd'},
     # since 2026-11-26 the cut starts from the base's own weights (cut_weights='original': the search chooses the
     # structure only); `amap_search_weights` is its ablation, the cut keeping the search's weights and reweights (the
     # paper's way, the default before: its records were moved here from `amap`)
@@ -181,7 +185,7 @@ VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_mult
             'amap_init_low0.95', 'amap_frozen_weights', 'amap_group_adam', 'amap_dual', 'amap_ind_cosine',
             'amap_taylor_init', 'amap_taylor_init_lr2e-4', 'amap_ramp', 'amap_ramp_cosine',
             'amap_ramp_lr2e-4', 'amap_ramp_group_adam', 'amap_structure', 'amap_search_kd',
-            'amap_lambda20']  # not in the default grid
+            'amap_lambda20', 'amap_lambda20_original', 'amap_search_kd_original']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

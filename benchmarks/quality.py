@@ -603,7 +603,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     def keep(doc: dict[str, Any], report: dict[str, Any] | None = None) -> None:
         if record is not None:
             rec = {**{k: v for k, v in doc.items() if k != 'settings'}, 'settings': portable}
-            if report is not None and method == 'amap':
+            if report is not None and 'structure' in report:  # kept channels: amap_structure, the overlap table
                 rec['structure'] = report['structure']
             atomic_write_json(record, rec)
 
@@ -612,7 +612,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
         if doc.get('settings') == portable:
             if 'not_applicable' in doc:
                 return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
-            return {**key, **doc['summary'], 'reused': True}
+            return {**key, **doc['summary'], 'reused': True, **_structure_key(doc)}
         _log(f'{record}: a record with other settings; running the run afresh')
     fresh, progress = True, None
     if marker.is_file():
@@ -623,9 +623,11 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
                     keep({'not_applicable': doc['not_applicable']})
                 return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
             if 'summary' in doc:
-                if record is not None and not record.is_file():  # finished before --records: record it now
-                    keep({'summary': doc['summary']}, read_json(out / 'report.json') if method == 'amap' else None)
-                return {**key, **doc['summary'], 'reused': True}
+                report = read_json(out / 'report.json') if (out / 'report.json').is_file() else {}
+                if record is not None and (not record.is_file()  # finished before --records: record it now
+                                           or ('structure' in report and 'structure' not in read_json(record))):
+                    keep({'summary': doc['summary']}, report)
+                return {**key, **doc['summary'], 'reused': True, **_structure_key(report)}
             fresh, progress = False, doc.get('progress')  # interrupted with the same settings: continue it
         else:
             _log(f'{out}: settings changed since the last run; running it afresh')
@@ -659,10 +661,46 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
     _log(f'  top-1 {summary["top1"]["before"]:.2f} -> {summary["top1"]["after_surgery"]:.2f} -> '
          f'{summary["top1"]["after_finetune"]:.2f}, MAC ratio {summary["macs"]["ratio"]:.4f}, '
          f'{summary["seconds"].get("total", float("nan")):.1f} s')
-    return {**key, **summary, 'reused': False}
+    return {**key, **summary, 'reused': False, **_structure_key(report)}
+
+
+def _structure_key(doc: dict[str, Any]) -> dict[str, Any]:
+    """``{'structure': ...}`` when the report or record ``doc`` has the cut's kept channels, else {} (main takes it
+    out of the run after the overlap table is made: the runs in the results JSON stay small)."""
+    return {'structure': doc['structure']} if doc.get('structure') else {}
 
 
 # -------------------------------------------------------------------------------------------------------- summary
+def kept_channels(structure: list[dict[str, Any]]) -> frozenset[tuple]:
+    """The kept channels of a cut as ``(module, group, head, channel)`` tuples (from a report's ``structure``)."""
+    kept = set()
+    for module in structure:
+        for group, heads in module.get('indices', {}).items():
+            for head, channels in enumerate(heads):
+                kept.update((module['module'], group, head, c) for c in channels)
+    return frozenset(kept)
+
+
+def structure_overlap(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How much each method's cut shares with AMAP's, per (base, target, method): the mean Jaccard index of the
+    kept channels against the ``amap`` run of the same seed and, as the yardstick, against ``amap`` runs of other
+    seeds (what a seed alone changes). A component that moves the structure less than a seed does cannot change the
+    accuracy by more than the seed noise."""
+    kept = {(r['base'], r['target'], r['method'], r['seed']): kept_channels(r['structure'])
+            for r in runs if r.get('structure')}
+    jaccard = lambda a, b: len(a & b) / len(a | b)  # noqa: E731
+    rows = []
+    for base, target, method in dict.fromkeys(k[:3] for k in kept):
+        amap = {k[3]: v for k, v in kept.items() if k[:3] == (base, target, 'amap')}
+        mine = {k[3]: v for k, v in kept.items() if k[:3] == (base, target, method)}
+        same = [jaccard(v, amap[s]) for s, v in mine.items() if s in amap]
+        other = [jaccard(v, a) for s, v in mine.items() for t, a in amap.items() if t != s]
+        if same or other:
+            rows.append({'base': base, 'target': target, 'method': method, 'seeds': sorted(mine),
+                         'same_seed': _stats(same) if same else None, 'other_seeds': _stats(other) if other else None})
+    return rows
+
+
 def _stats(values: list[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
     return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -786,6 +824,21 @@ def _curve_tables(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _overlap_table(overlap: list[dict[str, Any]]) -> list[str]:
+    """Markdown: how much of AMAP's cut each method keeps (:func:`structure_overlap`)."""
+    if not overlap:
+        return []
+    fmt = lambda s: '' if s is None else f'{s["mean"]:.3f} (n={s["n"]})'  # noqa: E731
+    table = [[r['base'], f'{r["target"]:g}', r['method'], fmt(r['same_seed']), fmt(r['other_seeds'])]
+             for r in overlap]
+    return ['## How much each cut shares with AMAP\'s', '',
+            'Jaccard index of the kept channels (q/k, v and MLP channels of every head and block) against the `amap` '
+            'run of the same seed, and against `amap` runs of the other seeds: the second column is what a seed '
+            'alone changes, so a method above it keeps a structure closer to AMAP\'s than a rerun of AMAP does.', '',
+            markdown_table(['base', 'target', 'method', 'vs amap, same seed', 'vs amap, other seeds'], table, left=3),
+            '']
+
+
 def render_markdown(payload: dict[str, Any]) -> str:
     meta = payload['meta']
     m = meta['machine']
@@ -854,6 +907,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
                                        {True: 'yes', False: 'NO', None: ''}[
                                            g.get('within_0.5_of_unpruned_finetuned')]] for g in ref], left=2), '']
     lines += _curve_tables(payload)
+    lines += _overlap_table(payload.get('overlap') or [])
     short = [r for r in payload['rows'] if 'search_final_mac_ratio' in r
              and r['search_final_mac_ratio']['max'] > r['target'] + SEARCH_SLACK]
     if short:
@@ -1058,6 +1112,9 @@ def main(argv: list[str] | None = None) -> int:
             failed.append({'base': base_name, 'target': target, 'method': method, 'seed': seed,
                            'error': f'{type(e).__name__}: {e}'})
     rows = aggregate(runs)
+    overlap = structure_overlap(runs)
+    for r in runs:
+        r.pop('structure', None)
     plots = plot_curves(rows, Path(args.out))
     base_info = {}
     for name, path in bases.items():
@@ -1078,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
                             'kd_alpha': 0.5, 'teacher': 'original'},
                  'work_dir': str(work), 'bases': base_info, 'skipped_bases': skipped,
                  'torch_pruning_version': tp_version},
-        'rows': rows, 'goals': goals(rows), 'plots': plots, 'runs': runs, 'failed': failed,
+        'rows': rows, 'goals': goals(rows), 'plots': plots, 'overlap': overlap, 'runs': runs, 'failed': failed,
     }
     json_path, md_path = write_results(args.out, payload, render_markdown(payload))
     _log(f'wrote {json_path} and {md_path} ({payload["meta"]["seconds"]:.0f} s)')

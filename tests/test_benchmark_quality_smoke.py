@@ -105,7 +105,14 @@ def test_quality_quick(tmp_path):
     assert goal['best_method'] in PRUNED and isinstance(goal['amap_is_best'], bool)  # unpruned is no competitor
     assert goal['unpruned_finetuned_top1'] == runs['unpruned']['top1']['after_finetune']
     assert isinstance(goal['within_0.5_of_unpruned_finetuned'], bool)
+    # the cuts' overlap with AMAP's, from the kept channels every pruned run reports (not carried in the runs)
+    overlap = {r['method']: r for r in data['overlap']}
+    assert set(overlap) == {'amap', 'magnitude'}  # Torch-Pruning's and unpruned's reports name no kept channels
+    assert overlap['amap']['same_seed']['mean'] == 1.0 and overlap['amap']['other_seeds'] is None
+    assert 0 < overlap['magnitude']['same_seed']['mean'] < 1
+    assert all('structure' not in r for r in data['runs'])
     md = out.with_suffix('.md').read_text()
+    assert "How much each cut shares with AMAP's" in md
     # the plot of the curves, beside the results and linked from the Markdown
     (plot,) = data['plots']
     png = out.parent / 'quality_quick_quick_timm_deit_t0.7.png'
@@ -131,6 +138,7 @@ def test_quality_quick(tmp_path):
     moved, _ = _run(tmp_path / 'moved.json', tmp_path / 'empty_work', '--bases', f'quick_timm_deit={moved_base}',
                     '--records', str(records), '--collect')
     assert moved['meta']['complete'] is True and all(r['reused'] for r in moved['runs'])
+    assert moved['overlap'] == data['overlap']  # the records carry every cut's kept channels
     assert {r['method']: r['top1'] for r in moved['runs']} == {m: r['top1'] for m, r in runs.items()}
     # --collect gathers what finished and starts nothing: a method never run is listed as not run
     collected, _ = _run(tmp_path / 'collected.json', work, '--methods', 'amap', 'magnitude', 'random', '--collect')
@@ -182,3 +190,23 @@ def test_a_changed_method_default_is_part_of_a_runs_settings(tmp_path, monkeypat
     base = ROOT / 'benchmarks' / 'bases' / 'flatten_deit_micro' / 'probe_e40'  # any trained base
     assert quality._settings(base, 0.5, 'amap', 0, {}, {})['defaults_changed'] == changed
     assert 'defaults_changed' not in quality._settings(base, 0.5, 'unpruned', 0, {}, {})  # not a pipeline run
+
+
+def test_structure_overlap_is_the_jaccard_index_of_the_kept_channels(monkeypatch):
+    """Against the amap run of the same seed, and of every other seed (the yardstick of what a seed changes)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.quality import structure_overlap
+
+    def run(method: str, seed: int, mlp: list[int], qk: list[list[int]]) -> dict:
+        structure = [{'module': 'blocks.0.attn', 'indices': {'qk': qk}},
+                     {'module': 'blocks.0.mlp', 'indices': {'mlp': [mlp]}}]
+        return {'base': 'b', 'target': 0.5, 'method': method, 'seed': seed, 'structure': structure}
+
+    runs = [run('amap', 0, [0, 1, 2, 3], [[0], [1]]), run('amap', 1, [0, 1, 2, 4], [[0], [1]]),
+            run('taylor', 0, [0, 1, 4, 5], [[0], [0]]),  # head 1 keeps channel 0, not channel 1: a different channel
+            {'base': 'b', 'target': 0.5, 'method': 'unpruned', 'seed': 0}]  # nothing cut: no row
+    rows = {r['method']: r for r in structure_overlap(runs)}
+    assert set(rows) == {'amap', 'taylor'}
+    assert rows['amap']['same_seed']['mean'] == 1.0 and rows['amap']['other_seeds']['mean'] == pytest.approx(5 / 7)
+    assert rows['taylor']['same_seed']['mean'] == pytest.approx(3 / 9)  # {0,1 mlp; head 0's 0} of 9 channels
+    assert rows['taylor']['other_seeds']['mean'] == pytest.approx(4 / 8) and rows['taylor']['seeds'] == [0]

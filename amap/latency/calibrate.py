@@ -214,6 +214,7 @@ def calibrate_latency(
         backend: str | Backend = 'eager',
         rounds: int = 5,
         cache: bool = True,
+        refresh: bool = False,
         progress: bool = True,
         seed: int = 0,
 ) -> LatencyModel:
@@ -226,6 +227,7 @@ def calibrate_latency(
         backend: ``'eager'`` (PyTorch; CUDA events on a GPU) or ``'onnxruntime'``, or a :class:`Backend`.
         rounds: Timed rounds (more are added when the split halves disagree).
         cache: Read and write the cache (:func:`cache_dir`).
+        refresh: Time the model even when the cache has it, and replace the cached calibration (with ``cache``).
         progress: A progress bar (tqdm) on stderr.
         seed: Seed of the random orders.
     """
@@ -246,7 +248,7 @@ def calibrate_latency(
                'model': type(model).__name__, 'params': _digest([list(q.shape) for q in model.parameters()]),
                'shapes': signatures, 'modules': modules}
         path = cache_dir() / f'{_digest(key, 24)}.json'
-        if cache and path.exists():
+        if cache and not refresh and path.exists():
             try:
                 data = json.loads(path.read_text())
                 if data.get('key') == json.loads(json.dumps(key)):

@@ -72,19 +72,20 @@ def measure_cut(pruner: Pruner, *, batch: int, backend: Backend, threads: int, r
 def _next_target(attempts: list[dict[str, Any]], goal: float) -> float:
     """The predicted ratio to select next so that the measured ratio lands on ``goal``.
 
-    One attempt: its predicted ratio scaled by the model's error there (``goal * predicted / measured``). More: the
-    secant through the two measured attempts closest to the goal on either side of it (else the last two), on the
-    curve measured ratio against predicted ratio -- the model's error changes with the structure (FLatten-Swin-T at
-    batch 32 measured 17% faster than predicted at 0.62, so scaling by that error overshot the other way).
+    Not bracketed yet (every attempt measured on one side of the goal): the predicted ratio of the attempt measured
+    closest to the goal, scaled by the model's error there (``goal * predicted / measured``). Bracketed: the secant
+    through the two attempts closest to the goal on either side of it, on the curve measured ratio against predicted
+    ratio -- the model's error changes with the structure (FLatten-Swin-T at batch 32 measured 17% faster than
+    predicted at 0.62, so scaling by that error overshot the other way). The secant is never extrapolated: two
+    noisy checks on one side of the goal gave a slope that jumped from a predicted 0.67 to 0.45 for a goal of 0.77.
     """
-    last = attempts[-1]
-    scaled = goal * last['predicted_ratio'] / last['measured_ratio']
-    if len(attempts) < 2:
-        return scaled
+    closest = min(reversed(attempts), key=lambda a: abs(a['measured_ratio'] - goal))  # a tie: the latest
+    scaled = goal * closest['predicted_ratio'] / closest['measured_ratio']
     below = [a for a in attempts if a['measured_ratio'] <= goal]
     above = [a for a in attempts if a['measured_ratio'] > goal]
-    a, b = (max(below, key=lambda a: a['measured_ratio']), min(above, key=lambda a: a['measured_ratio'])) \
-        if below and above else (attempts[-2], last)
+    if not (below and above):
+        return scaled
+    a, b = max(below, key=lambda a: a['measured_ratio']), min(above, key=lambda a: a['measured_ratio'])
     dm, dp = b['measured_ratio'] - a['measured_ratio'], b['predicted_ratio'] - a['predicted_ratio']
     if abs(dm) < 1e-9 or dm * dp <= 0:  # no usable slope (the same latency, or timings out of order)
         return scaled

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,6 +308,48 @@ def test_closed_loop_tightens_when_the_cut_model_is_slower_than_predicted(monkey
     assert backend.built.count(full) == 1 and len(backend.built) == len(lat['attempts']) + 1
 
 
+class ScaledBackend(FakeBackend):
+    """The synthetic device running every call ``factor`` times slower (another load or clock than at calibration)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def seconds(self, run, reps: int = 1) -> float:
+        return super().seconds(run, reps) * self.factor
+
+
+def test_a_stale_cached_calibration_is_timed_again(monkeypatch):
+    """When the closed loop times the unpruned model more than STALE_CALIBRATION off the cached calibration, the
+    tables are timed again (the cache replaced), the structure is selected for the new model and measured again; an
+    unchanged device reuses the cache without a second calibration."""
+    from amap.prune.staged import STALE_CALIBRATION
+    _fake_device(monkeypatch)
+    first = amap.prune(build('flatten_deit'), _loader(), speedup=1.5, resource='latency', search_steps=2).latency
+    assert 'recalibrated' not in first and 'cached' not in first['calibration']
+    same = amap.prune(build('flatten_deit'), _loader(), speedup=1.5, resource='latency', search_steps=2).latency
+    assert 'recalibrated' not in same and same['calibration']['cached']  # the cache is used as it is
+    factor = 1 + 2 * STALE_CALIBRATION
+    calibrations: list[ScaledBackend] = []
+
+    def calibration_backend(*args, **kwargs):
+        calibrations.append(ScaledBackend(factor))
+        return calibrations[-1]
+    monkeypatch.setattr('amap.latency.calibrate.make_backend', calibration_backend)
+    monkeypatch.setattr('amap.latency.closed_loop.make_backend', lambda *a, **k: ScaledBackend(factor))
+    result = amap.prune(build('flatten_deit'), _loader(), speedup=1.5, resource='latency', search_steps=2)
+    lat = result.latency
+    again = lat['recalibrated']
+    assert again['drift'] == pytest.approx(factor - 1) and again['first_loop']['calibration']['cached']
+    assert again['stale_cache'] == same['calibration']['cached']
+    assert len(calibrations) == 2 and calibrations[1].calls > 0  # the tables were timed again on the slower device
+    assert 'cached' not in lat['calibration'] and lat['predicted_before_ms'] == pytest.approx(factor * first[
+        'predicted_before_ms'])
+    assert lat['measured_before_ms'] == pytest.approx(lat['predicted_before_ms']) and lat['verdict'] == 'met'
+    cached = json.loads(Path(again['stale_cache']).read_text())  # the cache now holds the new timings
+    assert cached['model']['full'] == pytest.approx(lat['predicted_before_ms'])
+
+
 def test_one_line_errors(monkeypatch):
     _fake_device(monkeypatch)
     with pytest.raises(ConfigError, match='latency_backend') as e:
@@ -407,9 +450,10 @@ def test_onnxruntime_backend_runs_the_module_it_times():
     assert backend.seconds(backend.runner(module, (x,), {})) > 0
 
 
-def test_closed_loop_corrects_by_the_secant_once_two_checks_exist():
-    """After one check the target is scaled by the model's error; after two, the secant through the checks around the
-    goal is followed (a model whose error changes with the structure is not overshot back and forth)."""
+def test_closed_loop_corrects_by_the_secant_once_two_checks_bracket_the_goal():
+    """After one check the target is scaled by the model's error; once checks lie on both sides of the goal, the
+    secant through the two around it is followed (a model whose error changes with the structure is not overshot back
+    and forth); checks on one side only are never extrapolated, the closest one's error scales the target."""
     from amap.latency.closed_loop import _next_target
     first = {'predicted_ratio': 0.623, 'measured_ratio': 0.531}
     assert _next_target([first], 0.625) == pytest.approx(0.625 * 0.623 / 0.531)
@@ -418,5 +462,10 @@ def test_closed_loop_corrects_by_the_secant_once_two_checks_exist():
     assert _next_target([first, second], 0.625) == pytest.approx(secant)
     far = {'predicted_ratio': 0.9, 'measured_ratio': 0.95}  # the bracketing pair is used, not the last two
     assert _next_target([first, second, far], 0.625) == pytest.approx(secant)
-    same = {'predicted_ratio': 0.7, 'measured_ratio': 0.531}  # no slope: back to scaling by the last error
+    same = {'predicted_ratio': 0.7, 'measured_ratio': 0.531}  # one side, the same latency: the latest one's error
     assert _next_target([first, same], 0.625) == pytest.approx(0.625 * 0.7 / 0.531)
+    # FLatten-Swin-T at batch 32 on a cache timed under other load: both checks slower than the goal, the second only
+    # a little; the secant through them would have jumped to a predicted 0.459 (measured 1.48x for 1.3x)
+    slow, less_slow = {'predicted_ratio': 0.769, 'measured_ratio': 0.881}, {'predicted_ratio': 0.672,
+                                                                             'measured_ratio': 0.846}
+    assert _next_target([slow, less_slow], 0.769) == pytest.approx(0.769 * 0.672 / 0.846)

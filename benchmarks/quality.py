@@ -607,11 +607,15 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
                 rec['structure'] = report['structure']
             atomic_write_json(record, rec)
 
-    if record is not None and record.is_file() and not marker.is_file():
-        doc = read_json(record)
+    if record is not None and record.is_file():  # a committed record of these settings wins over the work folder's
+        doc = read_json(record)                    # run, which may be of other settings (or of no record yet)
         if doc.get('settings') == portable:
             if 'not_applicable' in doc:
                 return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
+            if 'structure' not in doc and marker.is_file() and read_json(marker) == {'settings': settings,
+                                                                                      'summary': doc['summary']}:
+                keep(doc, read_json(out / 'report.json'))  # a record made before records kept every cut's channels
+                doc = read_json(record)
             return {**key, **doc['summary'], 'reused': True, **_structure_key(doc)}
         _log(f'{record}: a record with other settings; running the run afresh')
     fresh, progress = True, None
@@ -624,8 +628,7 @@ def one_run(args: argparse.Namespace, base_name: str, base: Path, target: float,
                 return {**key, 'not_applicable': doc['not_applicable'], 'reused': True}
             if 'summary' in doc:
                 report = read_json(out / 'report.json') if (out / 'report.json').is_file() else {}
-                if record is not None and (not record.is_file()  # finished before --records: record it now
-                                           or ('structure' in report and 'structure' not in read_json(record))):
+                if record is not None:  # finished before --records, or the record is of other settings: record it
                     keep({'summary': doc['summary']}, report)
                 return {**key, **doc['summary'], 'reused': True, **_structure_key(report)}
             fresh, progress = False, doc.get('progress')  # interrupted with the same settings: continue it

@@ -139,6 +139,16 @@ def test_quality_quick(tmp_path):
                     '--records', str(records), '--collect')
     assert moved['meta']['complete'] is True and all(r['reused'] for r in moved['runs'])
     assert moved['overlap'] == data['overlap']  # the records carry every cut's kept channels
+    # a work folder whose run is of other settings (an older default) does not hide the record of today's settings
+    marker = work / 'quick_timm_deit' / 't0.7' / 'amap' / 'seed0' / 'benchmark.json'
+    stale = json.loads(marker.read_text())
+    stale['settings']['seed'] = 99
+    marker.write_text(json.dumps(stale))
+    shadowed, _ = _run(tmp_path / 'shadowed.json', work, '--records', str(records), '--collect')
+    assert shadowed['meta']['complete'] is True
+    assert {r['method']: r['top1'] for r in shadowed['runs']} == {m: r['top1'] for m, r in runs.items()}
+    stale['settings']['seed'] = 0
+    marker.write_text(json.dumps(stale))
     assert {r['method']: r['top1'] for r in moved['runs']} == {m: r['top1'] for m, r in runs.items()}
     # --collect gathers what finished and starts nothing: a method never run is listed as not run
     collected, _ = _run(tmp_path / 'collected.json', work, '--methods', 'amap', 'magnitude', 'random', '--collect')

@@ -45,6 +45,9 @@ def format_latency_target(lat: dict[str, Any]) -> list[str]:
                      f'{_fmt(after, ".3f")} | {_fmt(ratio, ".3f")} | {_fmt(1 / ratio if ratio else None, ".2f")} |')
     cal = lat.get('calibration') or {}
     how = 'read from the cache' if cal.get('cached') else f"{_fmt(cal.get('seconds'), '.1f')} s"
+    if lat.get('recalibrated'):
+        how += (f" (timed again: the cached calibration was stale, the original measured "
+                f"{lat['recalibrated']['drift']:+.0%} off its time)")
     lines += ['', f"Latency model: width step {lat.get('step')}, calibration {how}, split-half noise "
                   f"{_fmt(100 * cal.get('noise', 0.0), '.1f')}% (check {_fmt(100 * lat.get('noise', 0.0), '.1f')}%), "
                   f"{len(lat.get('attempts') or [])} check(s) of the cut model.", '']

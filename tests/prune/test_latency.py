@@ -348,6 +348,9 @@ def test_a_stale_cached_calibration_is_timed_again(monkeypatch):
     assert lat['measured_before_ms'] == pytest.approx(lat['predicted_before_ms']) and lat['verdict'] == 'met'
     cached = json.loads(Path(again['stale_cache']).read_text())  # the cache now holds the new timings
     assert cached['model']['full'] == pytest.approx(lat['predicted_before_ms'])
+    from amap.report import format_latency_target
+    assert 'timed again: the cached calibration was stale, the original measured +30% off its time' in \
+        '\n'.join(format_latency_target(lat))
 
 
 def test_one_line_errors(monkeypatch):

@@ -164,6 +164,10 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # base are ~3e-3 per channel and batch (gate_gradients_fdeit_e40.md), so lr 0.5-2 moves them ~0.015-0.06 a step
     'amap_sgd0.5': {'indicator_opt': 'sgd', 'indicator_lr': 0.5},
     'amap_sgd2': {'indicator_opt': 'sgd', 'indicator_lr': 2.0},
+    # a latency target of 1.6x at batch 32 whose search measures its excess over the prunable part of the latency
+    # (the default latency search stopped at 0.76 of the latency for 0.625 on the converged FLatten-DeiT)
+    'amap_latency_b32_prunable': {'resource': 'latency', 'latency_batch': 32, 'latency_threads': 1,
+                                  'resource_scale': 'prunable'},
     # since 2026-11-26 the cut starts from the base's own weights (cut_weights='original': the search chooses the
     # structure only); `amap_search_weights` is its ablation, the cut keeping the search's weights and reweights (the
     # paper's way, the default before: its records were moved here from `amap`)
@@ -190,7 +194,7 @@ VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_mult
             'amap_taylor_init', 'amap_taylor_init_lr2e-4', 'amap_ramp', 'amap_ramp_cosine',
             'amap_ramp_lr2e-4', 'amap_ramp_group_adam', 'amap_structure', 'amap_search_kd',
             'amap_lambda20', 'amap_lambda20_original', 'amap_search_kd_original', 'amap_sgd0.5',
-            'amap_sgd2']  # not in the default grid
+            'amap_sgd2', 'amap_latency_b32_prunable']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

@@ -294,6 +294,28 @@ def test_kd_search_loss_leaves_the_gates_alone_until_the_model_departs_from_the_
         Search(pruner, 0.5 * pruner.full_macs, SearchSettings(steps=4, search_loss='kd'))
 
 
+def test_prunable_resource_scale_measures_the_excess_over_the_part_the_structure_can_change():
+    """resource_scale='prunable': r = (R - R_min) / (R_target - R_min), so at the same step the resource loss pulls
+    every indicator (T / (T - R_min))^2 times as hard as with the total ratio (the task's pull is the same)."""
+    from amap.prune.search import Search, SearchSettings
+    from amap.prune.target import min_cost
+    x, y = _loader()[0]
+    grads = {}
+    for scale, lam in (('total', 0.0), ('total', 5.0), ('prunable', 5.0)):
+        torch.manual_seed(0)
+        pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(gate='ramp'), _calib())
+        target = 0.5 * pruner.full_macs
+        loop = Search(pruner, target, SearchSettings(steps=4, lr=0.0, resource_lambda=lam, resource_scale=scale))
+        loop.train_step(x, y)
+        grads[scale, lam] = torch.cat([ind.m.grad.flatten() for ind in pruner.indicators.values()])
+        floor = min_cost(pruner)
+        assert loop.floor == (floor if scale == 'prunable' else 0.0) and 0 < floor < target
+    pull_total = grads['total', 5.0] - grads['total', 0.0]
+    pull_prunable = grads['prunable', 5.0] - grads['total', 0.0]
+    assert pull_total.abs().max() > 0
+    torch.testing.assert_close(pull_prunable, pull_total * (target / (target - floor)) ** 2, rtol=1e-4, atol=1e-9)
+
+
 def test_cut_weights_original_cuts_the_searched_structure_from_the_original_weights():
     """cut_weights='original': the search (here with a large weight LR) only chooses the structure; the cut model
     holds the unpruned model's own weights, sliced to the kept channels, with no reweight folded in."""

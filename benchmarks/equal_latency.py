@@ -49,11 +49,13 @@ MEASURE_ROUNDS = 25  # interleaved rounds of the final measurement of every arm
 MAX_PROBES = 4  # candidate MAC targets per MAC arm (default of --match-probes)
 
 
-def latency_method(batch: int) -> str:
-    """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` (added when missing)."""
+def latency_method(batch: int, scale: str = 'total') -> str:
+    """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` whose search measures its
+    resource ratio by ``scale`` (``SearchSettings.resource_scale``; added when missing)."""
     from benchmarks.quality import METHODS
-    name = f'amap_latency_b{batch}'
-    METHODS.setdefault(name, {'resource': 'latency', 'latency_batch': batch, 'latency_threads': 1})
+    name = f'amap_latency_b{batch}' + ('' if scale == 'total' else f'_{scale}')
+    METHODS.setdefault(name, {'resource': 'latency', 'latency_batch': batch, 'latency_threads': 1,
+                              **({} if scale == 'total' else {'resource_scale': scale})})
     return name
 
 
@@ -145,9 +147,9 @@ def run_seed(args: argparse.Namespace, base_name: str, base: Path, seed: int, da
     from amap.utils.runfolder import file_digest
     from benchmarks.quality import _budget, _portable, _settings, one_run, run_to_cut
     s, batch = args.equal_latency, args.latency_batch
-    lat = latency_method(batch)
+    lat = latency_method(batch, args.latency_scale)
     size = (3, data['img_size'], data['img_size'])
-    tag = f'eqlat_s{s:g}_b{batch}'
+    tag = f'eqlat_s{s:g}_b{batch}' + ('' if args.latency_scale == 'total' else f'_{args.latency_scale}')
     doc_path = (Path(args.records) if args.records else Path(args.work_dir).expanduser()) / base_name / tag / \
         f'seed{seed}.json'
     settings = {'speedup': s, 'batch': batch, 'max_probes': args.match_probes, 'match_tol': MATCH_TOL,

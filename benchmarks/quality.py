@@ -1011,6 +1011,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'than the base against MAC targets (plain and channel_multiple 8) matched to its measured '
                         'latency (benchmarks/equal_latency.py); --targets and --methods are not used')
     p.add_argument('--latency-batch', type=int, default=32, help='batch of --equal-latency (default %(default)s)')
+    p.add_argument('--latency-scale', default='total', choices=['total', 'prunable'],
+                   help="the --equal-latency latency arm's resource_scale (default %(default)s)")
     p.add_argument('--match-probes', type=int, default=None,
                    help='--equal-latency: candidate MAC targets per MAC arm at most (default 4)')
     p.add_argument('--out', default=None, help='JSON output (default benchmarks/results/quality.json, quick: '

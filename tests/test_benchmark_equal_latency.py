@@ -102,6 +102,17 @@ def test_equal_latency_quick(tmp_path, equal_latency):
     assert {a: r['measured'] for a, r in res2['arms'].items()} == {a: r['measured'] for a, r in arms.items()}
 
 
+def test_the_latency_arm_may_search_on_the_prunable_ratio(equal_latency):
+    """--latency-scale prunable: the latency arm is the METHODS entry the quality grid measures as a variant."""
+    from benchmarks.quality import METHODS, parse_args
+    assert equal_latency.latency_method(32) == 'amap_latency_b32'
+    assert METHODS['amap_latency_b32'] == {'resource': 'latency', 'latency_batch': 32, 'latency_threads': 1}
+    name = equal_latency.latency_method(32, 'prunable')
+    assert name == 'amap_latency_b32_prunable' and METHODS[name]['resource_scale'] == 'prunable'
+    assert parse_args(['--data', 'x', '--equal-latency', '1.6', '--latency-scale', 'prunable']).latency_scale == \
+        'prunable'
+
+
 def test_next_target(equal_latency):
     next_target = equal_latency.next_target
     # one candidate: a step by its latency ratio (slower than the latency arm: fewer MACs)

@@ -31,8 +31,8 @@ from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
 from .target import min_cost
 
-__all__ = ['DEFAULT_STEPS', 'GATES', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS', 'SearchSettings', 'Search',
-           'distillation_loss', 'task_loss', 'kept_by_kind']
+__all__ = ['DEFAULT_STEPS', 'GATES', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS', 'RESOURCE_SCALES', 'SearchSettings',
+           'Search', 'distillation_loss', 'task_loss', 'kept_by_kind']
 
 RESOURCE_CONTROLS = ('penalty', 'dual')
 GATES = ('binary', 'ramp')

@@ -52,10 +52,9 @@ MAX_PROBES = 4  # candidate MAC targets per MAC arm (default of --match-probes)
 def latency_method(batch: int, scale: str = 'total') -> str:
     """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` whose search measures its
     resource ratio by ``scale`` (``SearchSettings.resource_scale``; added when missing)."""
-    from benchmarks.quality import METHODS
+    from benchmarks.quality import METHODS, latency_options
     name = f'amap_latency_b{batch}' + ('' if scale == 'total' else f'_{scale}')
-    METHODS.setdefault(name, {'resource': 'latency', 'latency_batch': batch, 'latency_threads': 1,
-                              **({} if scale == 'total' else {'resource_scale': scale})})
+    METHODS.setdefault(name, latency_options(batch, scale))
     return name
 
 

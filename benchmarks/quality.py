@@ -113,6 +113,13 @@ TRAIN_COMMANDS = {  # the recipes of the baselines in BENCHMARKS.md (width 96, 3
                         '"embed_dim": 96, "num_heads": 3, "mlp_ratio": 2.0}}\' --img-size 32 --data {data} '
                         f'--epochs 18 {_RECIPE} --out {{out}}'),
 }
+def latency_options(batch: int, scale: str = 'total') -> dict[str, Any]:
+    """The options of a latency-target method at ``batch``, 1 thread, its search's ``resource_scale`` ``scale``
+    (the grid's latency variants and the equal-latency harness's latency arm)."""
+    return {'resource': 'latency', 'latency_batch': batch, 'latency_threads': 1,
+            **({} if scale == 'total' else {'resource_scale': scale})}
+
+
 METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch-Pruning, unpruned)
     'amap': {},
     'amap_no_similarity': {'similarity': False},
@@ -166,8 +173,7 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     'amap_sgd2': {'indicator_opt': 'sgd', 'indicator_lr': 2.0},
     # a latency target of 1.6x at batch 32 whose search measures its excess over the prunable part of the latency
     # (the default latency search stopped at 0.76 of the latency for 0.625 on the converged FLatten-DeiT)
-    'amap_latency_b32_prunable': {'resource': 'latency', 'latency_batch': 32, 'latency_threads': 1,
-                                  'resource_scale': 'prunable'},
+    'amap_latency_b32_prunable': latency_options(32, 'prunable'),
     # since 2026-11-26 the cut starts from the base's own weights (cut_weights='original': the search chooses the
     # structure only); `amap_search_weights` is its ablation, the cut keeping the search's weights and reweights (the
     # paper's way, the default before: its records were moved here from `amap`)

@@ -108,7 +108,8 @@ def test_the_latency_arm_may_search_on_the_prunable_ratio(equal_latency):
     assert equal_latency.latency_method(32) == 'amap_latency_b32'
     assert METHODS['amap_latency_b32'] == {'resource': 'latency', 'latency_batch': 32, 'latency_threads': 1}
     name = equal_latency.latency_method(32, 'prunable')
-    assert name == 'amap_latency_b32_prunable' and METHODS[name]['resource_scale'] == 'prunable'
+    assert name == 'amap_latency_b32_prunable' and METHODS[name] == {**METHODS['amap_latency_b32'],
+                                                                      'resource_scale': 'prunable'}
     assert parse_args(['--data', 'x', '--equal-latency', '1.6', '--latency-scale', 'prunable']).latency_scale == \
         'prunable'
 

@@ -49,12 +49,13 @@ MEASURE_ROUNDS = 25  # interleaved rounds of the final measurement of every arm
 MAX_PROBES = 4  # candidate MAC targets per MAC arm (default of --match-probes)
 
 
-def latency_method(batch: int, scale: str = 'total') -> str:
+def latency_method(batch: int, scale: str = 'total', trim_rank: str = 'cost') -> str:
     """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` whose search measures its
-    resource ratio by ``scale`` (``SearchSettings.resource_scale``; added when missing)."""
-    from benchmarks.quality import METHODS, latency_options
-    name = f'amap_latency_b{batch}' + ('' if scale == 'total' else f'_{scale}')
-    METHODS.setdefault(name, latency_options(batch, scale))
+    resource ratio by ``scale`` (``SearchSettings.resource_scale``) and whose target guarantee ranks by ``trim_rank``
+    (``PruneConfig.trim_rank``); added when missing."""
+    from benchmarks.quality import METHODS, latency_options, latency_suffix
+    name = f'amap_latency_b{batch}' + latency_suffix(scale, trim_rank)
+    METHODS.setdefault(name, latency_options(batch, scale, trim_rank))
     return name
 
 
@@ -144,11 +145,11 @@ def run_seed(args: argparse.Namespace, base_name: str, base: Path, seed: int, da
     from amap.macs import count_macs
     from amap.train import load_trained
     from amap.utils.runfolder import file_digest
-    from benchmarks.quality import _budget, _portable, _settings, one_run, run_to_cut
+    from benchmarks.quality import _budget, _portable, _settings, latency_suffix, one_run, run_to_cut
     s, batch = args.equal_latency, args.latency_batch
-    lat = latency_method(batch, args.latency_scale)
+    lat = latency_method(batch, args.latency_scale, args.latency_trim_rank)
     size = (3, data['img_size'], data['img_size'])
-    tag = f'eqlat_s{s:g}_b{batch}' + ('' if args.latency_scale == 'total' else f'_{args.latency_scale}')
+    tag = f'eqlat_s{s:g}_b{batch}' + latency_suffix(args.latency_scale, args.latency_trim_rank)
     doc_path = (Path(args.records) if args.records else Path(args.work_dir).expanduser()) / base_name / tag / \
         f'seed{seed}.json'
     settings = {'speedup': s, 'batch': batch, 'max_probes': args.match_probes, 'match_tol': MATCH_TOL,

@@ -113,11 +113,17 @@ TRAIN_COMMANDS = {  # the recipes of the baselines in BENCHMARKS.md (width 96, 3
                         '"embed_dim": 96, "num_heads": 3, "mlp_ratio": 2.0}}\' --img-size 32 --data {data} '
                         f'--epochs 18 {_RECIPE} --out {{out}}'),
 }
-def latency_options(batch: int, scale: str = 'total') -> dict[str, Any]:
-    """The options of a latency-target method at ``batch``, 1 thread, its search's ``resource_scale`` ``scale``
-    (the grid's latency variants and the equal-latency harness's latency arm)."""
+def latency_options(batch: int, scale: str = 'total', trim_rank: str = 'cost') -> dict[str, Any]:
+    """The options of a latency-target method at ``batch``, 1 thread, its search's ``resource_scale`` ``scale`` and
+    its target guarantee's ``trim_rank`` (the grid's latency variants and the equal-latency harness's latency arm)."""
     return {'resource': 'latency', 'latency_batch': batch, 'latency_threads': 1,
-            **({} if scale == 'total' else {'resource_scale': scale})}
+            **({} if scale == 'total' else {'resource_scale': scale}),
+            **({} if trim_rank == 'cost' else {'trim_rank': trim_rank})}
+
+
+def latency_suffix(scale: str = 'total', trim_rank: str = 'cost') -> str:
+    """The name suffix of a latency method (and of its equal-latency records) with options off their defaults."""
+    return ('' if scale == 'total' else f'_{scale}') + ('' if trim_rank == 'cost' else f'_rank_{trim_rank}')
 
 
 METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch-Pruning, unpruned)
@@ -174,6 +180,10 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # a latency target of 1.6x at batch 32 whose search measures its excess over the prunable part of the latency
     # (the default latency search stopped at 0.76 of the latency for 0.625 on the converged FLatten-DeiT)
     'amap_latency_b32_prunable': latency_options(32, 'prunable'),
+    # the same target trimmed by score per channel: the indicators learned under the latency loss already weigh each
+    # channel's cost, and the default trim (score per unit of latency) charged the q/k channels a second time
+    'amap_latency_b32_rank_score': latency_options(32, trim_rank='score'),
+    'amap_latency_b32_prunable_rank_score': latency_options(32, 'prunable', 'score'),
     # since 2026-11-26 the cut starts from the base's own weights (cut_weights='original': the search chooses the
     # structure only); `amap_search_weights` is its ablation, the cut keeping the search's weights and reweights (the
     # paper's way, the default before: its records were moved here from `amap`)
@@ -200,7 +210,8 @@ VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_mult
             'amap_taylor_init', 'amap_taylor_init_lr2e-4', 'amap_ramp', 'amap_ramp_cosine',
             'amap_ramp_lr2e-4', 'amap_ramp_group_adam', 'amap_structure', 'amap_search_kd',
             'amap_lambda20', 'amap_lambda20_original', 'amap_search_kd_original', 'amap_sgd0.5',
-            'amap_sgd2', 'amap_latency_b32_prunable']  # not in the default grid
+            'amap_sgd2', 'amap_latency_b32_prunable', 'amap_latency_b32_rank_score',
+            'amap_latency_b32_prunable_rank_score']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}
@@ -1019,6 +1030,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--latency-batch', type=int, default=32, help='batch of --equal-latency (default %(default)s)')
     p.add_argument('--latency-scale', default='total', choices=['total', 'prunable'],
                    help="the --equal-latency latency arm's resource_scale (default %(default)s)")
+    p.add_argument('--latency-trim-rank', default='cost', choices=['cost', 'score'],
+                   help="the --equal-latency latency arm's trim_rank (default %(default)s)")
     p.add_argument('--match-probes', type=int, default=None,
                    help='--equal-latency: candidate MAC targets per MAC arm at most (default 4)')
     p.add_argument('--out', default=None, help='JSON output (default benchmarks/results/quality.json, quick: '

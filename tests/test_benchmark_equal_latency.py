@@ -112,6 +112,13 @@ def test_the_latency_arm_may_search_on_the_prunable_ratio(equal_latency):
                                                                       'resource_scale': 'prunable'}
     assert parse_args(['--data', 'x', '--equal-latency', '1.6', '--latency-scale', 'prunable']).latency_scale == \
         'prunable'
+    # --latency-trim-rank score: the variant whose target guarantee ranks by score per channel
+    name = equal_latency.latency_method(32, 'total', 'score')
+    assert name == 'amap_latency_b32_rank_score' and METHODS[name] == {**METHODS['amap_latency_b32'],
+                                                                        'trim_rank': 'score'}
+    assert equal_latency.latency_method(32, 'prunable', 'score') == 'amap_latency_b32_prunable_rank_score'
+    assert parse_args(['--data', 'x', '--equal-latency', '1.6', '--latency-trim-rank', 'score']).latency_trim_rank == \
+        'score'
 
 
 def test_next_target(equal_latency):

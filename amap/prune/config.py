@@ -31,6 +31,7 @@ __all__ = ['PruneConfig', 'SearchSettings', 'FLAT_SEARCH_KEYS', 'nest_search_opt
 RESOURCES = ('macs', 'latency')
 LATENCY_BACKENDS = ('eager', 'onnxruntime')
 CUT_WEIGHTS = ('search', 'original')
+TRIM_RANKS = ('cost', 'score')
 
 # flat option name (before ``search`` was nested) -> field of SearchSettings
 FLAT_SEARCH_KEYS = {'search_steps': 'steps', **{f.name: f.name for f in dataclasses.fields(SearchSettings)
@@ -125,6 +126,10 @@ class PruneConfig:
         threshold: Indicator score threshold for a kept channel.
         min_keep: Channels every head keeps at least.
         fill: Let the target guarantee grow the structure back up to the target.
+        trim_rank: What the target guarantee ranks the searched channels by when it trims (or fills) to the target:
+            cost (score per unit of the resource saved, the default) or score (score per channel: the indicators
+            were learned under the resource loss, so their scores already weigh each channel's cost; an option under
+            evaluation for latency targets, whose per-channel costs differ most between groups, BENCHMARKS.md).
         channel_multiple: Round every pruned width (heads x per-head count of q/k or v, the MLP hidden width) to a
             multiple of this in the final structure (8 or 16 suit GEMM kernels); 1 keeps the exact MAC-optimal
             widths. A group left unpruned keeps its full width.
@@ -157,6 +162,7 @@ class PruneConfig:
     threshold: float = 0.5
     min_keep: int = 1
     fill: bool = True
+    trim_rank: str = field(default='cost', metadata={'choices': TRIM_RANKS})
     channel_multiple: int = field(default=1, metadata={'min': 1, 'metavar': 'N'})
     seed: int = field(default=0, metadata={'cli': False})
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -182,6 +188,8 @@ class PruneConfig:
             raise ConfigError(f'indicator_init={self.indicator_init!r} sets every start itself: turn attn_init off')
         if not 0 < self.init_margin < 1:
             raise ConfigError(f'init_margin must be in (0, 1), got {self.init_margin}')
+        if self.trim_rank not in TRIM_RANKS:
+            raise ConfigError(f'trim_rank {self.trim_rank!r} is unknown; choose from {list(TRIM_RANKS)}')
         if self.channel_multiple < 1:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':

@@ -98,7 +98,8 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
                       for k, c in pruner.hard_counts().items()}
             for ind in pruner.indicators.values():
                 ind.head_balance = True
-        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=multiple)
+        fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=multiple,
+                      per_mac=cfg.trim_rank == 'cost')
         return
     criterion_structure(cfg.criterion, pruner, target_macs, batches=calib, seed=cfg.seed, fill=cfg.fill,
                         multiple=multiple)
@@ -318,7 +319,7 @@ class StagedPruning:
                 apply_counts(pruner, counts, scores)
             else:
                 fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=cfg.fill,
-                              multiple=final_multiple(pruner, cfg))
+                              multiple=final_multiple(pruner, cfg), per_mac=cfg.trim_rank == 'cost')
 
         def loop() -> dict[str, Any] | None:
             if not is_main_process():  # under DDP rank 0 measures and every rank takes its structure

@@ -451,6 +451,18 @@ def test_global_allocation_ranks_scores_not_scores_per_mac():
     per_mac = fit_to_target(pruner, target, scores=scores, counts=full, fill=False, per_mac=True)
     assert (per_mac[b] == full[b] - 1).all() and torch.equal(per_mac[a], full[a])
 
+    # the pipeline's target guarantee after a search ranks the same way as PruneConfig.trim_rank says
+    from amap.prune.staged import finalize_structure
+    for rank, expected in (('score', glob), ('cost', per_mac)):
+        for k, ind in pruner.indicators.items():
+            ind.fixed = torch.empty(0)  # searching again
+            ind.m.data.copy_(scores[k])
+        finalize_structure(pruner, PruneConfig(similarity=False, fill=False, trim_rank=rank), target, _calib())
+        got = pruner.hard_counts()
+        assert all(torch.equal(got[k], expected[k]) for k in full), rank
+    with pytest.raises(ConfigError, match='trim_rank'):
+        PruneConfig(trim_rank='mac')
+
 
 def test_bad_targets_are_clear_errors():
     with pytest.raises(ConfigError, match='target'):

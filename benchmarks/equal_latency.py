@@ -49,13 +49,14 @@ MEASURE_ROUNDS = 25  # interleaved rounds of the final measurement of every arm
 MAX_PROBES = 4  # candidate MAC targets per MAC arm (default of --match-probes)
 
 
-def latency_method(batch: int, scale: str = 'total', trim_rank: str = 'cost') -> str:
+def latency_method(batch: int, scale: str = 'total', trim_rank: str = 'cost', smooth: str = 'table') -> str:
     """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` whose search measures its
     resource ratio by ``scale`` (``SearchSettings.resource_scale``) and whose target guarantee ranks by ``trim_rank``
-    (``PruneConfig.trim_rank``); added when missing."""
+    (``PruneConfig.trim_rank``), its search reading the latency tables by ``smooth`` (``PruneConfig.latency_smooth``);
+    added when missing."""
     from benchmarks.quality import METHODS, latency_options, latency_suffix
-    name = f'amap_latency_b{batch}' + latency_suffix(scale, trim_rank)
-    METHODS.setdefault(name, latency_options(batch, scale, trim_rank))
+    name = f'amap_latency_b{batch}' + latency_suffix(scale, trim_rank, smooth)
+    METHODS.setdefault(name, latency_options(batch, scale, trim_rank, smooth))
     return name
 
 
@@ -147,9 +148,10 @@ def run_seed(args: argparse.Namespace, base_name: str, base: Path, seed: int, da
     from amap.utils.runfolder import file_digest
     from benchmarks.quality import _budget, _portable, _settings, latency_suffix, one_run, run_to_cut
     s, batch = args.equal_latency, args.latency_batch
-    lat = latency_method(batch, args.latency_scale, args.latency_trim_rank)
+    lat_opts = (args.latency_scale, args.latency_trim_rank, args.latency_smooth)
+    lat = latency_method(batch, *lat_opts)
     size = (3, data['img_size'], data['img_size'])
-    tag = f'eqlat_s{s:g}_b{batch}' + latency_suffix(args.latency_scale, args.latency_trim_rank)
+    tag = f'eqlat_s{s:g}_b{batch}' + latency_suffix(*lat_opts)
     doc_path = (Path(args.records) if args.records else Path(args.work_dir).expanduser()) / base_name / tag / \
         f'seed{seed}.json'
     settings = {'speedup': s, 'batch': batch, 'max_probes': args.match_probes, 'match_tol': MATCH_TOL,

@@ -12,6 +12,9 @@ segment is flat; data that rise anyway are unchanged) and read two ways:
 
 * smooth (``exact=False``): multilinear through the measured points, extrapolated linearly below the first, so the
   search's resource loss has a non-zero gradient everywhere;
+  (or, with ``smooth='fit'``, the table's value at full width plus a least-squares multilinear fit of the whole table
+  taken relative to full width: one price per channel over the whole range, so a group whose last channels happen
+  to time cheap near full width is not left out of the search's pull);
 * exact (``exact=True``): each count rounded up to the width step the device rewards (an unaligned width costs what
   the next aligned one costs, or more) before the lookup -- the step-shaped cost the final structure is selected
   against. On the lattice of aligned counts both readings agree.
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..prune.adapters import Adapter
+from ..prune.config import LATENCY_SMOOTH
 from ..prune.resource import Resource
 
 __all__ = ['OpTable', 'LatencyModel', 'monotone']
@@ -80,6 +84,25 @@ class OpTable:
     def __post_init__(self) -> None:
         self._v = monotone(torch.tensor(self.values, dtype=torch.float64))
         self._g = [torch.tensor(g, dtype=torch.float64) for g in self.grid]
+        self._fit = self._least_squares()
+
+    def _least_squares(self) -> Tensor:
+        """Coefficients of the multilinear polynomial (``1, x, y, xy`` for two axes) closest to the table in least
+        squares, counts in units of the full count."""
+        axes = torch.meshgrid(*[g / f for g, f in zip(self._g, self.full)], indexing='ij')
+        basis = _multilinear_basis([a.reshape(-1) for a in axes])
+        return torch.linalg.lstsq(basis, self._v.reshape(-1, 1)).solution[:, 0]
+
+    def fitted(self, counts: list[Tensor]) -> Tensor:
+        """The smooth reading of ``smooth='fit'``: the table's value at full width plus the least-squares fit's change
+        from full width to ``counts``, never less than a small fall per count removed (a count that falls never
+        raises the cost, however the fit bends)."""
+        device = counts[0].device
+        x = [c.double().reshape(1) / f for c, f in zip(counts, self.full)]
+        at = _multilinear_basis(x)[0] - _multilinear_basis([torch.ones_like(t) for t in x])[0]
+        change = at @ self._fit.to(device)
+        least = RAMP * float(self._v.max() - self._v.min()) * sum(t[0] - 1 for t in x)
+        return self._v.reshape(-1)[-1].to(device) + torch.where(change <= least, change, least)
 
     def __call__(self, counts: list[Tensor], *, exact: bool = False) -> Tensor:
         """Latency (ms) at per-head ``counts`` (one 0-d tensor per axis), multilinear between grid points."""
@@ -102,6 +125,14 @@ class OpTable:
         return {k: v for k, v in asdict(self).items() if not k.startswith('_')}
 
 
+def _multilinear_basis(xs: list[Tensor]) -> Tensor:
+    """``(n, 2**k)`` products of every subset of the ``k`` coordinate columns ``xs`` (the empty product first)."""
+    cols = [torch.ones_like(xs[0])]
+    for x in xs:
+        cols = cols + [c * x for c in cols]
+    return torch.stack(cols, dim=-1)
+
+
 class LatencyModel(Resource):
     """Latency (ms per batch) as a function of the kept counts: the :class:`~amap.prune.resource.Resource` a latency
     target is set in.
@@ -116,12 +147,18 @@ class LatencyModel(Resource):
             additive part predicts for them; the cost is interpolated through them (extrapolated along the end
             segments). Empty: the identity.
         meta: How it was measured (device, backend, threads, batch, rounds, split-half noise, seconds).
+        smooth: How the search reads the tables (``exact=False``): table (multilinear through the measured points)
+            or fit (the value at full width plus a least-squares multilinear fit relative to it).
     """
 
     name = 'latency'
 
     def __init__(self, tables: dict[str, OpTable], modules: dict[str, str], *, constant: float, full: float,
-                 step: int, warp: list[list[float]] | None = None, meta: dict[str, Any] | None = None) -> None:
+                 step: int, warp: list[list[float]] | None = None, meta: dict[str, Any] | None = None,
+                 smooth: str = 'table') -> None:
+        if smooth not in LATENCY_SMOOTH:
+            raise ValueError(f'smooth must be one of {list(LATENCY_SMOOTH)}, got {smooth!r}')
+        self.smooth = smooth
         self.tables, self.modules = tables, modules
         self.fixed, self.full, self.step = float(constant), float(full), int(step)
         self.warp = [[float(a), float(b)] for a, b in (warp or [])]
@@ -143,7 +180,7 @@ class LatencyModel(Resource):
         table = self.tables[key]
         xs = [kept[k].double().mean() if k in kept else torch.tensor(float(f), dtype=torch.float64)
               for k, f in zip(table.kinds, table.full)]
-        return table(xs, exact=exact)
+        return table.fitted(xs) if self.smooth == 'fit' and not exact else table(xs, exact=exact)
 
     def format(self, value: float) -> str:
         return f'{value:.3g} ms'

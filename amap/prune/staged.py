@@ -130,6 +130,7 @@ def calibrate_resource(pruner: Pruner, cfg: PruneConfig, *, progress: bool = Tru
             seed=cfg.seed) if is_main_process() else None
         shared = broadcast_object(lat.to_dict() if lat is not None else None)
         pruner.resource = lat if lat is not None else LatencyModel.from_dict(shared)
+        pruner.resource.smooth = cfg.latency_smooth
 
 
 @dataclass

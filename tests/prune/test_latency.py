@@ -21,6 +21,7 @@ from amap.latency import LatencyModel, OpTable, calibrate_latency, detect_step
 from amap.latency.closed_loop import cut_copy
 from amap.latency.measure import Backend, interleaved, low_percentile, split_half
 from amap.latency.model import monotone
+from amap.prune import PruneConfig
 from amap.prune.pruner import Pruner
 from amap.prune.target import fit_to_target
 
@@ -215,6 +216,47 @@ def test_monotone_table_is_strictly_increasing_and_leaves_increasing_data_alone(
     x = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
     table([x]).backward()
     assert x.grad > 0  # flat and falling data still give the search a slope
+
+
+def test_fitted_reading_is_exact_on_a_multilinear_table_and_keeps_a_slope_where_the_table_is_flat(monkeypatch):
+    """smooth='fit': the table's value at full width plus a least-squares multilinear fit relative to it. On a table
+    that is multilinear in the counts the fit is the table itself; on a table whose last step is nearly flat (v here,
+    as measured on the converged FLatten-DeiT at batch 32) the fit still prices that step like the rest."""
+    grid = [[8, 16, 24, 32], [8, 16, 24, 32]]
+    cost = lambda q, v: 0.5 + 0.02 * q + 0.01 * v + 0.001 * q * v  # noqa: E731
+    table = OpTable(kinds=['qk', 'v'], full=[32, 32], steps=[8, 8], grid=grid,
+                    values=[[cost(q, v) for v in grid[1]] for q in grid[0]])
+    for q, v in ((32, 32), (12.5, 30.0), (8, 8), (20.0, 9.0)):
+        x = [torch.tensor(float(q), dtype=torch.float64), torch.tensor(float(v), dtype=torch.float64)]
+        assert float(table.fitted(x)) == pytest.approx(cost(q, v), rel=1e-9)
+        assert float(table.fitted(x)) == pytest.approx(float(table(x)), rel=1e-9)
+    flat = [[cost(q, v) if v < 32 else cost(q, 24) + 1e-3 for v in grid[1]] for q in grid[0]]
+    table = OpTable(kinds=['qk', 'v'], full=[32, 32], steps=[8, 8], grid=grid, values=flat)
+    grads = {}
+    for reading in ('table', 'fit'):
+        x = [torch.tensor(32.0, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        (table.fitted(x) if reading == 'fit' else table(x)).backward()
+        grads[reading] = x[1].grad
+        assert float((table.fitted(x) if reading == 'fit' else table(x)).detach()) == \
+            pytest.approx(float(table(x).detach()), rel=1e-12)  # the readings agree at full width
+    per_count = (flat[-1][-2] - flat[-1][0]) / 16  # the v slope below the flat step
+    assert grads['table'] < 0.1 * per_count and grads['fit'] > 0.5 * per_count
+    # the option reaches the search through PruneConfig.latency_smooth
+    pruner = Pruner(build('flatten_deit'), (3, 32, 32))
+    lat = calibrate_latency(pruner, backend=FakeBackend(), rounds=1, progress=False, cache=False)
+    pruner.resource = lat
+    smooth = float(pruner.cost().detach())
+    lat.smooth = 'fit'
+    assert float(pruner.cost().detach()) == pytest.approx(smooth, rel=1e-6)  # equal at full width
+    pruner.cost().backward()
+    assert all(ind.m.grad is not None and ind.m.grad.abs().sum() > 0 for ind in pruner.indicators.values())
+    from amap.prune.staged import calibrate_resource
+    _fake_device(monkeypatch)
+    for reading in ('fit', 'table'):
+        calibrate_resource(pruner, PruneConfig(resource='latency', latency_smooth=reading), progress=False)
+        assert pruner.resource.smooth == reading
+    with pytest.raises(ConfigError, match='latency_smooth'):
+        PruneConfig(latency_smooth='spline')
 
 
 def test_detect_step_from_probes():

@@ -187,6 +187,8 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # channel's cost, and the default trim (score per unit of latency) charged the q/k channels a second time
     'amap_latency_b32_rank_score': latency_options(32, trim_rank='score'),
     'amap_latency_b32_prunable_rank_score': latency_options(32, 'prunable', 'score'),
+    # the same ranking under a MAC target (the per-channel MACs of q/k, v and MLP differ less than their latencies)
+    'amap_rank_score': {'trim_rank': 'score'},
     # one Adam second moment per channel group: a group's shared latency pull no longer drowns the differences of its
     # channels' task gradients (with per-channel Adam every q/k channel under a latency loss fell at the same rate)
     'amap_latency_b32_group_adam': {**latency_options(32), 'indicator_opt': 'group_adam'},
@@ -223,7 +225,7 @@ VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_mult
             'amap_lambda20', 'amap_lambda20_original', 'amap_search_kd_original', 'amap_sgd0.5',
             'amap_sgd2', 'amap_latency_b32_prunable', 'amap_latency_b32_rank_score',
             'amap_latency_b32_prunable_rank_score', 'amap_latency_b32_group_adam', 'amap_latency_b32_fit',
-            'amap_latency_b32_rank_score_fit']  # not in the default grid
+            'amap_latency_b32_rank_score_fit', 'amap_rank_score']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

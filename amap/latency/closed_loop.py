@@ -29,7 +29,7 @@ from .model import LatencyModel
 __all__ = ['MAX_RESELECT', 'CLOSE', 'cut_copy', 'measure_cut', 'close_loop']
 
 MAX_RESELECT = 2
-CLOSE = 0.02  # a measured ratio within 2% of the target (or within the noise) is not re-selected
+CLOSE = 0.02  # a measured ratio that meets the target and is within 2% below it (or the noise) is not re-selected
 
 
 def cut_copy(pruner: Pruner) -> nn.Module:
@@ -153,7 +153,8 @@ def close_loop(
                          'measured_before_ms': full_ms, 'measured_after_ms': cut_ms, 'measured_ratio': ratio,
                          'noise': noise, 'macs': pruner.hard_macs()})
         structures.append(counts)
-        if abs(ratio / goal - 1) <= max(CLOSE, noise) or attempt == MAX_RESELECT:
+        meets = ratio <= goal * (1 + noise)  # as the verdict judges it: over the goal only within the noise
+        if (meets and ratio >= goal * (1 - max(CLOSE, noise))) or attempt == MAX_RESELECT:
             break
         current = _next_target(attempts, goal) * lat.full
         try:

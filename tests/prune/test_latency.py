@@ -350,6 +350,24 @@ def test_closed_loop_tightens_when_the_cut_model_is_slower_than_predicted(monkey
     assert backend.built.count(full) == 1 and len(backend.built) == len(lat['attempts']) + 1
 
 
+def test_closed_loop_reselects_a_cut_measured_just_over_the_goal(monkeypatch):
+    """A check 1% over the goal on a quiet device is a miss, not "close enough": the loop tightens (before, it kept
+    such a cut and called it missed after 0 re-selections)."""
+    from amap.latency import closed_loop
+    _fake_device(monkeypatch)
+    real, calls = closed_loop.measure_cut, []
+
+    def first_just_over(pruner, **kwargs):
+        full_ms, cut_ms, noise = real(pruner, **kwargs)
+        calls.append(cut_ms / full_ms)
+        return (full_ms, full_ms * (1 / 1.5) * 1.01, 0.001) if len(calls) == 1 else (full_ms, cut_ms, noise)
+
+    monkeypatch.setattr(closed_loop, 'measure_cut', first_just_over)
+    lat = amap.prune(build('flatten_deit'), _loader(), speedup=1.5, resource='latency', search_steps=2).latency
+    assert lat['attempts'][0]['measured_ratio'] == pytest.approx(1.01 / 1.5)
+    assert len(lat['attempts']) >= 2 and lat['verdict'] == 'met' and lat['measured_ratio'] <= 1 / 1.5
+
+
 class ScaledBackend(FakeBackend):
     """The synthetic device running every call ``factor`` times slower (another load or clock than at calibration)."""
 

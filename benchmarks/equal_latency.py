@@ -49,14 +49,14 @@ MEASURE_ROUNDS = 25  # interleaved rounds of the final measurement of every arm
 MAX_PROBES = 4  # candidate MAC targets per MAC arm (default of --match-probes)
 
 
-def latency_method(batch: int, scale: str = 'total', trim_rank: str = 'cost', smooth: str = 'table') -> str:
+def latency_method(batch: int, scale: str = 'total', trim_rank: str = 'cost', search: str = 'table') -> str:
     """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` whose search measures its
     resource ratio by ``scale`` (``SearchSettings.resource_scale``) and whose target guarantee ranks by ``trim_rank``
-    (``PruneConfig.trim_rank``), its search reading the latency tables by ``smooth`` (``PruneConfig.latency_smooth``);
+    (``PruneConfig.trim_rank``), its search as ``search`` says (``PruneConfig.latency_search``);
     added when missing."""
     from benchmarks.quality import METHODS, latency_options, latency_suffix
-    name = f'amap_latency_b{batch}' + latency_suffix(scale, trim_rank, smooth)
-    METHODS.setdefault(name, latency_options(batch, scale, trim_rank, smooth))
+    name = f'amap_latency_b{batch}' + latency_suffix(scale, trim_rank, search)
+    METHODS.setdefault(name, latency_options(batch, scale, trim_rank, search))
     return name
 
 
@@ -148,7 +148,7 @@ def run_seed(args: argparse.Namespace, base_name: str, base: Path, seed: int, da
     from amap.utils.runfolder import file_digest
     from benchmarks.quality import _budget, _portable, _settings, latency_suffix, one_run, run_to_cut
     s, batch = args.equal_latency, args.latency_batch
-    lat_opts = (args.latency_scale, args.latency_trim_rank, args.latency_smooth)
+    lat_opts = (args.latency_scale, args.latency_trim_rank, args.latency_search)
     lat = latency_method(batch, *lat_opts)
     size = (3, data['img_size'], data['img_size'])
     tag = f'eqlat_s{s:g}_b{batch}' + latency_suffix(*lat_opts)

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 
 from ..prune.adapters import Adapter
-from ..prune.config import LATENCY_SMOOTH
 from ..prune.resource import Resource
 
-__all__ = ['OpTable', 'LatencyModel', 'monotone']
+__all__ = ['OpTable', 'LatencyModel', 'monotone', 'SMOOTH']
+
+SMOOTH = ('table', 'fit')  # the readings of the search (PruneConfig.latency_search, but macs)
 
 RAMP = 1e-3  # the least rise per grid step, as a fraction of a table's range: no flat segment, no zero gradient
 
@@ -156,8 +157,8 @@ class LatencyModel(Resource):
     def __init__(self, tables: dict[str, OpTable], modules: dict[str, str], *, constant: float, full: float,
                  step: int, warp: list[list[float]] | None = None, meta: dict[str, Any] | None = None,
                  smooth: str = 'table') -> None:
-        if smooth not in LATENCY_SMOOTH:
-            raise ValueError(f'smooth must be one of {list(LATENCY_SMOOTH)}, got {smooth!r}')
+        if smooth not in SMOOTH:
+            raise ValueError(f'smooth must be one of {list(SMOOTH)}, got {smooth!r}')
         self.smooth = smooth
         self.tables, self.modules = tables, modules
         self.fixed, self.full, self.step = float(constant), float(full), int(step)

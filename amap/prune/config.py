@@ -26,11 +26,11 @@ from .groups import GROUP_KINDS
 from .search import SearchSettings
 
 __all__ = ['PruneConfig', 'SearchSettings', 'FLAT_SEARCH_KEYS', 'nest_search_options', 'resolve_target',
-           'resolve_cost_target', 'RESOURCES', 'LATENCY_BACKENDS', 'LATENCY_SMOOTH']
+           'resolve_cost_target', 'RESOURCES', 'LATENCY_BACKENDS', 'LATENCY_SEARCH']
 
 RESOURCES = ('macs', 'latency')
 LATENCY_BACKENDS = ('eager', 'onnxruntime')
-LATENCY_SMOOTH = ('table', 'fit')  # how the search reads a latency model (amap.latency.model)
+LATENCY_SEARCH = ('table', 'fit', 'macs')  # what the search of a latency target follows
 CUT_WEIGHTS = ('search', 'original')
 TRIM_RANKS = ('cost', 'score')
 
@@ -91,11 +91,14 @@ class PruneConfig:
         latency_backend: What runs the model when timing: eager (PyTorch; CUDA events on a GPU) or onnxruntime.
         latency_calib_rounds: Timed rounds of the latency calibration (rounds are added when the device is noisy)
             and of each check of the cut model.
-        latency_smooth: How the search reads the latency tables: table (multilinear through the measured points,
-            the local slope) or fit (the value at full width plus a least-squares multilinear fit of each table: one
-            price per channel over the whole range; an option under evaluation: a group whose last channels time
-            cheap near full width feels no pull from the table reading, BENCHMARKS.md). The final structure is always
-            selected against the measured, step-shaped table.
+        latency_search: What the search of a latency target follows: table (the latency model, multilinear through
+            its measured points: the local slope), fit (the latency model's value at full width plus a least-squares
+            multilinear fit of each table: one price per channel over the whole range) or macs (MACs, under the MAC
+            target of the uniform structure that meets the latency target). In every case the final structure is
+            selected against the measured, step-shaped latency table and checked on the device. Options under
+            evaluation (BENCHMARKS.md): read through its points, a table whose last channels time cheap near full
+            width gives those channels no pull, and at equal measured latency a MAC search's cuts were more
+            accurate than a latency search's.
         latency_cache: Reuse (and write) the calibration cached under ``$AMAP_CACHE`` (default ``~/.cache/amap``).
         criterion: ``amap`` (the learned indicators) or a baseline importance criterion under the same constraints:
             ``magnitude``, ``magnitude_l2``, ``taylor``, ``random`` (global allocation), ``uniform``,
@@ -151,7 +154,7 @@ class PruneConfig:
     latency_threads: int = field(default=1, metadata={'min': 1})
     latency_backend: str = field(default='eager', metadata={'choices': LATENCY_BACKENDS})
     latency_calib_rounds: int = field(default=5, metadata={'min': 1})
-    latency_smooth: str = field(default='table', metadata={'choices': LATENCY_SMOOTH})
+    latency_search: str = field(default='table', metadata={'choices': LATENCY_SEARCH})
     latency_cache: bool = True
     criterion: str = field(default='amap', metadata={'choices': CRITERIA})
     kinds: tuple[str, ...] = GROUP_KINDS
@@ -205,8 +208,8 @@ class PruneConfig:
     def _check_latency_options(self) -> None:
         if self.resource not in RESOURCES:
             raise ConfigError(f'resource {self.resource!r} is unknown; choose from {list(RESOURCES)}')
-        if self.latency_smooth not in LATENCY_SMOOTH:
-            raise ConfigError(f'latency_smooth {self.latency_smooth!r} is unknown; choose from {list(LATENCY_SMOOTH)}')
+        if self.latency_search not in LATENCY_SEARCH:
+            raise ConfigError(f'latency_search {self.latency_search!r} is unknown; choose from {list(LATENCY_SEARCH)}')
         if self.latency_backend not in LATENCY_BACKENDS:
             raise ConfigError(f'latency_backend {self.latency_backend!r} is unknown; choose from '
                               f'{list(LATENCY_BACKENDS)}')

@@ -36,7 +36,7 @@ from .pruner import Pruner
 from .search import Search
 from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
-from .target import check_target, fit_to_target
+from .target import check_target, fit_to_target, uniform_counts
 
 # a cached latency calibration is timed again when the closed loop measures the unpruned model this far (relative)
 # from the cache's time: FLatten-Swin-T at batch 32, cached under other load, ran 31% faster and its cut models missed
@@ -130,7 +130,7 @@ def calibrate_resource(pruner: Pruner, cfg: PruneConfig, *, progress: bool = Tru
             seed=cfg.seed) if is_main_process() else None
         shared = broadcast_object(lat.to_dict() if lat is not None else None)
         pruner.resource = lat if lat is not None else LatencyModel.from_dict(shared)
-        pruner.resource.smooth = cfg.latency_smooth
+        pruner.resource.smooth = 'fit' if cfg.latency_search == 'fit' else 'table'
 
 
 @dataclass
@@ -207,6 +207,7 @@ class StagedPruning:
         if self.config.searches and self.config.cut_weights == 'original':  # the weights the cut starts from
             self.original = {k: v.detach().to('cpu', copy=True) for k, v in self.model.state_dict().items()}
         self.pruner = install(self.model, self.input_size, self.config)
+        self.mac_resource = self.pruner.resource  # what a latency target's search follows with latency_search='macs'
         t1 = time.perf_counter()
         calibrate_resource(self.pruner, self.config, progress=self.progress)
         if self.config.resource != 'macs':
@@ -260,13 +261,27 @@ class StagedPruning:
         if not self.config.searches:
             self.stage = 'searched'
             return self.history
-        self.loop = Search(self.pruner, self.target, dataclasses.replace(self.config.search, **settings),
-                           teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce)
-        if restore is not None:
-            restore(self.loop)
-        self.history = self.loop.run(loader, steps_per_epoch=steps_per_epoch, progress=progress, on_step=on_step)
+        resource, target = self.pruner.resource, self.search_target()
+        if self.config.resource == 'latency' and self.config.latency_search == 'macs':
+            self.pruner.resource = self.mac_resource  # the target guarantee and the closed loop read latency again
+        try:
+            self.loop = Search(self.pruner, target, dataclasses.replace(self.config.search, **settings),
+                               teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce)
+            if restore is not None:
+                restore(self.loop)
+            self.history = self.loop.run(loader, steps_per_epoch=steps_per_epoch, progress=progress, on_step=on_step)
+        finally:
+            self.pruner.resource = resource
         self._leave('searched', 'search', t0)
         return self.history
+
+    def search_target(self) -> float:
+        """The target the search follows, in its resource's units: :attr:`target`, or with ``latency_search='macs'``
+        the MACs of the uniform structure (every group at the same kept ratio) that meets the latency target."""
+        if self.config.resource != 'latency' or self.config.latency_search != 'macs':
+            return self.target
+        counts = uniform_counts(self.pruner, self.target, final_multiple(self.pruner, self.config))
+        return float(self.pruner.macs(counts))
 
     def finalize(self) -> None:
         """Fix the structure at the target (see :func:`finalize_structure`)."""

@@ -241,7 +241,7 @@ def test_fitted_reading_is_exact_on_a_multilinear_table_and_keeps_a_slope_where_
             pytest.approx(float(table(x).detach()), rel=1e-12)  # the readings agree at full width
     per_count = (flat[-1][-2] - flat[-1][0]) / 16  # the v slope below the flat step
     assert grads['table'] < 0.1 * per_count and grads['fit'] > 0.5 * per_count
-    # the option reaches the search through PruneConfig.latency_smooth
+    # the option reaches the search through PruneConfig.latency_search
     pruner = Pruner(build('flatten_deit'), (3, 32, 32))
     lat = calibrate_latency(pruner, backend=FakeBackend(), rounds=1, progress=False, cache=False)
     pruner.resource = lat
@@ -253,10 +253,10 @@ def test_fitted_reading_is_exact_on_a_multilinear_table_and_keeps_a_slope_where_
     from amap.prune.staged import calibrate_resource
     _fake_device(monkeypatch)
     for reading in ('fit', 'table'):
-        calibrate_resource(pruner, PruneConfig(resource='latency', latency_smooth=reading), progress=False)
+        calibrate_resource(pruner, PruneConfig(resource='latency', latency_search=reading), progress=False)
         assert pruner.resource.smooth == reading
-    with pytest.raises(ConfigError, match='latency_smooth'):
-        PruneConfig(latency_smooth='spline')
+    with pytest.raises(ConfigError, match='latency_search'):
+        PruneConfig(latency_search='spline')
 
 
 def test_detect_step_from_probes():
@@ -348,6 +348,34 @@ def test_closed_loop_tightens_when_the_cut_model_is_slower_than_predicted(monkey
     (backend,) = loop
     # the unpruned model's runner (for onnxruntime: its export) is built once, each attempt's cut model once
     assert backend.built.count(full) == 1 and len(backend.built) == len(lat['attempts']) + 1
+
+
+def test_latency_search_macs_searches_under_the_uniform_structures_macs_and_selects_against_latency(monkeypatch):
+    """latency_search='macs': the search follows MACs, under the MAC count of the uniform structure that meets the
+    latency target; the final structure is selected against the latency table and checked on the device."""
+    from amap.prune import StagedPruning
+    from amap.prune.staged import final_multiple
+    from amap.prune.target import uniform_counts
+    _fake_device(monkeypatch)
+    loader = _loader()
+    job = StagedPruning(build('flatten_deit'), (3, 32, 32),
+                        PruneConfig(resource='latency', speedup=1.5, latency_search='macs', search_steps=3),
+                        progress=False)
+    job.prepare()
+    job.calibrate(loader[:1])
+    lat = job.pruner.resource
+    assert isinstance(lat, LatencyModel) and job.target == pytest.approx(lat.full / 1.5)
+    uniform = uniform_counts(job.pruner, job.target, final_multiple(job.pruner, job.config))
+    assert float(job.pruner.cost(uniform, exact=True)) <= job.target
+    mac_target = job.search_target()
+    assert mac_target == pytest.approx(float(job.pruner.macs(uniform))) and mac_target < job.pruner.full_macs
+    seen = []
+    job.search(loader, on_step=lambda loop: seen.append((job.pruner.resource.name, loop.target_macs)))
+    assert seen and all(s == ('macs', mac_target) for s in seen)  # the search ran on MACs ...
+    assert job.pruner.resource is lat and all('latency_ratio' not in r for r in job.history)
+    job.finalize()
+    job.cut()  # ... the structure is selected against latency and measured
+    assert job.latency['verdict'] == 'met' and job.latency['measured_ratio'] <= 1 / 1.5
 
 
 def test_closed_loop_reselects_a_cut_measured_just_over_the_goal(monkeypatch):

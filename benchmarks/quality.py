@@ -115,16 +115,17 @@ TRAIN_COMMANDS = {  # the recipes of the baselines in BENCHMARKS.md (width 96, 3
 }
 def latency_options(batch: int, scale: str = 'total', trim_rank: str = 'cost', search: str = 'table') -> dict[str, Any]:
     """The options of a latency-target method at ``batch``, 1 thread, its search's ``resource_scale`` ``scale``,
-    its target guarantee's ``trim_rank`` and its ``latency_search`` ``search`` (the grid's
-    latency variants and the equal-latency harness's latency arm)."""
+    its target guarantee's ``trim_rank`` and its ``latency_search`` ``search`` (the grid's latency variants and the
+    equal-latency harness's latency arm). The rank and the search are always explicit, so that a record keeps
+    meaning what it measured when their defaults change (they were cost and table until 2026-11-26)."""
     return {'resource': 'latency', 'latency_batch': batch, 'latency_threads': 1,
             **({} if scale == 'total' else {'resource_scale': scale}),
-            **({} if trim_rank == 'cost' else {'trim_rank': trim_rank}),
-            **({} if search == 'table' else {'latency_search': search})}
+            'trim_rank': trim_rank, 'latency_search': search}
 
 
 def latency_suffix(scale: str = 'total', trim_rank: str = 'cost', search: str = 'table') -> str:
-    """The name suffix of a latency method (and of its equal-latency records) with options off their defaults."""
+    """The name suffix of a latency method (and of its equal-latency records): the options that differ from the first
+    latency method's (``amap_latency_b<B>``: total, cost, table)."""
     return ('' if scale == 'total' else f'_{scale}') + ('' if trim_rank == 'cost' else f'_rank_{trim_rank}') + \
         ('' if search == 'table' else f'_{search}')
 
@@ -1050,9 +1051,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--latency-batch', type=int, default=32, help='batch of --equal-latency (default %(default)s)')
     p.add_argument('--latency-scale', default='total', choices=['total', 'prunable'],
                    help="the --equal-latency latency arm's resource_scale (default %(default)s)")
-    p.add_argument('--latency-trim-rank', default='cost', choices=['cost', 'score'],
+    p.add_argument('--latency-trim-rank', default='score', choices=['cost', 'score'],
                    help="the --equal-latency latency arm's trim_rank (default %(default)s)")
-    p.add_argument('--latency-search', default='table', choices=['table', 'fit', 'macs'],
+    p.add_argument('--latency-search', default='macs', choices=['table', 'fit', 'macs'],
                    help="the --equal-latency latency arm's latency_search (default %(default)s)")
     p.add_argument('--match-probes', type=int, default=None,
                    help='--equal-latency: candidate MAC targets per MAC arm at most (default 4)')

@@ -55,7 +55,7 @@ def test_equal_latency_quick(tmp_path, equal_latency):
     arms = res['arms']
     assert set(arms) == set(ARMS) == {'latency', 'macs', 'macs_multiple8'}
     assert {a: r['method'] for a, r in arms.items()} == {
-        'latency': f'amap_latency_b{BATCH}', 'macs': 'amap', 'macs_multiple8': 'amap_multiple8'}
+        'latency': f'amap_latency_b{BATCH}_rank_score_macs', 'macs': 'amap', 'macs_multiple8': 'amap_multiple8'}
     # the same budget for every arm, and every arm fine-tuned to its end (the curve's last point)
     budgets = [r['budget'] for r in arms.values()]
     assert all(b == budgets[0] for b in budgets) and budgets[0]['curve_epochs'] == [1.5, 2.0]
@@ -106,7 +106,8 @@ def test_the_latency_arm_may_search_on_the_prunable_ratio(equal_latency):
     """--latency-scale prunable: the latency arm is the METHODS entry the quality grid measures as a variant."""
     from benchmarks.quality import METHODS, parse_args
     assert equal_latency.latency_method(32) == 'amap_latency_b32'
-    assert METHODS['amap_latency_b32'] == {'resource': 'latency', 'latency_batch': 32, 'latency_threads': 1}
+    assert METHODS['amap_latency_b32'] == {'resource': 'latency', 'latency_batch': 32, 'latency_threads': 1,
+                                           'trim_rank': 'cost', 'latency_search': 'table'}  # explicit, as run
     name = equal_latency.latency_method(32, 'prunable')
     assert name == 'amap_latency_b32_prunable' and METHODS[name] == {**METHODS['amap_latency_b32'],
                                                                       'resource_scale': 'prunable'}
@@ -119,6 +120,13 @@ def test_the_latency_arm_may_search_on_the_prunable_ratio(equal_latency):
     assert equal_latency.latency_method(32, 'prunable', 'score') == 'amap_latency_b32_prunable_rank_score'
     assert parse_args(['--data', 'x', '--equal-latency', '1.6', '--latency-trim-rank', 'score']).latency_trim_rank == \
         'score'
+    # by default the latency arm runs the product's defaults (the MAC search, the score trim), named explicitly
+    from amap.prune import PruneConfig
+    args = parse_args(['--data', 'x', '--equal-latency', '1.6'])
+    name = equal_latency.latency_method(32, args.latency_scale, args.latency_trim_rank, args.latency_search)
+    assert name == 'amap_latency_b32_rank_score_macs'
+    default, arm = PruneConfig(resource='latency'), PruneConfig(**METHODS[name])
+    assert (arm.latency_search, arm.trim_by_cost) == (default.latency_search, default.trim_by_cost) == ('macs', False)
 
 
 def test_next_target(equal_latency):

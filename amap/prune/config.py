@@ -32,7 +32,7 @@ RESOURCES = ('macs', 'latency')
 LATENCY_BACKENDS = ('eager', 'onnxruntime')
 LATENCY_SEARCH = ('table', 'fit', 'macs')  # what the search of a latency target follows
 CUT_WEIGHTS = ('search', 'original')
-TRIM_RANKS = ('cost', 'score')
+TRIM_RANKS = ('auto', 'cost', 'score')
 
 # flat option name (before ``search`` was nested) -> field of SearchSettings
 FLAT_SEARCH_KEYS = {'search_steps': 'steps', **{f.name: f.name for f in dataclasses.fields(SearchSettings)
@@ -91,14 +91,16 @@ class PruneConfig:
         latency_backend: What runs the model when timing: eager (PyTorch; CUDA events on a GPU) or onnxruntime.
         latency_calib_rounds: Timed rounds of the latency calibration (rounds are added when the device is noisy)
             and of each check of the cut model.
-        latency_search: What the search of a latency target follows: table (the latency model, multilinear through
-            its measured points: the local slope), fit (the latency model's value at full width plus a least-squares
-            multilinear fit of each table: one price per channel over the whole range) or macs (MACs, under the MAC
-            target of the uniform structure that meets the latency target). In every case the final structure is
-            selected against the measured, step-shaped latency table and checked on the device. Options under
-            evaluation (BENCHMARKS.md): read through its points, a table whose last channels time cheap near full
-            width gives those channels no pull, and at equal measured latency a MAC search's cuts were more
-            accurate than a latency search's.
+        latency_search: What the search of a latency target follows: macs (the default: MACs, under the MAC count
+            of the uniform structure that meets the latency target), table (the latency model, multilinear through
+            its measured points: the local slope) or fit (the latency model's value at full width plus a least-squares
+            multilinear fit of each table: one price per channel over the whole range). In every case the final
+            structure is selected against the measured, step-shaped latency table and checked on the device. On the
+            converged FLatten-DeiT micro at 1.6x and batch 32 (3 seeds, equal measured latency, BENCHMARKS.md), with
+            the score trim: macs 84.18 +- 0.46, table 83.28 +- 0.67, fit 83.25 +- 1.86; a MAC target with
+            ``channel_multiple`` 8 matched to the same latency 83.98 +- 0.67. Read through its points, a table whose
+            last channels time cheap near full width gives them no pull, so a latency search left every v channel
+            in and the trim cut v blind.
         latency_cache: Reuse (and write) the calibration cached under ``$AMAP_CACHE`` (default ``~/.cache/amap``).
         criterion: ``amap`` (the learned indicators) or a baseline importance criterion under the same constraints:
             ``magnitude``, ``magnitude_l2``, ``taylor``, ``random`` (global allocation), ``uniform``,
@@ -136,9 +138,12 @@ class PruneConfig:
         min_keep: Channels every head keeps at least.
         fill: Let the target guarantee grow the structure back up to the target.
         trim_rank: What the target guarantee ranks the searched channels by when it trims (or fills) to the target:
-            cost (score per unit of the resource saved, the default) or score (score per channel: the indicators
-            were learned under the resource loss, so their scores already weigh each channel's cost; an option under
-            evaluation for latency targets, whose per-channel costs differ most between groups, BENCHMARKS.md).
+            cost (score per unit of the resource saved), score (score per channel: the indicators were learned under
+            the resource loss, so their scores already weigh each channel's cost) or auto (the default: score under
+            a latency target, whose table prices the groups very differently -- the per-cost trim halved every q/k
+            group and kept v whole, 82.35 against 84.50 for seed 0 of the converged FLatten-DeiT micro at 1.6x --
+            and cost under a MAC target, where the two tie: 84.08 +- 0.18 against 84.22 +- 0.40 at 50%,
+            BENCHMARKS.md).
         channel_multiple: Round every pruned width (heads x per-head count of q/k or v, the MLP hidden width) to a
             multiple of this in the final structure (8 or 16 suit GEMM kernels); 1 keeps the exact MAC-optimal
             widths. A group left unpruned keeps its full width.
@@ -154,7 +159,7 @@ class PruneConfig:
     latency_threads: int = field(default=1, metadata={'min': 1})
     latency_backend: str = field(default='eager', metadata={'choices': LATENCY_BACKENDS})
     latency_calib_rounds: int = field(default=5, metadata={'min': 1})
-    latency_search: str = field(default='table', metadata={'choices': LATENCY_SEARCH})
+    latency_search: str = field(default='macs', metadata={'choices': LATENCY_SEARCH})
     latency_cache: bool = True
     criterion: str = field(default='amap', metadata={'choices': CRITERIA})
     kinds: tuple[str, ...] = GROUP_KINDS
@@ -172,7 +177,7 @@ class PruneConfig:
     threshold: float = 0.5
     min_keep: int = 1
     fill: bool = True
-    trim_rank: str = field(default='cost', metadata={'choices': TRIM_RANKS})
+    trim_rank: str = field(default='auto', metadata={'choices': TRIM_RANKS})
     channel_multiple: int = field(default=1, metadata={'min': 1, 'metavar': 'N'})
     seed: int = field(default=0, metadata={'cli': False})
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -204,6 +209,11 @@ class PruneConfig:
             raise ConfigError(f'channel_multiple must be >= 1, got {self.channel_multiple}')
         if not self.head_balance and self.criterion != 'amap':
             raise ConfigError('head_balance=False is an ablation of the amap criterion only')
+
+    @property
+    def trim_by_cost(self) -> bool:
+        """Whether the target guarantee ranks by score per unit of cost (``trim_rank``, ``auto`` resolved)."""
+        return self.trim_rank == 'cost' or (self.trim_rank == 'auto' and self.resource != 'latency')
 
     def _check_latency_options(self) -> None:
         if self.resource not in RESOURCES:

@@ -164,11 +164,12 @@ class Pruner(nn.Module):
         """
         return self._total(self.fixed_macs, lambda a, kept: a.macs(kept), counts)
 
-    def cost(self, counts: dict[str, Tensor] | None = None, *, exact: bool = False) -> Tensor:
-        """Cost of the gated model in :attr:`resource` units; differentiable in the indicators when ``counts`` is
-        None (see :meth:`macs`). ``exact`` is the step-shaped cost an integer structure really has (for latency),
-        else the smooth one the search follows."""
-        r = self.resource
+    def cost(self, counts: dict[str, Tensor] | None = None, *, exact: bool = False,
+             resource: Resource | None = None) -> Tensor:
+        """Cost of the gated model in :attr:`resource` units (or ``resource``'s); differentiable in the indicators
+        when ``counts`` is None (see :meth:`macs`). ``exact`` is the step-shaped cost an integer structure really has
+        (for latency), else the smooth one the search follows."""
+        r = self.resource if resource is None else resource
         return r.total(self._total(r.fixed, lambda a, kept: r.adapter_cost(a, kept, exact=exact), counts))
 
     def _total(self, fixed: float, per_adapter, counts: dict[str, Tensor] | None) -> Tensor:

@@ -29,6 +29,7 @@ from ..errors import AmapError, ConfigError
 from ..utils.outputs import logits_of
 from .indicator_opt import INDICATOR_OPTIMIZERS, indicator_optimizer
 from .pruner import Pruner
+from .resource import Resource
 from .target import min_cost
 
 __all__ = ['DEFAULT_STEPS', 'GATES', 'INDICATOR_SCHEDULES', 'RESOURCE_CONTROLS', 'RESOURCE_SCALES', 'SearchSettings',
@@ -197,8 +198,10 @@ class Search:
             mixup_fn: Callable | None = None,
             grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
             reduce: Callable[[Tensor], Tensor] | None = None,
+            report: Resource | None = None,
     ) -> None:
         self.pruner, self.target_macs, self.settings = pruner, target_macs, settings
+        self.report = report  # another resource whose ratio the history records (a latency target searched on MACs)
         self.reduce = reduce
         self.teacher, self.device, self.mixup_fn, self.grad_sync = teacher, torch.device(device), mixup_fn, grad_sync
         s = settings
@@ -334,9 +337,9 @@ class Search:
         rec = {'step': step, 'loss': loss_v + res_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
                'lambda': lam, 'mu': mu, 'mac_ratio': pruner.hard_macs() / pruner.full_macs,
                'target_ratio': self.target_macs / pruner.resource.full, 'kept': kept_by_kind(pruner)}
-        if pruner.resource.name != 'macs':  # the ratio the target is set in, e.g. latency_ratio
-            rec[f'{pruner.resource.name}_ratio'] = float(pruner.cost(pruner.hard_counts(), exact=True)) / \
-                pruner.resource.full
+        for r in (pruner.resource, self.report):  # the ratio the target is set in, e.g. latency_ratio
+            if r is not None and r.name != 'macs':
+                rec[f'{r.name}_ratio'] = float(pruner.cost(pruner.hard_counts(), exact=True, resource=r)) / r.full
         self.history.append(rec)
         return rec
 

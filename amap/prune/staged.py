@@ -99,7 +99,7 @@ def finalize_structure(pruner: Pruner, cfg: PruneConfig, target_macs: float, cal
             for ind in pruner.indicators.values():
                 ind.head_balance = True
         fit_to_target(pruner, target_macs, counts=counts, fill=cfg.fill, multiple=multiple,
-                      per_mac=cfg.trim_rank == 'cost')
+                      per_mac=cfg.trim_by_cost)
         return
     criterion_structure(cfg.criterion, pruner, target_macs, batches=calib, seed=cfg.seed, fill=cfg.fill,
                         multiple=multiple)
@@ -266,7 +266,8 @@ class StagedPruning:
             self.pruner.resource = self.mac_resource  # the target guarantee and the closed loop read latency again
         try:
             self.loop = Search(self.pruner, target, dataclasses.replace(self.config.search, **settings),
-                               teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce)
+                               teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce,
+                               report=resource if resource is not self.pruner.resource else None)
             if restore is not None:
                 restore(self.loop)
             self.history = self.loop.run(loader, steps_per_epoch=steps_per_epoch, progress=progress, on_step=on_step)
@@ -335,7 +336,7 @@ class StagedPruning:
                 apply_counts(pruner, counts, scores)
             else:
                 fit_to_target(pruner, target, scores=scores, counts=pruner.hard_counts(), fill=cfg.fill,
-                              multiple=final_multiple(pruner, cfg), per_mac=cfg.trim_rank == 'cost')
+                              multiple=final_multiple(pruner, cfg), per_mac=cfg.trim_by_cost)
 
         def loop() -> dict[str, Any] | None:
             if not is_main_process():  # under DDP rank 0 measures and every rank takes its structure

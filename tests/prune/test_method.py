@@ -453,7 +453,7 @@ def test_global_allocation_ranks_scores_not_scores_per_mac():
 
     # the pipeline's target guarantee after a search ranks the same way as PruneConfig.trim_rank says
     from amap.prune.staged import finalize_structure
-    for rank, expected in (('score', glob), ('cost', per_mac)):
+    for rank, expected in (('score', glob), ('cost', per_mac), ('auto', per_mac)):  # auto: per MAC under MACs
         for k, ind in pruner.indicators.items():
             ind.fixed = torch.empty(0)  # searching again
             ind.m.data.copy_(scores[k])
@@ -462,6 +462,9 @@ def test_global_allocation_ranks_scores_not_scores_per_mac():
         assert all(torch.equal(got[k], expected[k]) for k in full), rank
     with pytest.raises(ConfigError, match='trim_rank'):
         PruneConfig(trim_rank='mac')
+    # auto ranks by score alone under a latency target (its table prices the groups very differently)
+    assert PruneConfig().trim_by_cost and not PruneConfig(resource='latency').trim_by_cost
+    assert PruneConfig(resource='latency', trim_rank='cost').trim_by_cost
 
 
 def test_bad_targets_are_clear_errors():

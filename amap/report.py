@@ -95,17 +95,31 @@ def format_report(report: dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def search_ratios(history: list[dict]) -> tuple[str, list[str]]:
+    """The history key of the ratio the search's target is in (``mac_ratio``, ``latency_ratio``) and the other ratios
+    it records (e.g. the latency of a latency target's search on MACs)."""
+    if not history:
+        return 'mac_ratio', []
+    ratios = [k for k in history[-1] if k.endswith('_ratio') and k != 'target_ratio']
+    followed = history[-1].get('search_resource')
+    if followed is None:  # histories written before search_resource: the target's ratio is the resource's
+        return next((k for k in ratios if k != 'mac_ratio'), 'mac_ratio'), []
+    main = 'mac_ratio' if followed == 'macs' else f'{followed}_ratio'
+    return main, [k for k in ratios if k != main]
+
+
 def plot_search(history: list[dict], path: str | os.PathLike) -> Path:
     """MAC ratio (or the ratio of the resource the target is in, e.g. latency) and losses per search step (PNG)."""
     plt = pyplot()
 
     steps = [h['step'] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ratio = next((k for k in history[-1] if k.endswith('_ratio') and k not in ('mac_ratio', 'target_ratio')),
-                 'mac_ratio') if history else 'mac_ratio'
+    ratio, others = search_ratios(history)
     if history:
         ax1.plot(steps, [h[ratio] for h in history], label=f"{ratio.replace('_', ' ')} (hard structure)")
         ax1.axhline(history[-1]['target_ratio'], color='tab:red', linestyle='--', label='target')
+        for other in others:
+            ax1.plot(steps, [h[other] for h in history], linestyle=':', label=other.replace('_', ' '))
         for key in ('loss', 'task', 'kd', 'resource'):
             ax2.plot(steps, [h[key] for h in history], label=key)
     ax1.set_xlabel('search step')

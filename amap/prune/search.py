@@ -336,7 +336,8 @@ class Search:
         loss_v, task_v, kd_v, res_v = logged.tolist()
         rec = {'step': step, 'loss': loss_v + res_v, 'task': task_v, 'kd': kd_v, 'resource': res_v,
                'lambda': lam, 'mu': mu, 'mac_ratio': pruner.hard_macs() / pruner.full_macs,
-               'target_ratio': self.target_macs / pruner.resource.full, 'kept': kept_by_kind(pruner)}
+               'target_ratio': self.target_macs / pruner.resource.full, 'search_resource': pruner.resource.name,
+               'kept': kept_by_kind(pruner)}
         for r in (pruner.resource, self.report):  # the ratio the target is set in, e.g. latency_ratio
             if r is not None and r.name != 'macs':
                 rec[f'{r.name}_ratio'] = float(pruner.cost(pruner.hard_counts(), exact=True, resource=r)) / r.full

@@ -373,6 +373,9 @@ def test_latency_search_macs_searches_under_the_uniform_structures_macs_and_sele
     job.search(loader, on_step=lambda loop: seen.append((job.pruner.resource.name, loop.target_macs)))
     assert seen and all(s == ('macs', mac_target) for s in seen)  # the search ran on MACs ...
     assert job.pruner.resource is lat and all(0 < r['latency_ratio'] <= 1 for r in job.history)  # still reported
+    from amap.report import search_ratios
+    assert search_ratios(job.history) == ('mac_ratio', ['latency_ratio'])  # the plot's target line is in MACs
+    assert search_ratios([{k: v for k, v in job.history[-1].items() if k != 'search_resource'}])[0] == 'latency_ratio'
     job.finalize()
     job.cut()  # ... the structure is selected against latency and measured
     assert job.latency['verdict'] == 'met' and job.latency['measured_ratio'] <= 1 / 1.5

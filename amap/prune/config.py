@@ -96,9 +96,9 @@ class PruneConfig:
             its measured points: the local slope) or fit (the latency model's value at full width plus a least-squares
             multilinear fit of each table: one price per channel over the whole range). In every case the final
             structure is selected against the measured, step-shaped latency table and checked on the device. On the
-            converged FLatten-DeiT micro at 1.6x and batch 32 (3 seeds, equal measured latency, BENCHMARKS.md), with
-            the score trim: macs 84.18 +- 0.46, table 83.28 +- 0.67, fit 83.25 +- 1.86; a MAC target with
-            ``channel_multiple`` 8 matched to the same latency 83.98 +- 0.67. Read through its points, a table whose
+            converged FLatten-DeiT micro at 1.6x and batch 32 (equal measured latency, BENCHMARKS.md), with the score
+            trim: macs 84.34 +- 0.54 (6 seeds), table 83.28 +- 0.67, fit 83.25 +- 1.86 (3 seeds); a MAC target with
+            ``channel_multiple`` 8 matched to the same latency 84.16 +- 0.59. Read through its points, a table whose
             last channels time cheap near full width gives them no pull, so a latency search left every v channel
             in and the trim cut v blind.
         latency_cache: Reuse (and write) the calibration cached under ``$AMAP_CACHE`` (default ``~/.cache/amap``).

@@ -50,10 +50,8 @@ MAX_PROBES = 4  # candidate MAC targets per MAC arm (default of --match-probes)
 
 
 def latency_method(batch: int, scale: str = 'total', trim_rank: str = 'cost', search: str = 'table') -> str:
-    """The :data:`benchmarks.quality.METHODS` entry of a latency target at ``batch`` whose search measures its
-    resource ratio by ``scale`` (``SearchSettings.resource_scale``) and whose target guarantee ranks by ``trim_rank``
-    (``PruneConfig.trim_rank``), its search as ``search`` says (``PruneConfig.latency_search``);
-    added when missing."""
+    """The :data:`benchmarks.quality.METHODS` entry (added when missing) of a latency target at ``batch`` with
+    ``resource_scale`` ``scale``, ``trim_rank`` ``trim_rank`` and ``latency_search`` ``search``."""
     from benchmarks.quality import METHODS, latency_options, latency_suffix
     name = f'amap_latency_b{batch}' + latency_suffix(scale, trim_rank, search)
     METHODS.setdefault(name, latency_options(batch, scale, trim_rank, search))

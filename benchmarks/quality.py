@@ -97,6 +97,8 @@ if __package__ in (None, ''):  # run as a script: make `benchmarks.common` impor
 
 import torch  # noqa: E402
 
+from amap.prune.config import LATENCY_SEARCH, TRIM_RANKS  # noqa: E402
+from amap.prune.search import RESOURCE_SCALES  # noqa: E402
 from amap.utils.io import atomic_write_json, read_json  # noqa: E402
 from amap.utils.runfolder import file_digest  # noqa: E402
 from benchmarks.common import command_line, loadavg, machine_info, markdown_table, write_results  # noqa: E402
@@ -113,6 +115,8 @@ TRAIN_COMMANDS = {  # the recipes of the baselines in BENCHMARKS.md (width 96, 3
                         '"embed_dim": 96, "num_heads": 3, "mlp_ratio": 2.0}}\' --img-size 32 --data {data} '
                         f'--epochs 18 {_RECIPE} --out {{out}}'),
 }
+
+
 def latency_options(batch: int, scale: str = 'total', trim_rank: str = 'cost', search: str = 'table') -> dict[str, Any]:
     """The options of a latency-target method at ``batch``, 1 thread, its search's ``resource_scale`` ``scale``,
     its target guarantee's ``trim_rank`` and its ``latency_search`` ``search`` (the grid's latency variants and the
@@ -1049,11 +1053,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'than the base against MAC targets (plain and channel_multiple 8) matched to its measured '
                         'latency (benchmarks/equal_latency.py); --targets and --methods are not used')
     p.add_argument('--latency-batch', type=int, default=32, help='batch of --equal-latency (default %(default)s)')
-    p.add_argument('--latency-scale', default='total', choices=['total', 'prunable'],
+    p.add_argument('--latency-scale', default='total', choices=RESOURCE_SCALES,
                    help="the --equal-latency latency arm's resource_scale (default %(default)s)")
-    p.add_argument('--latency-trim-rank', default='score', choices=['cost', 'score'],
+    p.add_argument('--latency-trim-rank', default='score', choices=[r for r in TRIM_RANKS if r != 'auto'],
                    help="the --equal-latency latency arm's trim_rank (default %(default)s)")
-    p.add_argument('--latency-search', default='macs', choices=['table', 'fit', 'macs'],
+    p.add_argument('--latency-search', default='macs', choices=LATENCY_SEARCH,
                    help="the --equal-latency latency arm's latency_search (default %(default)s)")
     p.add_argument('--match-probes', type=int, default=None,
                    help='--equal-latency: candidate MAC targets per MAC arm at most (default 4)')

@@ -33,6 +33,7 @@ from .config import PruneConfig, resolve_cost_target
 from .criteria import criterion_structure
 from .criterion_init import criterion_init
 from .pruner import Pruner
+from .resource import Resource
 from .search import Search
 from .similarity import calibrate_similarity
 from .surgery import apply_surgery, describe_structure
@@ -182,6 +183,7 @@ class StagedPruning:
         self.model, self.input_size, self.config, self.progress = model, tuple(input_size), config, progress
         self.stage = 'new'
         self.pruner: Pruner | None = None
+        self.mac_resource: Resource | None = None  # the pruner's MAC count, kept when a latency model replaces it
         self.target = self.target_macs = 0.0
         self.latency: dict[str, Any] | None = None
         self.calib: Batches = []
@@ -261,13 +263,13 @@ class StagedPruning:
         if not self.config.searches:
             self.stage = 'searched'
             return self.history
-        resource, target = self.pruner.resource, self.search_target()
-        if self.config.resource == 'latency' and self.config.latency_search == 'macs':
+        resource, target, on_macs = self.pruner.resource, self.search_target(), self._searches_on_macs
+        if on_macs:
             self.pruner.resource = self.mac_resource  # the target guarantee and the closed loop read latency again
         try:
             self.loop = Search(self.pruner, target, dataclasses.replace(self.config.search, **settings),
                                teacher=teacher, device=device, mixup_fn=mixup_fn, grad_sync=grad_sync, reduce=reduce,
-                               report=resource if resource is not self.pruner.resource else None)
+                               report=resource if on_macs else None)
             if restore is not None:
                 restore(self.loop)
             self.history = self.loop.run(loader, steps_per_epoch=steps_per_epoch, progress=progress, on_step=on_step)
@@ -279,10 +281,15 @@ class StagedPruning:
     def search_target(self) -> float:
         """The target the search follows, in its resource's units: :attr:`target`, or with ``latency_search='macs'``
         the MACs of the uniform structure (every group at the same kept ratio) that meets the latency target."""
-        if self.config.resource != 'latency' or self.config.latency_search != 'macs':
+        if not self._searches_on_macs:
             return self.target
         counts = uniform_counts(self.pruner, self.target, final_multiple(self.pruner, self.config))
         return float(self.pruner.macs(counts))
+
+    @property
+    def _searches_on_macs(self) -> bool:
+        """A latency target whose search follows MACs (``latency_search='macs'``)."""
+        return self.config.resource == 'latency' and self.config.latency_search == 'macs'
 
     def finalize(self) -> None:
         """Fix the structure at the target (see :func:`finalize_structure`)."""

@@ -203,7 +203,9 @@ def test_cli_latency_target(trained, cifar10, tmp_path, capsys, monkeypatch):
     # a second run on the same machine reads the calibration back
     assert main(_prune_args(trained, cifar10, tmp_path / 'again', *latency)) == 0
     again = json.loads((tmp_path / 'again' / 'report.json').read_text())['latency_target']
-    assert again['calibration']['cached']
+    # used as it is, or read and timed again because this shared machine drifted by more than STALE_CALIBRATION
+    # between the runs (that path is tested deterministically in tests/prune/test_latency.py)
+    assert again['calibration'].get('cached') or again.get('recalibrated', {}).get('stale_cache')
 
 
 def test_finetune_steps_span_the_schedule(tmp_path):

@@ -17,6 +17,7 @@ Usage (one thread per process; two bases can train side by side, one per core)::
     python benchmarks/bases.py train flatten_deit_micro --data ~/.cache/amap/cifar10 --work ~/.cache/amap-bench/bases
     python benchmarks/bases.py snapshot flatten_deit_micro --work ~/.cache/amap-bench/bases
     python benchmarks/bases.py publish flatten_deit_micro --work ~/.cache/amap-bench/bases
+    python benchmarks/bases.py train flatten_swin_micro --device cuda --workers 12   # on a GPU machine
 
 ``--data`` is a folder with ``train/`` and ``test/`` class folders (``../shared/datasets/cifar10/cifar10-jpg.zip``
 unpacked); the test split is the validation set, as in BENCHMARKS.md.
@@ -89,6 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             shutil.copy2(partial / 'log.jsonl', run / 'log.jsonl')
         print(f'continuing {args.name} from the committed snapshot {partial}', file=sys.stderr)
     argv = command(args.name, str(Path(args.data).expanduser()), str(run))
+    # where it trains may change between resumes (amap train allows it); the recipe stays the same
+    argv += [*(['--device', args.device] if args.device else []),
+             *(['--workers', str(args.workers)] if args.workers is not None else [])]
     if (run / 'checkpoints').is_dir():
         argv.append('--resume')
     print('python -m amap ' + shlex.join(argv), file=sys.stderr, flush=True)
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('name', nargs='?', choices=sorted(RECIPES))
     p.add_argument('--data', default='~/.cache/amap/cifar10', help='CIFAR-10 folder with train/ and test/')
     p.add_argument('--work', default='~/.cache/amap-bench/bases', help='where the runs train (%(default)s)')
+    p.add_argument('--device', default=None, help="train: 'cuda' to continue on a GPU (float16 autocast there; the "
+                                                  "recipe's CPU runs use bfloat16), default the recipe's CPU")
+    p.add_argument('--workers', type=int, default=None, help='train: data loader processes (the recipe: 0)')
     args = p.parse_args(argv)
     if args.action != 'status' and not args.name:
         p.error(f'{args.action} needs a base name')

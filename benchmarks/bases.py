@@ -134,6 +134,35 @@ def _plot(points: list[dict[str, float]], name: str, path: Path) -> None:
     save_png(fig, path)
 
 
+def segments(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where each stretch of the run trained: ``[{'from_step', 'from_epoch', 'device', 'amp', 'workers'}]``, one
+    entry per change (a resume on another machine); ``device`` is the resolved device where the log has it (runs
+    since 2026-11-27), else the configured one (``'auto'``: the CPU on the machines the recipes ran on)."""
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        if rec.get('event') not in ('start', 'resume'):
+            continue
+        cfg = rec.get('config', {})
+        amp = rec.get('amp_dtype') if 'amp_dtype' in rec else cfg.get('amp')
+        seg = {'device': rec.get('device', cfg.get('device')), 'amp': amp,
+               'workers': cfg.get('data', {}).get('num_workers')}
+        if not out or {k: out[-1][k] for k in seg} != seg:
+            spe = _steps_per_epoch(records)
+            out.append({'from_step': rec['step'],
+                        'from_epoch': round(rec['step'] / spe, 2) if spe else rec.get('epoch'), **seg})
+    return out
+
+
+def _steps_per_epoch(records: list[dict[str, Any]]) -> float | None:
+    evals = [r for r in records if r.get('event') == 'eval' and r.get('epoch')]
+    return evals[-1]['step'] / evals[-1]['epoch'] if evals else None
+
+
+def recipe(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``recipe.json``: the exact command and where each stretch of the run trained (:func:`segments`)."""
+    return {'command': 'amap ' + shlex.join(command(name, '<cifar10>', '<out>')), 'segments': segments(records)}
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     run = Path(args.work).expanduser() / args.name
     records = _log_records(run)
@@ -147,8 +176,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         shutil.copy2(run / f, dest / f)
     (dest / 'curve.json').write_text(json.dumps(points, indent=1) + '\n')
     _plot(points, args.name, dest / 'curve.png')
-    (dest / 'recipe.json').write_text(json.dumps(
-        {'command': 'amap ' + shlex.join(command(args.name, '<cifar10>', '<out>'))}, indent=1) + '\n')
+    (dest / 'recipe.json').write_text(json.dumps(recipe(args.name, records), indent=1) + '\n')
     sums = ''.join(f'{_sha256(dest / f)}  {f}\n' for f in ('model.safetensors', 'model.json'))
     (dest / 'SHA256SUMS').write_text(sums)
     shutil.rmtree(dest / 'partial', ignore_errors=True)

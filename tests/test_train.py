@@ -95,8 +95,12 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, reference_run, kill_
     # the comparison is not vacuous: the weights moved after the checkpoint we resumed from
     assert not torch.equal(at_kill['head.weight'], _weights(tmp_path)['head.weight'])
     assert not [p for p in tmp_path.rglob('*.tmp')]
-    events = [json.loads(line)['event'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    events = [r['event'] for r in records]
     assert events.count('start') == 1 and events.count('resume') == 1
+    # each segment says where it ran (the config's 'auto' resolved), so a run resumed on another device is traceable
+    segments = [r for r in records if r['event'] in ('start', 'resume')]
+    assert [(r['device'], r['amp_dtype']) for r in segments] == [('cpu', None)] * 2
 
 
 def test_sigint_checkpoints_at_the_step_and_resume_is_exact(tmp_path, reference_run):

@@ -38,7 +38,7 @@ from .artifact import MODEL_FILE, MODEL_META_FILE, save_trained
 from .config import TrainConfig
 from .epochs import EpochLoop
 from .factory import create_model
-from .loop import TrainState, amp_enabled, build_criterion, build_train_state, default_loss_fn, evaluate
+from .loop import TrainState, amp_dtype, amp_enabled, build_criterion, build_train_state, default_loss_fn, evaluate
 from .state import CHECKPOINT_DIR, LATEST, latest_train_state, rank0_writes
 
 __all__ = ['LOG_FILE', 'TrainResult', 'train']
@@ -208,9 +208,12 @@ class _Job:
                      data.steps_per_epoch // cfg.accum_steps, info.device,
                      f' x{info.world_size}' if info.distributed else '',
                      ', AMP' if amp_enabled(cfg.amp, info.device) else '')
+        use_amp = amp_enabled(cfg.amp, info.device)
+        # where this segment of the run ran (the config's 'auto' resolved): a run resumed elsewhere says so
         self.log.write({'event': 'resume' if resumed else 'start', 'step': state.step, 'epoch': state.epoch,
                         'time': time.time(), 'world_size': info.world_size, 'params': n_params,
-                        'config': cfg.to_dict()})
+                        'device': str(info.device), 'amp_dtype': str(amp_dtype(info.device)).removeprefix('torch.')
+                        if use_amp else None, 'config': cfg.to_dict()})
 
     def on_log(self, st: TrainState, metrics: dict[str, float]) -> None:
         self.log.write({'event': 'train', 'step': st.step, 'epoch': self._epoch(), **metrics, 'time': time.time()})

@@ -124,10 +124,13 @@ def plot_search(history: list[dict], path: str | os.PathLike) -> Path:
             ax2.plot(steps, [h[key] for h in history], label=key)
     ax1.set_xlabel('search step')
     ax1.set_ylabel(f"{ratio.split('_')[0]} / original")
-    ax1.legend()
     ax2.set_xlabel('search step')
     ax2.set_ylabel('loss')
-    ax2.legend()
+    for ax in (ax1, ax2):
+        if history:
+            ax.legend()
+        else:  # a criterion's cut: nothing was searched
+            ax.text(0.5, 0.5, 'no search steps', ha='center', va='center', transform=ax.transAxes)
     return save_png(fig, path)
 
 

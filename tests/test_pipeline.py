@@ -227,3 +227,14 @@ def test_finetune_steps_span_the_schedule(tmp_path):
     state = json.loads((tmp_path / FINETUNE / latest['dir'] / 'state.json').read_text())
     assert state['step'] == 7 and len(history) == 1  # one whole epoch of 5 updates, then 2 of the second
     assert state['scheduler']['t_initial'] == 7 and state['scheduler']['warmup_t'] == pytest.approx(0.4 * 5)
+
+
+def test_search_plot_of_a_criterion_cut_says_no_search(tmp_path):
+    """A baseline's report has no search history: its search plot says so instead of warning about empty legends."""
+    import warnings
+
+    from amap.report import plot_search
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # matplotlib's "No artists with labels" would fail here
+        path = plot_search([], tmp_path / 'search.png')
+    assert path.is_file() and path.stat().st_size > 1000

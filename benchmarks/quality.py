@@ -192,7 +192,7 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # channel's cost, and the default trim (score per unit of latency) charged the q/k channels a second time
     'amap_latency_b32_rank_score': latency_options(32, trim_rank='score'),
     'amap_latency_b32_prunable_rank_score': latency_options(32, 'prunable', 'score'),
-    # the same ranking under a MAC target (the per-channel MACs of q/k, v and MLP differ less than their latencies)
+    # the same ranking under a MAC target: the default since 2026-11-27 (`amap`), named for the runs made before
     'amap_rank_score': {'trim_rank': 'score'},
     # one Adam second moment per channel group: a group's shared latency pull no longer drowns the differences of its
     # channels' task gradients (with per-channel Adam every q/k channel under a latency loss fell at the same rate)
@@ -211,6 +211,10 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # structure only); `amap_search_weights` is its ablation, the cut keeping the search's weights and reweights (the
     # paper's way, the default before: its records were moved here from `amap`)
     'amap_search_weights': {'cut_weights': 'search'},
+    # since 2026-11-27 the target guarantee trims the searched structure by score per channel (trim_rank='score');
+    # `amap_rank_cost` is its ablation, the trim by score per MAC saved (the default before: its records were moved
+    # here from `amap`, and those of `amap_rank_score`, which measured the new default, to `amap`)
+    'amap_rank_cost': {'trim_rank': 'cost'},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -559,6 +563,14 @@ _AMAP_ONLY = ('similarity', 'similarity_beta', 'head_balance', 'reweight', 'attn
               'attn_init_low', 'indicator_init', 'init_margin', 'cut_weights')
 
 
+def _effective(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``trim_rank='auto'`` resolved to what it does under the options' resource (score under a
+    latency target, cost under MACs): a record names the trim it ran with, whatever the default was called then."""
+    if options.get('trim_rank') != 'auto':
+        return options
+    return {**options, 'trim_rank': 'score' if options.get('resource') == 'latency' else 'cost'}
+
+
 def defaults_changed(options: dict[str, Any] | None = None, recorded: Path = RECORDED_DEFAULTS) -> dict[str, Any]:
     """The method's effective options (today's defaults with ``options``, a METHODS entry, applied) that differ from
     those under the defaults the committed records were made under (new fields included); for a baseline criterion
@@ -566,10 +578,12 @@ def defaults_changed(options: dict[str, Any] | None = None, recorded: Path = REC
     from amap.prune.config import FLAT_SEARCH_KEYS
     opts = {(f'search.{FLAT_SEARCH_KEYS[k]}' if k in FLAT_SEARCH_KEYS else k): v for k, v in (options or {}).items()}
     opts = json.loads(json.dumps(opts))
-    before = {**(read_json(recorded) if recorded.is_file() else {}), **opts}
-    now = {**method_defaults(), **opts}
+    before = _effective({**(read_json(recorded) if recorded.is_file() else {}), **opts})
+    now = _effective({**method_defaults(), **opts})
     if now.get('criterion', 'amap') != 'amap':
-        now = {k: v for k, v in now.items() if not k.startswith('search.') and k not in _AMAP_ONLY}
+        # a criterion's scores are trimmed by score under a MAC target, whatever trim_rank says
+        unused = _AMAP_ONLY + (('trim_rank',) if now.get('resource') != 'latency' else ())
+        now = {k: v for k, v in now.items() if not k.startswith('search.') and k not in unused}
     return {k: v for k, v in now.items() if k not in before or before[k] != v}
 
 

@@ -202,6 +202,23 @@ def test_a_changed_method_default_is_part_of_a_runs_settings(tmp_path, monkeypat
     assert 'defaults_changed' not in quality._settings(base, 0.5, 'unpruned', 0, {}, {})  # not a pipeline run
 
 
+def test_a_recorded_auto_trim_counts_as_the_trim_it_ran(tmp_path, monkeypatch):
+    """Records made while ``trim_rank='auto'`` was the default ran the trim per MAC under a MAC target and by score
+    under a latency target: the first differ from today's default trim by score (never reused as ``amap``, reused as
+    ``amap_rank_cost``), the second do not."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import quality
+    today = quality.method_defaults()
+    assert today['trim_rank'] == 'score'
+    recorded = tmp_path / 'defaults.json'
+    recorded.write_text(json.dumps({**today, 'trim_rank': 'auto'}))
+    assert quality.defaults_changed({}, recorded) == {'trim_rank': 'score'}
+    assert quality.defaults_changed(quality.METHODS['amap_rank_cost'], recorded) == {}
+    assert quality.defaults_changed(quality.METHODS['amap_rank_score'], recorded) == {}
+    assert quality.defaults_changed({'resource': 'latency'}, recorded) == {}
+    assert quality.defaults_changed({'criterion': 'taylor'}, recorded) == {}  # a criterion's cut ignores trim_rank
+
+
 def test_structure_overlap_is_the_jaccard_index_of_the_kept_channels(monkeypatch):
     """Against the amap run of the same seed, and of every other seed (the yardstick of what a seed changes)."""
     monkeypatch.syspath_prepend(str(ROOT))

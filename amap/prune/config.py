@@ -138,12 +138,12 @@ class PruneConfig:
         min_keep: Channels every head keeps at least.
         fill: Let the target guarantee grow the structure back up to the target.
         trim_rank: What the target guarantee ranks the searched channels by when it trims (or fills) to the target:
-            cost (score per unit of the resource saved), score (score per channel: the indicators were learned under
-            the resource loss, so their scores already weigh each channel's cost) or auto (the default: score under
-            a latency target, whose table prices the groups very differently -- the per-cost trim halved every q/k
-            group and kept v whole, 82.35 against 84.50 for seed 0 of the converged FLatten-DeiT micro at 1.6x --
-            and cost under a MAC target, where the two tie: 84.08 +- 0.18 against 84.22 +- 0.40 at 50%,
-            BENCHMARKS.md).
+            score (the default: score per channel; the indicators were learned under the resource loss, so their
+            scores already weigh each channel's cost), cost (score per unit of the resource saved: it charges the
+            cost a second time, so the last cuts fall on the costliest groups, the high-resolution linear attention
+            of FLatten-Swin's first stage and the q/k of every softmax layer; measured on the three converged micro
+            bases in BENCHMARKS.md, e.g. 82.45 against 79.75 top-1 for seed 0 of FLatten-Swin at 50% of the MACs)
+            or auto (the default before 2026-11-27: score under a latency target, cost under a MAC target).
         channel_multiple: Round every pruned width (heads x per-head count of q/k or v, the MLP hidden width) to a
             multiple of this in the final structure (8 or 16 suit GEMM kernels); 1 keeps the exact MAC-optimal
             widths. A group left unpruned keeps its full width.
@@ -177,7 +177,7 @@ class PruneConfig:
     threshold: float = 0.5
     min_keep: int = 1
     fill: bool = True
-    trim_rank: str = field(default='auto', metadata={'choices': TRIM_RANKS})
+    trim_rank: str = field(default='score', metadata={'choices': TRIM_RANKS})
     channel_multiple: int = field(default=1, metadata={'min': 1, 'metavar': 'N'})
     seed: int = field(default=0, metadata={'cli': False})
     search: SearchSettings = field(default_factory=SearchSettings)

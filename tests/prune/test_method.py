@@ -429,8 +429,8 @@ def test_baseline_criteria_share_the_constraints(criterion):
 
 
 def test_global_allocation_ranks_scores_not_scores_per_mac():
-    """Torch-Pruning-style global allocation (``per_mac=False``) removes the channels of lowest normalised score,
-    whatever they cost; AMAP's target guarantee (``per_mac=True``) removes the least score per MAC saved."""
+    """Global allocation by score (``per_mac=False``: Torch-Pruning's normalised scores, and AMAP's default trim)
+    removes the channels of lowest score, whatever they cost; ``per_mac=True`` removes the least score per MAC saved."""
     from amap.prune.target import fit_to_target
     pruner = prepare(build('flatten_deit'), (3, 32, 32), PruneConfig(similarity=False), _calib())
     full = {k: torch.full((ind.group.num_heads,), ind.group.dim) for k, ind in pruner.indicators.items()}
@@ -462,8 +462,11 @@ def test_global_allocation_ranks_scores_not_scores_per_mac():
         assert all(torch.equal(got[k], expected[k]) for k in full), rank
     with pytest.raises(ConfigError, match='trim_rank'):
         PruneConfig(trim_rank='mac')
-    # auto ranks by score alone under a latency target (its table prices the groups very differently)
-    assert PruneConfig().trim_by_cost and not PruneConfig(resource='latency').trim_by_cost
+    # the default ranks by score alone (the search already priced each channel); auto, the old default, ranks by
+    # score under a latency target and per MAC under MACs
+    assert not PruneConfig().trim_by_cost and not PruneConfig(resource='latency').trim_by_cost
+    assert PruneConfig(trim_rank='auto').trim_by_cost
+    assert not PruneConfig(resource='latency', trim_rank='auto').trim_by_cost
     assert PruneConfig(resource='latency', trim_rank='cost').trim_by_cost
 
 

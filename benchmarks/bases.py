@@ -139,6 +139,7 @@ def segments(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     entry per change (a resume on another machine); ``device`` is the resolved device where the log has it (runs
     since 2026-11-27), else the configured one (``'auto'``: the CPU on the machines the recipes ran on)."""
     out: list[dict[str, Any]] = []
+    spe = _steps_per_epoch(records)
     for rec in records:
         if rec.get('event') not in ('start', 'resume'):
             continue
@@ -147,7 +148,6 @@ def segments(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         seg = {'device': rec.get('device', cfg.get('device')), 'amp': amp,
                'workers': cfg.get('data', {}).get('num_workers')}
         if not out or {k: out[-1][k] for k in seg} != seg:
-            spe = _steps_per_epoch(records)
             out.append({'from_step': rec['step'],
                         'from_epoch': round(rec['step'] / spe, 2) if spe else rec.get('epoch'), **seg})
     return out

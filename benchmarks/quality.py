@@ -568,7 +568,9 @@ def _effective(options: dict[str, Any]) -> dict[str, Any]:
     latency target, cost under MACs): a record names the trim it ran with, whatever the default was called then."""
     if options.get('trim_rank') != 'auto':
         return options
-    return {**options, 'trim_rank': 'score' if options.get('resource') == 'latency' else 'cost'}
+    from amap.prune.api import PruneConfig
+    by_cost = PruneConfig(trim_rank='auto', resource=options.get('resource', 'macs')).trim_by_cost
+    return {**options, 'trim_rank': 'cost' if by_cost else 'score'}
 
 
 def defaults_changed(options: dict[str, Any] | None = None, recorded: Path = RECORDED_DEFAULTS) -> dict[str, Any]:

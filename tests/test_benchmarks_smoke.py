@@ -116,3 +116,25 @@ def test_gate_gradients_quick(tmp_path):
         assert 0 <= row['share_significant'] <= 1 and 0 <= row['share_closing'] <= 1
     assert data['kinds']['all']['channels'] == sum(data['kinds'][k]['channels'] for k in ('qk', 'v', 'mlp'))
     assert 0.7 < data['t_noise'] < 0.82
+
+
+def test_base_recipe_lists_where_each_stretch_trained(monkeypatch):
+    """``recipe.json`` of a base resumed on another device: one segment per change of device, AMP or loader workers,
+    placed by step and epoch; a log without the resolved device (older runs) gives the configured one."""
+    monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+    import bases
+
+    def start(event, step, device=None, amp=None, workers=0, cfg_device='auto'):
+        rec = {'event': event, 'step': step, 'config': {'device': cfg_device, 'amp': 'on',
+                                                        'data': {'num_workers': workers}}}
+        return rec if device is None else {**rec, 'device': device, 'amp_dtype': amp}
+
+    log = [start('start', 0), {'event': 'eval', 'step': 390, 'epoch': 1.0},
+           start('resume', 200), start('resume', 300, 'cuda:0', 'float16', 12, 'cuda'),
+           {'event': 'eval', 'step': 780, 'epoch': 2.0}, start('resume', 600, 'cuda:0', 'float16', 12, 'cuda')]
+    assert bases.segments(log) == [
+        {'from_step': 0, 'from_epoch': 0.0, 'device': 'auto', 'amp': 'on', 'workers': 0},
+        {'from_step': 300, 'from_epoch': 0.77, 'device': 'cuda:0', 'amp': 'float16', 'workers': 12}]
+    recipe = bases.recipe('flatten_swin_micro', log)
+    assert recipe['command'].startswith('amap train --model flatten_swin_micro')
+    assert recipe['segments'] == bases.segments(log)

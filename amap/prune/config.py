@@ -142,7 +142,7 @@ class PruneConfig:
             scores already weigh each channel's cost), cost (score per unit of the resource saved: it charges the
             cost a second time, so the last cuts fall on the costliest groups, the high-resolution linear attention
             of FLatten-Swin's first stage and the q/k of every softmax layer; measured on the three converged micro
-            bases in BENCHMARKS.md, e.g. 82.45 against 79.75 top-1 for seed 0 of FLatten-Swin at 50% of the MACs)
+            bases in BENCHMARKS.md: 79.45 +- 0.33 against 81.40 +- 0.59 top-1 on FLatten-Swin at 50% of the MACs)
             or auto (the default before 2026-11-27: score under a latency target, cost under a MAC target).
         channel_multiple: Round every pruned width (heads x per-head count of q/k or v, the MLP hidden width) to a
             multiple of this in the final structure (8 or 16 suit GEMM kernels); 1 keeps the exact MAC-optimal

@@ -203,12 +203,12 @@ class _Job:
         self.log = JsonlWriter(self.out / LOG_FILE)
         cfg, info, data, state = self.cfg, self.info, self.data, self.state
         n_params = sum(p.numel() for p in state.module.parameters())
+        use_amp = amp_enabled(cfg.amp, info.device)
         _logger.info('%s: %.2fM parameters, %d classes, %d training / %d validation images, %d updates per epoch, '
                      'device %s%s%s', cfg.model, n_params / 1e6, data.num_classes, data.train_size, data.val_size,
                      data.steps_per_epoch // cfg.accum_steps, info.device,
                      f' x{info.world_size}' if info.distributed else '',
-                     ', AMP' if amp_enabled(cfg.amp, info.device) else '')
-        use_amp = amp_enabled(cfg.amp, info.device)
+                     ', AMP' if use_amp else '')
         # where this segment of the run ran (the config's 'auto' resolved): a run resumed elsewhere says so
         self.log.write({'event': 'resume' if resumed else 'start', 'step': state.step, 'epoch': state.epoch,
                         'time': time.time(), 'world_size': info.world_size, 'params': n_params,

@@ -215,6 +215,9 @@ METHODS: dict[str, dict[str, Any] | None] = {  # None: not a pipeline run (Torch
     # `amap_rank_cost` is its ablation, the trim by score per MAC saved (the default before: its records were moved
     # here from `amap`, and those of `amap_rank_score`, which measured the new default, to `amap`)
     'amap_rank_cost': {'trim_rank': 'cost'},
+    # the search's loss pure distillation from the base (the default mixes it with the labels) under the trim by score;
+    # `amap_search_kd_original` measured it under the per-MAC trim
+    'amap_kd': {'search_loss': 'kd'},
     'magnitude': {'criterion': 'magnitude'},
     'taylor': {'criterion': 'taylor'},
     'random': {'criterion': 'random'},
@@ -240,7 +243,7 @@ VARIANTS = ['amap_attn_init_paper', 'amap_lr2e-4', 'amap_ind_lr5e-3', 'amap_mult
             'amap_sgd2', 'amap_latency_b32_prunable', 'amap_latency_b32_rank_score',
             'amap_latency_b32_prunable_rank_score', 'amap_latency_b32_group_adam', 'amap_latency_b32_fit',
             'amap_latency_b32_rank_score_fit', 'amap_rank_score', 'amap_latency_b32_macs',
-            'amap_latency_b32_rank_score_macs']  # not in the default grid
+            'amap_latency_b32_rank_score_macs', 'amap_kd']  # not in the default grid
 # the quick base: a small timm DeiT (Torch-Pruning handles it), trained on the fly
 QUICK_BASE = {'model': 'deit_tiny_patch16_224',
               'model_kwargs': {'patch_size': 8, 'depth': 2, 'embed_dim': 96, 'num_heads': 3}}

@@ -237,3 +237,21 @@ def test_structure_overlap_is_the_jaccard_index_of_the_kept_channels(monkeypatch
     assert rows['amap']['same_seed']['mean'] == 1.0 and rows['amap']['other_seeds']['mean'] == pytest.approx(5 / 7)
     assert rows['taylor']['same_seed']['mean'] == pytest.approx(3 / 9)  # {0,1 mlp; head 0's 0} of 9 channels
     assert rows['taylor']['other_seeds']['mean'] == pytest.approx(4 / 8) and rows['taylor']['seeds'] == [0]
+
+
+def test_goals_say_when_a_lead_beyond_the_std_would_need_to_beat_the_unpruned_model(monkeypatch):
+    """The least AMAP must reach to lead beyond the std is the best other method's mean plus its std; when that is
+    not below the unpruned model fine-tuned with the same budget, the pair cannot be won by a better structure."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.quality import goals
+
+    def row(method: str, target: float, mean: float, std: float) -> dict:
+        return {'base': 'b', 'target': target, 'method': method, 'top1_before': {'mean': 82.0},
+                'top1_after_finetune': {'mean': mean, 'std': std}}
+
+    rows = [row('amap', 0.5, 79.0, 0.3), row('taylor', 0.5, 79.1, 0.4), row('unpruned', 0.5, 80.5, 0.1),
+            row('amap', 0.7, 80.7, 0.3), row('taylor', 0.7, 80.8, 0.3), row('unpruned', 0.7, 80.5, 0.1)]
+    by_target = {g['target']: g for g in goals(rows)}
+    assert by_target[0.5]['lead_needs'] == pytest.approx(79.5) and by_target[0.5]['lead_reachable']
+    assert by_target[0.7]['lead_needs'] == pytest.approx(81.1) and not by_target[0.7]['lead_reachable']
+    assert by_target[0.7]['runner_up'] == 'taylor' and by_target[0.7]['margin'] == pytest.approx(-0.1)

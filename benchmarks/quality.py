@@ -819,7 +819,8 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference); at 70% it is within 0.5 points of the unpruned model. ``margin`` is AMAP's mean minus the best other
     method's, ``spread`` the larger of their seed stds (the goal: ``margin`` above ``spread``, never below
     ``-spread``). With ``unpruned`` run, ``gap_to_unpruned_finetuned`` is the gap to the unpruned model fine-tuned
-    with the same budget (the reference of "near-lossless")."""
+    with the same budget (the reference of "near-lossless"), ``lead_needs`` the least AMAP must reach to lead beyond
+    the std, and ``lead_reachable`` whether that is below the unpruned model fine-tuned with the same budget."""
     out = []
     for base, target in dict.fromkeys((r['base'], r['target']) for r in rows):
         rs = {r['method']: r for r in rows if r['base'] == base and r['target'] == target and 'not_applicable' not in r}

@@ -30,6 +30,7 @@ __all__ = ['MAX_RESELECT', 'CLOSE', 'cut_copy', 'measure_cut', 'close_loop']
 
 MAX_RESELECT = 2
 CLOSE = 0.02  # a measured ratio that meets the target and is within 2% below it (or the noise) is not re-selected
+RETIME = 2  # a check noisier than TOLERANCE is timed again (twice the rounds) at most this often; the quietest counts
 
 
 def cut_copy(pruner: Pruner) -> nn.Module:
@@ -67,6 +68,19 @@ def measure_cut(pruner: Pruner, *, batch: int, backend: Backend, threads: int, r
         model.train(was_training)
         pruner.attach()
     return 1e3 * low_percentile(times[0]), 1e3 * low_percentile(times[1]), split_half(times)
+
+
+def _quietest_check(pruner: Pruner, *, rounds: int, seed: int, **kwargs: Any) -> tuple[float, float, float]:
+    """:func:`measure_cut`, timed again with twice the rounds while its split-half noise is above ``TOLERANCE`` (at
+    most :data:`RETIME` more times): the quietest measurement counts, so one disturbed check neither passes a miss as
+    "met within the noise" nor re-selects a structure that met the target."""
+    best = measure_cut(pruner, rounds=rounds, seed=seed, **kwargs)
+    for extra in range(1, RETIME + 1):
+        if best[2] <= TOLERANCE:
+            break
+        again = measure_cut(pruner, rounds=2 * rounds, seed=seed + 1000 * extra, **kwargs)
+        best = min(best, again, key=lambda m: m[2])
+    return best
 
 
 def _next_target(attempts: list[dict[str, Any]], goal: float) -> float:
@@ -146,8 +160,8 @@ def close_loop(
     for attempt in range(MAX_RESELECT + 1):
         counts = pruner.hard_counts()
         predicted = float(pruner.cost(counts, exact=True))
-        full_ms, cut_ms, noise = measure_cut(pruner, batch=batch, backend=timer, threads=threads, rounds=rounds,
-                                             seed=seed + attempt, cache=cache)
+        full_ms, cut_ms, noise = _quietest_check(pruner, batch=batch, backend=timer, threads=threads, rounds=rounds,
+                                                 seed=seed + attempt, cache=cache)
         ratio = cut_ms / full_ms
         attempts.append({'target_ms': current, 'predicted_ms': predicted, 'predicted_ratio': predicted / lat.full,
                          'measured_before_ms': full_ms, 'measured_after_ms': cut_ms, 'measured_ratio': ratio,

@@ -563,3 +563,25 @@ def test_closed_loop_corrects_by_the_secant_once_two_checks_bracket_the_goal():
     slow, less_slow = {'predicted_ratio': 0.769, 'measured_ratio': 0.881}, {'predicted_ratio': 0.672,
                                                                              'measured_ratio': 0.846}
     assert _next_target([slow, less_slow], 0.769) == pytest.approx(0.769 * 0.672 / 0.846)
+
+
+def test_closed_loop_times_a_noisy_check_again_and_keeps_the_quietest(monkeypatch):
+    """A check whose halves disagree by more than TOLERANCE is timed again with more rounds: a disturbed 19.5%-noise
+    check 5% over the goal was kept as "met within the noise" (make demo, 1.43x for 1.6x); now the quiet
+    measurement decides."""
+    from amap.latency import closed_loop
+    from amap.latency.calibrate import TOLERANCE
+    _fake_device(monkeypatch)
+    real, calls = closed_loop.measure_cut, []
+
+    def first_noisy(pruner, **kwargs):
+        full_ms, cut_ms, noise = real(pruner, **kwargs)
+        calls.append(kwargs['rounds'])
+        return (full_ms, full_ms * (1 / 1.5) * 1.05, 0.195) if len(calls) == 1 else (full_ms, cut_ms, noise)
+
+    monkeypatch.setattr(closed_loop, 'measure_cut', first_noisy)
+    lat = amap.prune(build('flatten_deit'), _loader(), speedup=1.5, resource='latency', search_steps=2).latency
+    assert calls[1] == 2 * calls[0]  # the noisy check was timed again, with twice the rounds
+    first = lat['attempts'][0]
+    assert first['noise'] <= TOLERANCE and first['measured_ratio'] != pytest.approx(1.05 / 1.5)
+    assert lat['verdict'] == 'met' and lat['measured_ratio'] <= 1 / 1.5

@@ -48,11 +48,15 @@ def measure_cut(pruner: Pruner, *, batch: int, backend: Backend, threads: int, r
     """``(unpruned ms, cut ms, split-half noise)`` of the pruner's model and its current structure, interleaved.
 
     ``cache``: a dict kept between calls of one closed loop; the unpruned model's runner (for onnxruntime, its
-    export, the slow part of a check) and input are built once into it and reused.
+    export, the slow part of a check) and input are built once into it and reused, and so is the cut model's runner
+    while the structure is the same (a noisy check timed again).
     """
     model = pruner.model[0]
-    small = cut_copy(pruner).eval()
     cache = {} if cache is None else cache
+    structure = tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(pruner.hard_counts().items()))
+    if cache.get('cut_structure') != structure:
+        cache.pop('cut', None)
+    small = None if 'cut' in cache else cut_copy(pruner).eval()
     p = next(model.parameters())
     x = cache.setdefault('input', torch.randn(batch, *pruner.input_size, device=p.device, dtype=p.dtype))
     was_training = model.training
@@ -62,7 +66,9 @@ def measure_cut(pruner: Pruner, *, batch: int, backend: Backend, threads: int, r
         with torch_threads(threads):
             if 'full' not in cache:
                 cache['full'] = backend.runner(model, (x,), {})
-            runners = [cache['full'], backend.runner(small, (x,), {})]
+            if small is not None:
+                cache['cut'], cache['cut_structure'] = backend.runner(small, (x,), {}), structure
+            runners = [cache['full'], cache['cut']]
             times = interleaved(runners, backend, rounds=rounds, seed=seed)
     finally:
         model.train(was_training)

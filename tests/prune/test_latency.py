@@ -571,7 +571,7 @@ def test_closed_loop_times_a_noisy_check_again_and_keeps_the_quietest(monkeypatc
     measurement decides."""
     from amap.latency import closed_loop
     from amap.latency.calibrate import TOLERANCE
-    _fake_device(monkeypatch)
+    loop = _fake_device(monkeypatch)
     real, calls = closed_loop.measure_cut, []
 
     def first_noisy(pruner, **kwargs):
@@ -585,3 +585,5 @@ def test_closed_loop_times_a_noisy_check_again_and_keeps_the_quietest(monkeypatc
     first = lat['attempts'][0]
     assert first['noise'] <= TOLERANCE and first['measured_ratio'] != pytest.approx(1.05 / 1.5)
     assert lat['verdict'] == 'met' and lat['measured_ratio'] <= 1 / 1.5
+    (backend,) = loop  # timed again on the runners already built: the unpruned model once, each structure once
+    assert len(calls) == len(lat['attempts']) + 1 and len(backend.built) == len(lat['attempts']) + 1
